@@ -1,0 +1,213 @@
+"""A checkpoint on disk: one safetensors file, or a folder of one file or of shards plus an index.
+
+Headers are validated on open; tensor bytes are read through memory maps, only the rows asked
+for, so opening a 7B folder costs its headers and nothing more.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import SurgeryError
+from .safetensors_header import TORCH_DTYPES, Header, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lives: its file's header and its entry."""
+
+    header: Header
+    info: TensorInfo
+
+    @property
+    def path(self) -> Path:
+        return self.header.path
+
+    def absolute_range(self) -> tuple[int, int]:
+        return self.header.absolute_range(self.info.name)
+
+
+class Checkpoint:
+    """The tensors of a checkpoint, by name, with memory-mapped row reads."""
+
+    def __init__(self, root: Path, headers: list[Header], index: dict | None, index_path: Path | None) -> None:
+        self.root = root
+        self.headers = headers
+        self.index = index
+        self.index_path = index_path
+        self.tensors: dict[str, TensorRef] = {}
+        for header in headers:
+            for name, info in header.tensors.items():
+                if name in self.tensors:
+                    raise SurgeryError(header.path, f"tensor {name!r} also in {self.tensors[name].path.name}")
+                self.tensors[name] = TensorRef(header, info)
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._files: dict[Path, object] = {}
+
+    # --- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Checkpoint:
+        """Open a .safetensors file or a model folder, validating every header and the index."""
+        path = Path(path)
+        if not path.exists():
+            raise SurgeryError(path, "does not exist")
+        if path.is_file():
+            if path.name.endswith(".index.json"):
+                return cls._open_index(path.parent, path)
+            return cls(path.parent, [read_header(path)], None, None)
+        if not path.is_dir():
+            raise SurgeryError(path, "is neither a file nor a folder")
+        index_path = path / INDEX_NAME
+        if index_path.is_file():
+            return cls._open_index(path, index_path)
+        if (path / SINGLE_NAME).is_file():
+            return cls(path, [read_header(path / SINGLE_NAME)], None, None)
+        files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+        if len(files) == 1:
+            return cls(path, [read_header(files[0])], None, None)
+        if not files:
+            raise SurgeryError(path, "no .safetensors file in this folder")
+        raise SurgeryError(path, f"{len(files)} .safetensors files but no {INDEX_NAME} saying how they fit together")
+
+    @classmethod
+    def _open_index(cls, root: Path, index_path: Path) -> Checkpoint:
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise SurgeryError(index_path, f"cannot read: {e.strerror or e}") from e
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SurgeryError(index_path, f"not valid JSON ({e})") from e
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise SurgeryError(index_path, "has no weight_map object")
+        shard_names: list[str] = []
+        for tensor, shard in weight_map.items():
+            _check_shard_name(index_path, root, tensor, shard)
+            if shard not in shard_names:
+                shard_names.append(shard)
+        headers = []
+        for shard in sorted(shard_names):
+            shard_path = root / shard
+            if not shard_path.is_file():
+                raise SurgeryError(index_path, f"names shard {shard!r}, which is missing")
+            headers.append(read_header(shard_path))
+        checkpoint = cls(root, headers, index, index_path)
+        for tensor, shard in weight_map.items():
+            ref = checkpoint.tensors.get(tensor)
+            if ref is None or ref.path.name != shard:
+                raise SurgeryError(index_path, f"maps tensor {tensor!r} to {shard}, which does not hold it")
+        unlisted = sorted(set(checkpoint.tensors) - set(weight_map))
+        if unlisted:
+            raise SurgeryError(index_path, f"does not list tensor {unlisted[0]!r} found in {checkpoint.tensors[unlisted[0]].path.name}")
+        return checkpoint
+
+    # --- facts ---------------------------------------------------------------------------
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.index is not None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(h.file_size for h in self.headers)
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(ref.info.numel for ref in self.tensors.values())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name].info
+
+    # --- reading -------------------------------------------------------------------------
+
+    def _map(self, path: Path) -> mmap.mmap:
+        m = self._maps.get(path)
+        if m is None:
+            f = open(path, "rb")
+            self._files[path] = f
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[path] = m
+        return m
+
+    def raw_bytes(self, name: str, start_row: int = 0, stop_row: int | None = None) -> memoryview:
+        """A zero-copy view of rows [start_row, stop_row) of a tensor's bytes in its mapped file."""
+        ref = self.tensors[name]
+        info = ref.info
+        stop_row = info.rows if stop_row is None else stop_row
+        if not 0 <= start_row <= stop_row <= info.rows:
+            raise IndexError(f"rows {start_row}:{stop_row} outside {name} with {info.rows} rows")
+        begin, _ = ref.absolute_range()
+        m = self._map(ref.path)
+        return memoryview(m)[begin + start_row * info.row_bytes : begin + stop_row * info.row_bytes]
+
+    def read_rows(self, name: str, start_row: int = 0, stop_row: int | None = None) -> torch.Tensor:
+        """Rows [start_row, stop_row) of a tensor as a new torch tensor in its stored dtype."""
+        info = self.tensors[name].info
+        stop_row = info.rows if stop_row is None else stop_row
+        raw = self.raw_bytes(name, start_row, stop_row)
+        return _to_tensor(np.frombuffer(raw, dtype=np.uint8).copy(), info, stop_row - start_row)
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """A whole tensor (a copy) in its stored dtype."""
+        return self.read_rows(name)
+
+    def gather_rows(self, name: str, rows: np.ndarray | list[int]) -> torch.Tensor:
+        """The given rows of a 2-D-or-more tensor, in the order given, touching only those rows."""
+        info = self.tensors[name].info
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= info.rows):
+            raise IndexError(f"row index outside {name} with {info.rows} rows")
+        matrix = np.frombuffer(self.raw_bytes(name), dtype=np.uint8).reshape(info.rows, info.row_bytes)
+        # Fancy indexing copies, faulting in only the pages of the rows asked for.
+        return _to_tensor(matrix[rows], info, rows.size)
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:
+                pass  # a view is still alive; the map closes when it is collected
+        for f in self._files.values():
+            f.close()  # type: ignore[attr-defined]
+        self._maps.clear()
+        self._files.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _to_tensor(owned_bytes: np.ndarray, info: TensorInfo, rows: int) -> torch.Tensor:
+    """View an owned uint8 array as a tensor of the stored dtype and shape."""
+    shape = (rows, *info.shape[1:]) if info.shape else ()
+    dtype = TORCH_DTYPES[info.dtype]
+    if owned_bytes.size == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.from_numpy(np.ascontiguousarray(owned_bytes).reshape(-1)).view(dtype).reshape(shape)
+
+
+def _check_shard_name(index_path: Path, root: Path, tensor: str, shard: object) -> None:
+    """A weight_map entry must be a plain file name inside the model folder."""
+    if not isinstance(shard, str) or not shard:
+        raise SurgeryError(index_path, f"weight_map entry for {tensor!r} is not a file name: {shard!r}")
+    if os.path.isabs(shard) or "/" in shard or "\\" in shard or shard in (".", "..") or "\x00" in shard:
+        raise SurgeryError(index_path, f"weight_map entry for {tensor!r} points outside the folder: {shard!r}")
+    resolved = (root / shard).resolve()
+    if resolved.parent != root.resolve():
+        raise SurgeryError(index_path, f"weight_map entry for {tensor!r} points outside the folder: {shard!r}")

@@ -1,0 +1,217 @@
+"""The `clpsurgery` command: init, inspect and demo.
+
+Bad input ends with one line on stderr, `error: PLACE: PROBLEM`, and exit code 1; `--debug`
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from .errors import SurgeryError
+from .plan import DEFAULT_TOP_K, DEFAULT_WEIGHTING, DEFAULT_WORKING_BYTES, TransferOptions
+from .weights import DEFAULT_TEMPERATURE, SCHEMES
+
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+
+
+class TopK(click.ParamType):
+    """A positive integer, or `all` for the dense form over the whole overlap."""
+
+    name = "K|all"
+
+    def convert(self, value, param, ctx):  # type: ignore[override]
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).lower() == "all":
+            return None
+        try:
+            k = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a positive integer nor 'all'", param, ctx)
+        if k < 1:
+            self.fail(f"{k} is not a positive integer", param, ctx)
+        return k
+
+
+class ByteSize(click.ParamType):
+    """A size such as 512MiB, 2GiB or 1000000."""
+
+    name = "SIZE"
+    UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "k": 2**10, "m": 2**20, "g": 2**30}
+
+    def convert(self, value, param, ctx):  # type: ignore[override]
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number):]
+        try:
+            size = int(float(number) * self.UNITS[unit])
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a size like 256MiB or 2GiB", param, ctx)
+        if size < 1 << 20:
+            self.fail(f"{value!r} is below 1 MiB", param, ctx)
+        return size
+
+
+def common_options(command: Callable) -> Callable:
+    """Options every command spells the same way."""
+
+    @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+    @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+    @functools.wraps(command)
+    def wrapper(*args, quiet: bool, debug: bool, **kwargs):
+        return command(*args, quiet=quiet, **kwargs)
+
+    return wrapper
+
+
+def progress_factory(quiet: bool) -> Callable[[str, int], object]:
+    @contextmanager
+    def progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+        if quiet or total <= 0:
+            yield lambda n: None
+            return
+        with click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True) as bar:
+            yield bar.update
+
+    return progress
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="clpsurgery")
+def cli() -> None:
+    """CLP-Transfer as weight surgery on safetensors files."""
+
+
+@cli.command("init")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("helper", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--top-k", "top_k", type=TopK(), default=DEFAULT_TOP_K, show_default=True, help="Neighbours per new token, or 'all' for the paper's dense form.")
+@click.option("--weighting", type=click.Choice(SCHEMES), default=DEFAULT_WEIGHTING, show_default=True, help="How similarities become mixing weights.")
+@click.option("--temperature", type=float, default=DEFAULT_TEMPERATURE, show_default=True, help="Softmax temperature (softmax weighting only).")
+@click.option("--source-tokenizer", type=click.Path(), help="The source's tokenizer.json (default: beside SOURCE).")
+@click.option("--source-config", type=click.Path(), help="The source's config.json (default: beside SOURCE).")
+@click.option("--embedding-tensor", help="Name of the source's input-embedding tensor, if not found by itself.")
+@click.option("--head-tensor", help="Name of the source's untied output-head tensor, if not found by itself.")
+@click.option("--max-memory", "working_bytes", type=ByteSize(), default=DEFAULT_WORKING_BYTES, show_default=True, help="Working-set budget for a block of rebuilt rows.")
+@click.option("--force", is_flag=True, help="Replace OUT if it is a previous clpsurgery output.")
+@common_options
+def init_command(source: Path, helper: Path, out: Path, top_k, weighting, temperature, source_tokenizer, source_config, embedding_tensor, head_tensor, working_bytes, force, quiet) -> None:
+    """Write OUT: SOURCE's weights with embeddings rebuilt for HELPER's tokenizer.
+
+    SOURCE is a .safetensors file or a model folder; HELPER is a model folder that already speaks
+    the target language with the target tokenizer.
+    """
+    from .plan import make_plan
+    from .transfer import run_transfer
+
+    _check_out_apart(out, source, helper)
+    options = TransferOptions(
+        top_k=top_k,
+        weighting=weighting,
+        temperature=temperature,
+        working_bytes=working_bytes,
+        embedding_tensor=embedding_tensor,
+        head_tensor=head_tensor,
+    )
+    plan = make_plan(source, helper, options, source_tokenizer, source_config)
+    summary = plan.summary()
+    if not quiet:
+        click.echo(
+            f"vocabulary {summary['source_vocab_size']} -> {summary['target_vocab_size']}: "
+            f"{summary['overlap']} tokens shared, {summary['missing']} to combine from "
+            f"{plan.k} neighbours ({weighting}); rebuilding {', '.join(plan.source_tensors.names)}",
+            err=True,
+        )
+    result = run_transfer(plan, out, force=force, progress=progress_factory(quiet), command=["clpsurgery", *sys.argv[1:]])
+    stats = result.weight_stats
+    seconds = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
+    click.echo(f"wrote {out} ({seconds})")
+    if stats.degenerate_rows or stats.uniform_rows:
+        click.echo(
+            f"note: {stats.degenerate_rows} rows had a similarity sum that was zero, negative or tiny "
+            f"and were clipped; {stats.uniform_rows} had no positive similarity and got uniform weights",
+            err=True,
+        )
+
+
+def _check_out_apart(out: Path, source: Path, helper: Path) -> None:
+    """OUT must not be SOURCE or HELPER, nor lie inside either."""
+    resolved = out.resolve()
+    for role, place in (("SOURCE", source), ("HELPER", helper)):
+        folder = place.resolve() if place.is_dir() else place.resolve().parent if place.is_file() else None
+        if folder is None:
+            continue
+        if resolved == place.resolve() or (place.is_dir() and folder in (resolved, *resolved.parents)):
+            raise SurgeryError(out, f"is {role} or inside it; choose an output folder elsewhere")
+
+
+@cli.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@common_options
+def inspect_command(path: Path, as_json: bool, quiet: bool) -> None:
+    """What is in a checkpoint (headers only), and what init did to it."""
+    from .inspection import format_report, inspect_checkpoint
+
+    report = inspect_checkpoint(path)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@cli.command("demo")
+@click.argument("workdir", type=click.Path(path_type=Path), default=Path("clpsurgery-demo"))
+@click.option("--force", is_flag=True, help="Replace a previous demo in WORKDIR.")
+@common_options
+def demo_command(workdir: Path, force: bool, quiet: bool) -> None:
+    """Convert a small GPT-2-vocabulary model to a real German vocabulary, then inspect it."""
+    from .demo import run_demo
+    from .inspection import format_report, inspect_checkpoint
+
+    out = run_demo(workdir, force=force, progress=progress_factory(quiet), echo=lambda s: click.echo(s, err=True))
+    click.echo(format_report(inspect_checkpoint(out)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the command, turning errors into one line and an exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="clpsurgery", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        if debug:
+            raise
+        click.echo("error: interrupted; nothing was written to the output", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except SurgeryError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_FAILURE)
+    except OSError as e:
+        if debug:
+            raise
+        where = e.filename if e.filename is not None else "system"
+        click.echo(f"error: {where}: {e.strerror or e}", err=True)
+        sys.exit(EXIT_FAILURE)
+    except Exception as e:  # a bug: still one line, with the way to see more
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        click.echo(f"error: internal error ({type(e).__name__}: {message}); rerun with --debug for the traceback", err=True)
+        sys.exit(EXIT_FAILURE)

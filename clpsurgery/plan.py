@@ -1,0 +1,202 @@
+"""The plan of a transfer: inputs resolved and checked, vocabularies, overlap, tensors to rebuild.
+
+A plan is a plain value built from headers, configs and tokenizers only (no tensor data), so
+`inspect` can print it before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .architecture import VocabTensors, find_vocab_tensors, read_config
+from .checkpoint import Checkpoint
+from .errors import SurgeryError
+from .safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
+from .vocabulary import Overlap, Vocabulary, exact_overlap, load_vocabulary
+from .weights import DEFAULT_TEMPERATURE, SCHEMES
+
+DEFAULT_TOP_K = 10
+DEFAULT_WEIGHTING = "clp-clipped"
+DEFAULT_WORKING_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    """Every option of a transfer; `top_k=None` is the paper's dense form over the whole overlap."""
+
+    top_k: int | None = DEFAULT_TOP_K
+    weighting: str = DEFAULT_WEIGHTING
+    temperature: float = DEFAULT_TEMPERATURE
+    working_bytes: int = DEFAULT_WORKING_BYTES
+    embedding_tensor: str | None = None
+    head_tensor: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.weighting not in SCHEMES:
+            raise SurgeryError("--weighting", f"unknown scheme {self.weighting!r}; choose from {', '.join(SCHEMES)}")
+        if self.top_k is not None and self.top_k < 1:
+            raise SurgeryError("--top-k", f"must be a positive integer or 'all', not {self.top_k}")
+        if not self.temperature > 0:
+            raise SurgeryError("--temperature", f"must be positive, not {self.temperature}")
+
+    def as_dict(self) -> dict:
+        return {
+            "top_k": "all" if self.top_k is None else self.top_k,
+            "weighting": self.weighting,
+            "temperature": self.temperature,
+            "working_bytes": self.working_bytes,
+            "embedding_tensor": self.embedding_tensor,
+            "head_tensor": self.head_tensor,
+        }
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """Everything init will do, decided before any tensor data is read."""
+
+    source_path: Path
+    helper_path: Path
+    source: Checkpoint
+    helper: Checkpoint
+    source_tensors: VocabTensors
+    helper_embedding: str
+    source_vocab: Vocabulary
+    target_vocab: Vocabulary
+    overlap: Overlap
+    source_config: dict
+    source_config_path: Path
+    generation_config_path: Path | None
+    helper_config: dict | None
+    options: TransferOptions
+
+    @property
+    def hidden_size(self) -> int:
+        return self.source.info(self.source_tensors.embedding).shape[1]
+
+    @property
+    def helper_hidden_size(self) -> int:
+        return self.helper.info(self.helper_embedding).shape[1]
+
+    @property
+    def target_size(self) -> int:
+        return self.overlap.target_size
+
+    @property
+    def k(self) -> int:
+        """Neighbours per missing token (the whole overlap in the dense form)."""
+        return self.overlap.count if self.options.top_k is None else min(self.options.top_k, self.overlap.count)
+
+    def summary(self) -> dict:
+        """The plan as plain data, for `inspect` and the manifest."""
+        emb = self.source.info(self.source_tensors.embedding)
+        rebuilt = {name: [self.target_size, *self.source.info(name).shape[1:]] for name in self.source_tensors.names}
+        rebuilt_bytes = sum(
+            math.prod(shape) * DTYPE_SIZES[self.source.info(name).dtype] for name, shape in rebuilt.items()
+        )
+        untouched = sum(
+            ref.info.nbytes for name, ref in self.source.tensors.items() if name not in self.source_tensors.names
+        )
+        return {
+            "source": str(self.source_path),
+            "helper": str(self.helper_path),
+            "source_vocab_size": self.source_vocab.size,
+            "target_vocab_size": self.target_size,
+            "overlap": self.overlap.count,
+            "missing": int(self.overlap.missing_ids.size),
+            "embedding": {"name": self.source_tensors.embedding, "shape": list(emb.shape), "dtype": emb.dtype},
+            "head": self.source_tensors.head,
+            "head_bias": self.source_tensors.head_bias,
+            "tied": self.source_tensors.tied,
+            "helper_embedding": {"name": self.helper_embedding, "shape": list(self.helper.info(self.helper_embedding).shape)},
+            "rebuilt_tensors": rebuilt,
+            "bytes_to_compute": rebuilt_bytes,
+            "bytes_to_copy": untouched,
+            "neighbours_per_token": self.k,
+        }
+
+
+def find_source_file(path: Path, explicit: str | None, name: str, option: str) -> Path:
+    """A side file (tokenizer.json, config.json) of the source: named by an option, or beside it."""
+    if explicit:
+        candidate = Path(explicit)
+        return candidate / name if candidate.is_dir() else candidate
+    folder = path if path.is_dir() else path.parent
+    candidate = folder / name
+    if not candidate.is_file():
+        raise SurgeryError(candidate, f"not found; name it with {option}")
+    return candidate
+
+
+def make_plan(
+    source_path: str | Path,
+    helper_path: str | Path,
+    options: TransferOptions,
+    source_tokenizer: str | None = None,
+    source_config: str | None = None,
+) -> TransferPlan:
+    """Open and check both models, read both vocabularies and compute the overlap."""
+    source_path, helper_path = Path(source_path), Path(helper_path)
+    source = Checkpoint.open(source_path)
+    if not helper_path.is_dir():
+        raise SurgeryError(helper_path, "the helper must be a model folder (weights, tokenizer.json, config.json)")
+    helper = Checkpoint.open(helper_path)
+    source_shapes = {n: r.info.shape for n, r in source.tensors.items()}
+    source_tensors = find_vocab_tensors(source_shapes, str(source_path), options.embedding_tensor, options.head_tensor)
+    helper_tensors = find_vocab_tensors({n: r.info.shape for n, r in helper.tensors.items()}, str(helper_path))
+    for name in source_tensors.names:
+        dtype = source.info(name).dtype
+        if dtype not in FLOAT_DTYPES or dtype.startswith("F8"):
+            raise SurgeryError(source_path, f"tensor {name!r} is {dtype}; clpsurgery rebuilds F16, BF16, F32 and F64 embeddings")
+    helper_dtype = helper.info(helper_tensors.embedding).dtype
+    if helper_dtype not in FLOAT_DTYPES:
+        raise SurgeryError(helper_path, f"helper embedding {helper_tensors.embedding!r} is {helper_dtype}, not a float")
+
+    config_path = find_source_file(source_path, source_config, "config.json", "--source-config")
+    config = read_config(config_path)
+    generation_config_path = config_path.parent / "generation_config.json"
+    helper_config_path = helper_path / "config.json"
+    helper_config = read_config(helper_config_path) if helper_config_path.is_file() else None
+
+    source_vocab = load_vocabulary(find_source_file(source_path, source_tokenizer, "tokenizer.json", "--source-tokenizer"))
+    target_vocab = load_vocabulary(helper_path)
+    source_rows = source.info(source_tensors.embedding).shape[0]
+    if source_vocab.size > source_rows:
+        raise SurgeryError(
+            source_vocab.path,
+            f"tokenizer has ids up to {source_vocab.size - 1} but the embedding {source_tensors.embedding!r} has {source_rows} rows",
+        )
+    helper_rows, helper_hidden = helper.info(helper_tensors.embedding).shape
+    if helper_rows < target_vocab.size:
+        raise SurgeryError(
+            helper_path,
+            f"helper embedding {helper_tensors.embedding!r} has {helper_rows} rows, fewer than its tokenizer's {target_vocab.size} ids",
+        )
+    if helper_config is not None:
+        configured_hidden = helper_config.get("hidden_size", helper_config.get("n_embd", helper_config.get("d_model")))
+        tied_proj = helper_config.get("word_embed_proj_dim")  # OPT embeds at a smaller width
+        if isinstance(configured_hidden, int) and helper_hidden not in (configured_hidden, tied_proj):
+            raise SurgeryError(
+                helper_path,
+                f"helper embedding width {helper_hidden} does not match hidden size {configured_hidden} in its config.json",
+            )
+    overlap = exact_overlap(source_vocab, target_vocab, source_rows)
+    if overlap.count == 0:
+        raise SurgeryError(helper_path, "its tokenizer shares no token with the source's: nothing to transfer from")
+    return TransferPlan(
+        source_path=source_path,
+        helper_path=helper_path,
+        source=source,
+        helper=helper,
+        source_tensors=source_tensors,
+        helper_embedding=helper_tensors.embedding,
+        source_vocab=source_vocab,
+        target_vocab=target_vocab,
+        overlap=overlap,
+        source_config=config,
+        source_config_path=config_path,
+        generation_config_path=generation_config_path if generation_config_path.is_file() else None,
+        helper_config=helper_config,
+        options=options,
+    )

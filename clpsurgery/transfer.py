@@ -1,0 +1,248 @@
+"""Carry out a plan: neighbours and weights, then the target tensors written row block by row block.
+
+Stages, in order: search (neighbours in the helper space and their weights), read (the source
+rows of the overlap), write (rebuilt tensors streamed, every other tensor copied byte for byte),
+then the side files and the manifest. Time is recorded per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .architecture import read_config
+from .combine import combine_dense, combine_top_k
+from .errors import SurgeryError
+from .manifest import build_manifest
+from .model_config import target_config, target_generation_config
+from .neighbours import Neighbours, dense_similarities, normalise_rows, search_top_k
+from .output_folder import MANIFEST_NAME, staged_output
+from .plan import TransferPlan
+from .safetensors_header import DTYPE_SIZES, TORCH_DTYPES, TensorSpec
+from .vocabulary import TOKENIZER_FILES
+from .weights import WeightStats, mixing_weights
+from .writer import ComputedTensor, CopiedTensor, PlannedTensor, WriteStats, copy_whole_file, row_blocks, write_file, write_index
+
+ProgressFactory = Callable[[str, int], "contextmanager"]
+
+
+@contextmanager
+def no_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    yield lambda n: None
+
+
+@dataclass
+class TransferResult:
+    """What a transfer did, for the report and the manifest."""
+
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    weight_stats: WeightStats = field(default_factory=WeightStats)
+    write_stats: WriteStats = field(default_factory=WriteStats)
+    zero_helper_rows: int = 0
+    config_changes: dict = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+
+
+class Mixing:
+    """Neighbour positions and weights for the missing tokens, by position in the missing list."""
+
+    def __init__(self, plan: TransferPlan, overlap_vectors: torch.Tensor, missing_vectors: torch.Tensor, neighbours: Neighbours | None) -> None:
+        self.plan = plan
+        self.overlap_vectors = overlap_vectors
+        self.missing_vectors = missing_vectors
+        self.neighbours = neighbours
+        self.stats = WeightStats()
+        self._weights: torch.Tensor | None = None
+        if neighbours is not None:
+            weights, stats = mixing_weights(torch.from_numpy(neighbours.similarities), plan.options.weighting, plan.options.temperature)
+            self._weights = weights
+            self._positions = torch.from_numpy(neighbours.positions)
+            self.stats = stats
+
+    @property
+    def dense(self) -> bool:
+        return self.neighbours is None
+
+    def rows(self, start: int, stop: int, record: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(positions or None for dense, fp32 weights) of missing tokens [start, stop)."""
+        if self._weights is not None:
+            return self._positions[start:stop], self._weights[start:stop]
+        sims = dense_similarities(self.overlap_vectors, self.missing_vectors[start:stop])
+        weights, stats = mixing_weights(sims, self.plan.options.weighting, self.plan.options.temperature)
+        if record:
+            self.stats.add(stats)
+        return None, weights
+
+
+def find_mixing(plan: TransferPlan, progress: ProgressFactory, result: TransferResult) -> Mixing:
+    """Helper vectors of every target token, normalised; FAISS top-k unless dense."""
+    overlap = plan.overlap
+    helper_rows = plan.helper.read_rows(plan.helper_embedding, 0, plan.target_size)
+    if not torch.isfinite(helper_rows.to(torch.float32)).all():
+        bad = int((~torch.isfinite(helper_rows.to(torch.float32))).any(dim=1).nonzero()[0])
+        raise SurgeryError(plan.helper_path, f"helper embedding {plan.helper_embedding!r} has NaN or Inf in row {bad}")
+    vectors, result.zero_helper_rows = normalise_rows(helper_rows)
+    overlap_vectors = vectors[torch.from_numpy(overlap.target_ids)]
+    missing_vectors = vectors[torch.from_numpy(overlap.missing_ids)]
+    neighbours = None
+    if plan.options.top_k is not None and overlap.missing_ids.size:
+        with progress("neighbour search", int(overlap.missing_ids.size)) as advance:
+            neighbours = search_top_k(overlap_vectors, missing_vectors, plan.k, on_chunk=advance)
+    return Mixing(plan, overlap_vectors, missing_vectors, neighbours)
+
+
+def block_rows_for(plan: TransferPlan, row_width: int) -> int:
+    """Target rows per block so the block's fp32 working set stays within the budget."""
+    per_row = 4 * (row_width * 3 + (plan.overlap.count * 3 if plan.options.top_k is None else plan.k * 4))
+    return max(1, min(plan.target_size, plan.options.working_bytes // per_row))
+
+
+def rebuilt_rows(
+    plan: TransferPlan,
+    mixing: Mixing,
+    source_overlap_rows: torch.Tensor,
+    record: bool,
+    advance: Callable[[int], None],
+) -> Iterator[torch.Tensor]:
+    """Row blocks of one rebuilt tensor: overlap rows copied, the others mixed, in row order."""
+    overlap = plan.overlap
+    dtype = source_overlap_rows.dtype
+    row_shape = tuple(source_overlap_rows.shape[1:])
+    source_2d = source_overlap_rows.reshape(source_overlap_rows.shape[0], -1)
+    source_f32 = source_2d.to(torch.float32)
+    width = source_2d.shape[1]
+    overlap_position = np.full(plan.target_size, -1, dtype=np.int64)
+    overlap_position[overlap.target_ids] = np.arange(overlap.count)
+    missing_position = np.full(plan.target_size, -1, dtype=np.int64)
+    missing_position[overlap.missing_ids] = np.arange(overlap.missing_ids.size)
+    for start, stop in row_blocks(plan.target_size, block_rows_for(plan, width)):
+        block = torch.empty((stop - start, width), dtype=dtype)
+        copied = overlap_position[start:stop]
+        is_copied = torch.from_numpy(copied >= 0)
+        block[is_copied] = source_2d[torch.from_numpy(copied[copied >= 0])]
+        mixed = missing_position[start:stop]
+        if (mixed >= 0).any():
+            first, last = int(mixed[mixed >= 0][0]), int(mixed[mixed >= 0][-1]) + 1
+            positions, weights = mixing.rows(first, last, record)
+            if positions is None:
+                rows = combine_dense(source_f32, weights, dtype)
+            else:
+                rows = combine_top_k(source_f32, positions, weights, dtype)
+            block[~is_copied] = rows
+        advance(stop - start)
+        yield block.reshape(stop - start, *row_shape)
+
+
+def _check_finite(plan: TransferPlan, name: str, rows: torch.Tensor) -> None:
+    finite = torch.isfinite(rows.to(torch.float32).reshape(rows.shape[0], -1)).all(dim=1)
+    if not finite.all():
+        position = int((~finite).nonzero()[0])
+        source_id = int(plan.overlap.source_ids[position])
+        raise SurgeryError(plan.source_path, f"tensor {name!r} has NaN or Inf in row {source_id}, which the target copies")
+
+
+def planned_shards(
+    plan: TransferPlan,
+    make_producer: Callable[[str], Callable[[], Iterator[torch.Tensor]]],
+) -> list[tuple[str, list[PlannedTensor] | None, object]]:
+    """For each source file: its output name, the tensors to write (None: copy the file whole), its header."""
+    shards = []
+    rebuilt = set(plan.source_tensors.names)
+    for header in plan.source.headers:
+        out_name = header.path.name if plan.source.is_sharded else "model.safetensors"
+        if not rebuilt & set(header.tensors):
+            shards.append((out_name, None, header))
+            continue
+        planned: list[PlannedTensor] = []
+        for name, info in header.tensors.items():
+            if name in rebuilt:
+                spec = TensorSpec(name, info.dtype, (plan.target_size, *info.shape[1:]))
+                planned.append(ComputedTensor(spec, make_producer(name)))
+            else:
+                planned.append(CopiedTensor(TensorSpec(name, info.dtype, info.shape), header.path, header.absolute_range(name)[0]))
+        shards.append((out_name, planned, header))
+    return shards
+
+
+def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: ProgressFactory = no_progress, command: list[str] | None = None) -> TransferResult:
+    """Write the target model into OUT (built beside it and renamed in when complete)."""
+    result = TransferResult()
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        result.stage_seconds[stage] = result.stage_seconds.get(stage, 0.0) + now - clock
+        clock = now
+
+    mixing = find_mixing(plan, progress, result)
+    lap("search")
+    source_rows = {}
+    for name in plan.source_tensors.names:
+        rows = plan.source.gather_rows(name, plan.overlap.source_ids)
+        _check_finite(plan, name, rows)
+        source_rows[name] = rows
+    lap("read")
+
+    total_rows = plan.target_size * len(plan.source_tensors.names)
+    with staged_output(out, force) as staging, progress("combine and write", total_rows) as advance:
+
+        def make_producer(name: str) -> Callable[[], Iterator[torch.Tensor]]:
+            record = name == plan.source_tensors.embedding
+            return lambda: rebuilt_rows(plan, mixing, source_rows[name], record, advance)
+
+        weight_map = {}
+        for out_name, planned, header in planned_shards(plan, make_producer):
+            target = staging / out_name
+            if planned is None:
+                copy_whole_file(header.path, target, result.write_stats)
+            else:
+                write_file(target, planned, header.metadata if header.metadata is not None else None, result.write_stats)
+            for name in header.tensors:
+                weight_map[name] = out_name
+            result.files.append(out_name)
+        lap("write")
+        result.weight_stats = mixing.stats
+        if plan.source.is_sharded:
+            total = sum(
+                (plan.target_size * int(np.prod(plan.source.info(n).shape[1:])) if n in plan.source_tensors.names else plan.source.info(n).numel)
+                * DTYPE_SIZES[plan.source.info(n).dtype]
+                for n in plan.source.tensors
+            )
+            extra = {k: v for k, v in (plan.source.index or {}).get("metadata", {}).items()}
+            write_index(staging, weight_map, total, extra)
+            result.files.append("model.safetensors.index.json")
+        _write_side_files(plan, staging, result)
+        lap("side files")
+        _write_manifest(plan, staging, result, command)
+    return result
+
+
+def _write_side_files(plan: TransferPlan, staging: Path, result: TransferResult) -> None:
+    config, changes = target_config(plan.source_config, plan.helper_config, plan.source_vocab, plan.target_vocab, plan.target_size)
+    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    result.config_changes = {"config.json": changes}
+    if plan.generation_config_path is not None:
+        generation, generation_changes = target_generation_config(
+            read_config(plan.generation_config_path), plan.helper_config, plan.source_vocab, plan.target_vocab
+        )
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+        result.config_changes["generation_config.json"] = generation_changes
+    for name in TOKENIZER_FILES:
+        helper_file = plan.helper_path / name
+        if helper_file.is_file():
+            shutil.copyfile(helper_file, staging / name)
+            result.files.append(name)
+
+
+def _write_manifest(plan: TransferPlan, staging: Path, result: TransferResult, command: list[str] | None) -> None:
+    manifest = build_manifest(plan, staging, result, command)
+    (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

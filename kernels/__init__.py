@@ -1,0 +1,1 @@
+"""GPU kernels for clpsurgery (Triton). Kernels take tensors and return tensors; no file I/O."""
