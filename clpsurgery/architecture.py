@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SurgeryError
+from .json_input import read_json_file
 
 # Input-embedding tensor names, most specific first (GPT-2, BLOOM, LLaMA/Mistral/Qwen2/Gemma/Phi,
 # GPT-NeoX, OPT, BERT/XLM-R, T5, MPT/Falcon, older Phi).
@@ -55,12 +55,7 @@ class VocabTensors:
 
 def read_config(path: Path) -> dict:
     """config.json as a dict; SurgeryError if unreadable or not a JSON object."""
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise SurgeryError(path, f"cannot read: {e.strerror or e}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SurgeryError(path, f"not valid JSON ({e})") from e
+    doc = read_json_file(path, "config")
     if not isinstance(doc, dict):
         raise SurgeryError(path, "is not a JSON object")
     return doc

@@ -6,7 +6,6 @@ for, so opening a 7B folder costs its headers and nothing more.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from .errors import SurgeryError
+from .json_input import read_json_file
 from .safetensors_header import TORCH_DTYPES, Header, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -82,12 +82,7 @@ class Checkpoint:
 
     @classmethod
     def _open_index(cls, root: Path, index_path: Path) -> Checkpoint:
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise SurgeryError(index_path, f"cannot read: {e.strerror or e}") from e
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SurgeryError(index_path, f"not valid JSON ({e})") from e
+        index = read_json_file(index_path, "index")
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise SurgeryError(index_path, "has no weight_map object")
@@ -159,7 +154,10 @@ class Checkpoint:
         info = self.tensors[name].info
         stop_row = info.rows if stop_row is None else stop_row
         raw = self.raw_bytes(name, start_row, stop_row)
-        return _to_tensor(np.frombuffer(raw, dtype=np.uint8).copy(), info, stop_row - start_row)
+        rows = _to_tensor(np.frombuffer(raw, dtype=np.uint8).copy(), info, stop_row - start_row)
+        del raw
+        self._release(name, start_row, stop_row)
+        return rows
 
     def read_tensor(self, name: str) -> torch.Tensor:
         """A whole tensor (a copy) in its stored dtype."""
@@ -173,7 +171,26 @@ class Checkpoint:
             raise IndexError(f"row index outside {name} with {info.rows} rows")
         matrix = np.frombuffer(self.raw_bytes(name), dtype=np.uint8).reshape(info.rows, info.row_bytes)
         # Fancy indexing copies, faulting in only the pages of the rows asked for.
-        return _to_tensor(matrix[rows], info, rows.size)
+        gathered = _to_tensor(matrix[rows], info, rows.size)
+        del matrix
+        self._release(name, 0, info.rows)
+        return gathered
+
+    def _release(self, name: str, start_row: int, stop_row: int) -> None:
+        """Drop mapped pages of rows already copied out, so they stop counting as our memory.
+
+        The pages stay in the page cache; only this process's mapping of them is dropped.
+        """
+        ref = self.tensors[name]
+        m = self._maps.get(ref.path)
+        if m is None or not hasattr(m, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin, _ = ref.absolute_range()
+        start = begin + start_row * ref.info.row_bytes
+        stop = begin + stop_row * ref.info.row_bytes
+        aligned = start - start % mmap.PAGESIZE
+        if stop > aligned:
+            m.madvise(mmap.MADV_DONTNEED, aligned, stop - aligned)
 
     def close(self) -> None:
         for m in self._maps.values():

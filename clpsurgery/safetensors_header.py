@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import SurgeryError
+from .json_input import parse_json
 
 # Bytes per element of every dtype the format names.
 DTYPE_SIZES: dict[str, int] = {
@@ -136,10 +137,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
 
 def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
     """Validate header JSON bytes against the file size."""
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SurgeryError(path, f"header is not valid JSON ({e})") from e
+    doc = parse_json(path, raw, "header")
     if not isinstance(doc, dict):
         raise SurgeryError(path, "header is not a JSON object")
     metadata = doc.pop(METADATA_KEY, None)

@@ -1,0 +1,213 @@
+"""Opening checkpoints (file, folder, shards) and reading rows through the memory maps."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from clpsurgery.checkpoint import INDEX_NAME, Checkpoint
+from clpsurgery.safetensors_header import DTYPE_SIZES, TORCH_DTYPES
+from clpsurgery.writer import planned_from_tensor, write_file
+
+
+def random_tensor(dtype_name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    n = math.prod(shape) * DTYPE_SIZES[dtype_name]
+    if n == 0:
+        return torch.empty(shape, dtype=TORCH_DTYPES[dtype_name])
+    raw = np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8)
+    if dtype_name == "BOOL":
+        raw %= 2
+    return torch.from_numpy(raw).view(TORCH_DTYPES[dtype_name]).reshape(shape)
+
+
+def as_bytes(t: torch.Tensor) -> bytes:
+    if t.numel() == 0:
+        return b""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype
+    assert tuple(a.shape) == tuple(b.shape)
+    assert as_bytes(a) == as_bytes(b)
+
+
+def sample(seed: int = 0) -> dict[str, torch.Tensor]:
+    return {
+        "embed.weight": random_tensor("BF16", (17, 6), seed),
+        "lm_head.weight": random_tensor("F32", (17, 6), seed + 1),
+        "layers.0.q8": random_tensor("F8_E4M3", (9, 5), seed + 2),
+        "layers.0.k8": random_tensor("F8_E5M2", (9, 5), seed + 3),
+        "layers.0.norm": random_tensor("F16", (6,), seed + 4),
+        "layers.0.ids": random_tensor("U16", (4, 3, 2), seed + 5),
+        "step": random_tensor("I64", (), seed + 6),
+        "empty": random_tensor("F32", (0, 6), seed + 7),
+    }
+
+
+def check_all(ckpt: Checkpoint, tensors: dict[str, torch.Tensor]) -> None:
+    assert set(ckpt.tensors) == set(tensors)
+    assert ckpt.parameter_count == sum(t.numel() for t in tensors.values())
+    for name, t in tensors.items():
+        assert name in ckpt
+        assert ckpt.info(name).shape == tuple(t.shape)
+        assert_same(ckpt.read_tensor(name), t)
+        if t.dim():
+            rows = t.shape[0]
+            for a, b in [(0, rows), (0, 0), (rows, rows), (rows // 3, rows - rows // 4), (max(rows - 1, 0), rows)]:
+                assert_same(ckpt.read_rows(name, a, b), t[a:b])
+                assert bytes(ckpt.raw_bytes(name, a, b)) == as_bytes(t[a:b])
+
+
+def test_open_single_file(tmp_path):
+    tensors = sample()
+    path = tmp_path / "weights.safetensors"
+    write_file(path, [planned_from_tensor(n, t) for n, t in tensors.items()])
+    with Checkpoint.open(path) as ckpt:
+        assert not ckpt.is_sharded
+        assert ckpt.total_bytes == path.stat().st_size
+        assert [h.path for h in ckpt.headers] == [path]
+        check_all(ckpt, tensors)
+
+
+def test_open_file_written_by_safetensors(tmp_path):
+    tensors = sample(3)
+    path = tmp_path / "ref.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with Checkpoint.open(str(path)) as ckpt:
+        check_all(ckpt, tensors)
+
+
+def test_open_folder_with_model_safetensors(tmp_path):
+    tensors = sample(1)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    # a stray second file does not matter when model.safetensors is there
+    save_file({"other": torch.ones(2)}, str(tmp_path / "optimizer.safetensors"))
+    with Checkpoint.open(tmp_path) as ckpt:
+        assert [h.path.name for h in ckpt.headers] == ["model.safetensors"]
+        check_all(ckpt, tensors)
+
+
+def test_open_folder_with_single_other_named_file(tmp_path):
+    tensors = sample(2)
+    save_file(tensors, str(tmp_path / "pytorch_model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    with Checkpoint.open(tmp_path) as ckpt:
+        check_all(ckpt, tensors)
+
+
+def write_shards(folder, tensors: dict[str, torch.Tensor], groups: list[list[str]]) -> dict[str, str]:
+    weight_map = {}
+    total = 0
+    for i, group in enumerate(groups, start=1):
+        shard = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file({n: tensors[n] for n in group}, str(folder / shard), metadata={"format": "pt"})
+        for n in group:
+            weight_map[n] = shard
+            total += tensors[n].numel() * tensors[n].element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    return weight_map
+
+
+GROUPS = [
+    ["embed.weight", "step"],
+    ["layers.0.q8", "layers.0.k8", "layers.0.norm", "empty"],
+    ["layers.0.ids", "lm_head.weight"],
+]
+
+
+def test_open_sharded_folder(tmp_path):
+    tensors = sample(4)
+    weight_map = write_shards(tmp_path, tensors, GROUPS)
+    with Checkpoint.open(tmp_path) as ckpt:
+        assert ckpt.is_sharded
+        assert len(ckpt.headers) == 3
+        assert ckpt.index_path == tmp_path / INDEX_NAME
+        for name, shard in weight_map.items():
+            assert ckpt.tensors[name].path == tmp_path / shard
+        assert ckpt.total_bytes == sum((tmp_path / s).stat().st_size for s in set(weight_map.values()))
+        check_all(ckpt, tensors)
+
+
+def test_open_index_file_directly(tmp_path):
+    tensors = sample(5)
+    write_shards(tmp_path, tensors, GROUPS)
+    with Checkpoint.open(tmp_path / INDEX_NAME) as ckpt:
+        assert ckpt.is_sharded
+        check_all(ckpt, tensors)
+
+
+@pytest.mark.parametrize("dtype_name", ["BF16", "F8_E4M3", "F8_E5M2"])
+def test_gather_rows_unsorted_repeated(tmp_path, dtype_name):
+    original = random_tensor(dtype_name, (23, 7), 11)
+    vector = random_tensor(dtype_name, (23,), 12)
+    cube = random_tensor(dtype_name, (23, 2, 3), 13)
+    path = tmp_path / "g.safetensors"
+    save_file({"m": original, "v": vector, "c": cube}, str(path))
+    index_sets = [
+        [5, 0, 22, 5, 5, 3, 21, 0],
+        [22, 21, 20, 1, 0],
+        [7],
+        [],
+        list(range(23))[::-1] * 2,
+        np.array([3, 3, 1], dtype=np.int32),
+    ]
+    with Checkpoint.open(path) as ckpt:
+        for idx in index_sets:
+            sel = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+            for name, t in [("m", original), ("v", vector), ("c", cube)]:
+                got = ckpt.gather_rows(name, idx)
+                assert_same(got, t[sel])
+        with pytest.raises(IndexError):
+            ckpt.gather_rows("m", [0, 23])
+        with pytest.raises(IndexError):
+            ckpt.gather_rows("m", [-1])
+        with pytest.raises(IndexError):
+            ckpt.read_rows("m", 5, 24)
+        with pytest.raises(IndexError):
+            ckpt.read_rows("m", 6, 5)
+
+
+def test_gather_rows_across_shards(tmp_path):
+    tensors = sample(6)
+    write_shards(tmp_path, tensors, GROUPS)
+    idx = [16, 0, 3, 3, 16, 8]
+    with Checkpoint.open(tmp_path) as ckpt:
+        for name in ["embed.weight", "lm_head.weight"]:
+            assert_same(ckpt.gather_rows(name, idx), tensors[name][torch.tensor(idx)])
+        idx8 = [8, 1, 1, 0]
+        for name in ["layers.0.q8", "layers.0.k8", "layers.0.ids"]:
+            t = tensors[name]
+            idx_ok = [i % t.shape[0] for i in idx8]
+            assert_same(ckpt.gather_rows(name, idx_ok), t[torch.tensor(idx_ok)])
+
+
+def test_read_results_outlive_close(tmp_path):
+    t = random_tensor("F32", (8, 4), 9)
+    path = tmp_path / "c.safetensors"
+    save_file({"t": t}, str(path))
+    ckpt = Checkpoint.open(path)
+    rows = ckpt.read_rows("t", 2, 6)
+    gathered = ckpt.gather_rows("t", [7, 0])
+    ckpt.close()
+    assert_same(rows, t[2:6])
+    assert_same(gathered, t[torch.tensor([7, 0])])
+    # a closed checkpoint can be read again (maps reopen on demand)
+    assert_same(ckpt.read_tensor("t"), t)
+    ckpt.close()
+
+
+def test_source_unchanged_by_reads(tmp_path):
+    tensors = sample(8)
+    write_shards(tmp_path, tensors, GROUPS)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with Checkpoint.open(tmp_path) as ckpt:
+        for name in ckpt.tensors:
+            ckpt.read_tensor(name)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -1,0 +1,284 @@
+"""The streaming writer: exact round trips for every dtype, order independence, byte copies."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from clpsurgery.checkpoint import Checkpoint
+from clpsurgery.errors import SurgeryError
+from clpsurgery.safetensors_header import DTYPE_SIZES, TORCH_DTYPES, TensorSpec, read_header
+from clpsurgery.writer import (
+    ComputedTensor,
+    CopiedTensor,
+    WriteStats,
+    planned_from_tensor,
+    write_file,
+)
+
+ALL_DTYPES = sorted(DTYPE_SIZES)
+assert len(ALL_DTYPES) == 15
+
+
+def random_tensor(dtype_name: str, shape: tuple[int, ...], rng: np.random.Generator) -> torch.Tensor:
+    """A tensor of arbitrary bit patterns (NaNs included) for floats, 0/1 for BOOL."""
+    n = math.prod(shape) * DTYPE_SIZES[dtype_name]
+    if n == 0:
+        return torch.empty(shape, dtype=TORCH_DTYPES[dtype_name])
+    raw = rng.integers(0, 256, size=n, dtype=np.uint8)
+    if dtype_name == "BOOL":
+        raw %= 2
+    return torch.from_numpy(raw).view(TORCH_DTYPES[dtype_name]).reshape(shape)
+
+
+def as_bytes(t: torch.Tensor) -> bytes:
+    if t.numel() == 0:
+        return b""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype
+    assert tuple(a.shape) == tuple(b.shape)
+    assert as_bytes(a) == as_bytes(b)
+
+
+def write_tensors(path, tensors: dict[str, torch.Tensor], block_rows: int = 2, **kw) -> WriteStats:
+    return write_file(path, [planned_from_tensor(n, t, block_rows) for n, t in tensors.items()], **kw)
+
+
+def check_loads(path, tensors: dict[str, torch.Tensor]) -> None:
+    loaded = load_file(str(path))
+    assert set(loaded) == set(tensors)
+    for name, t in tensors.items():
+        assert_same(loaded[name], t)
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == set(tensors)
+        assert f.metadata() == {"format": "pt"}
+        for name, t in tensors.items():
+            assert_same(f.get_tensor(name), t)
+
+
+SHAPES = [(), (0,), (3, 0), (0, 2, 2), (4,), (3, 5), (2, 3, 2), (1, 1, 1)]
+
+
+@pytest.mark.parametrize("dtype_name", ALL_DTYPES)
+def test_round_trip_every_dtype(tmp_path, dtype_name):
+    rng = np.random.default_rng(sum(map(ord, dtype_name)))
+    tensors = {f"t{i}": random_tensor(dtype_name, shape, rng) for i, shape in enumerate(SHAPES)}
+    path = tmp_path / f"{dtype_name}.safetensors"
+    stats = write_tensors(path, tensors)
+    assert stats.files == [path]
+    assert stats.computed_bytes == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert stats.copied_bytes == 0
+    check_loads(path, tensors)
+    # the header reader accepts it too
+    assert read_header(path).file_size == path.stat().st_size
+
+
+def test_round_trip_all_dtypes_in_one_file(tmp_path):
+    rng = np.random.default_rng(7)
+    tensors = {}
+    for i, d in enumerate(ALL_DTYPES):
+        tensors[f"{d.lower()}.w"] = random_tensor(d, (3, i % 4 + 1), rng)
+        tensors[f"{d.lower()}.s"] = random_tensor(d, (), rng)
+        tensors[f"{d.lower()}.e"] = random_tensor(d, (0, 3), rng)
+    path = tmp_path / "all.safetensors"
+    write_tensors(path, tensors)
+    check_loads(path, tensors)
+    # every tensor is aligned to its element size within the data buffer
+    header = read_header(path)
+    for info in header.tensors.values():
+        assert info.begin % DTYPE_SIZES[info.dtype] == 0
+
+
+def test_non_contiguous_input_tensor(tmp_path):
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    tensors = {"t": base.t(), "s": base[:, ::2]}
+    path = tmp_path / "nc.safetensors"
+    write_tensors(path, tensors, block_rows=1)
+    check_loads(path, {k: v.contiguous() for k, v in tensors.items()})
+
+
+def test_order_independent_bytes(tmp_path):
+    rng = np.random.default_rng(3)
+    items = [(f"layer.{i}.{d}", random_tensor(d, (i % 3 + 1, 2), rng)) for i, d in enumerate(ALL_DTYPES)]
+    items.append(("scalar", random_tensor("F32", (), rng)))
+    items.append(("empty", random_tensor("BF16", (0,), rng)))
+    outputs = []
+    shuffler = random.Random(11)
+    for k in range(4):
+        order = list(items)
+        if k == 1:
+            order.reverse()
+        elif k > 1:
+            shuffler.shuffle(order)
+        path = tmp_path / f"o{k}.safetensors"
+        write_file(path, [planned_from_tensor(n, t, block_rows=k + 1) for n, t in order])
+        outputs.append(path.read_bytes())
+    assert all(o == outputs[0] for o in outputs[1:])
+
+
+def _reference_file(tmp_path) -> tuple[object, dict[str, torch.Tensor]]:
+    rng = np.random.default_rng(5)
+    tensors = {f"w.{d}": random_tensor(d, (5, 3), rng) for d in ALL_DTYPES}
+    tensors["scalar"] = random_tensor("I64", (), rng)
+    tensors["empty"] = random_tensor("F16", (0, 4), rng)
+    tensors["big"] = random_tensor("F32", (64, 33), rng)
+    path = tmp_path / "reference.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path, tensors
+
+
+def _copies_of(path) -> list[CopiedTensor]:
+    header = read_header(path)
+    return [
+        CopiedTensor(TensorSpec(name, info.dtype, info.shape), path, header.absolute_range(name)[0])
+        for name, info in header.tensors.items()
+    ]
+
+
+def test_copy_every_tensor_of_a_reference_file(tmp_path):
+    src, tensors = _reference_file(tmp_path)
+    before = src.read_bytes()
+    out = tmp_path / "copy.safetensors"
+    stats = write_file(out, _copies_of(src))
+    check_loads(out, tensors)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert stats.copied_bytes == total and stats.computed_bytes == 0
+    nonempty = sum(1 for t in tensors.values() if t.numel())
+    assert stats.kernel_copies + stats.buffered_copies == nonempty
+    assert src.read_bytes() == before
+
+
+def test_copy_and_compute_mixed(tmp_path):
+    src, tensors = _reference_file(tmp_path)
+    copies = [c for c in _copies_of(src) if c.spec.name != "big"]
+    replacement = torch.full((64, 33), 1.5, dtype=torch.float32)
+    out = tmp_path / "mixed.safetensors"
+    stats = write_file(out, copies + [planned_from_tensor("big", replacement, block_rows=10)])
+    expected = dict(tensors, big=replacement)
+    check_loads(out, expected)
+    assert stats.computed_bytes == replacement.numel() * 4
+
+
+def test_copy_without_copy_file_range_and_tiny_buffer(tmp_path, monkeypatch):
+    src, tensors = _reference_file(tmp_path)
+    copies = _copies_of(src)
+    monkeypatch.delattr(os, "copy_file_range", raising=False)
+    out = tmp_path / "buffered.safetensors"
+    stats = write_file(out, copies, copy_buffer_bytes=7)
+    check_loads(out, tensors)
+    nonempty = sum(1 for t in tensors.values() if t.numel())
+    assert stats.kernel_copies == 0
+    assert stats.buffered_copies == nonempty
+    assert stats.copied_bytes == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert stats.computed_bytes == 0
+    # the same bytes as the kernel path
+    monkeypatch.undo()
+    out2 = tmp_path / "kernel.safetensors"
+    write_file(out2, copies)
+    assert out.read_bytes() == out2.read_bytes()
+
+
+def test_stats_accumulate_across_files(tmp_path):
+    src, tensors = _reference_file(tmp_path)
+    stats = WriteStats()
+    write_file(tmp_path / "a.safetensors", _copies_of(src), stats=stats)
+    write_file(tmp_path / "b.safetensors", [planned_from_tensor("x", torch.ones(3))], stats=stats)
+    assert stats.files == [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    assert stats.computed_bytes == 12
+    assert stats.copied_bytes == sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_copy_from_short_source_raises(tmp_path, monkeypatch, kernel):
+    src = tmp_path / "short.bin"
+    src.write_bytes(bytes(range(10)))
+    if not kernel:
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    with pytest.raises(SurgeryError) as e:
+        write_file(tmp_path / "o.safetensors", [CopiedTensor(TensorSpec("x", "U8", (20,)), src, 4)], copy_buffer_bytes=3)
+    assert "short.bin" in str(e.value)
+
+
+def test_computed_tensor_wrong_total_bytes_raises(tmp_path):
+    spec = TensorSpec("x", "F32", (4, 2))
+    too_few = ComputedTensor(spec, lambda: iter([torch.zeros(3, 2)]))
+    with pytest.raises(AssertionError):
+        write_file(tmp_path / "a.safetensors", [too_few])
+    too_many = ComputedTensor(spec, lambda: iter([torch.zeros(4, 2), torch.zeros(1, 2)]))
+    with pytest.raises(AssertionError):
+        write_file(tmp_path / "b.safetensors", [too_many])
+    nothing = ComputedTensor(spec, lambda: iter([]))
+    with pytest.raises(AssertionError):
+        write_file(tmp_path / "c.safetensors", [nothing])
+
+
+def test_computed_tensor_wrong_dtype_or_row_shape_raises(tmp_path):
+    spec = TensorSpec("x", "BF16", (4, 2))
+    wrong_dtype = ComputedTensor(spec, lambda: iter([torch.zeros(4, 2, dtype=torch.float16)]))
+    with pytest.raises(AssertionError):
+        write_file(tmp_path / "a.safetensors", [wrong_dtype])
+    # same byte count, different row shape
+    wrong_rows = ComputedTensor(spec, lambda: iter([torch.zeros(2, 4, dtype=torch.bfloat16)]))
+    with pytest.raises(AssertionError):
+        write_file(tmp_path / "b.safetensors", [wrong_rows])
+
+
+def test_duplicate_names_rejected(tmp_path):
+    with pytest.raises(ValueError):
+        write_file(tmp_path / "d.safetensors", [planned_from_tensor("x", torch.ones(1)), planned_from_tensor("x", torch.ones(2))])
+
+
+# --- property test -----------------------------------------------------------------------
+
+NAME = st.text(alphabet="abcxyz._0123456789é", min_size=1, max_size=10).filter(lambda s: s != "__metadata__")
+TENSOR_PLAN = st.tuples(
+    st.sampled_from(ALL_DTYPES),
+    st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    plans=st.dictionaries(NAME, TENSOR_PLAN, min_size=1, max_size=6),
+    seed=st.integers(0, 2**32 - 1),
+    block_rows=st.integers(1, 4),
+    data=st.data(),
+)
+def test_property_write_load_and_read_rows(tmp_path_factory, plans, seed, block_rows, data):
+    rng = np.random.default_rng(seed)
+    tensors = {name: random_tensor(d, shape, rng) for name, (d, shape) in plans.items()}
+    path = tmp_path_factory.mktemp("prop") / "p.safetensors"
+    write_tensors(path, tensors, block_rows=block_rows)
+    loaded = load_file(str(path))
+    assert set(loaded) == set(tensors)
+    for name, t in tensors.items():
+        assert_same(loaded[name], t)
+    with Checkpoint.open(path) as ckpt:
+        assert set(ckpt.tensors) == set(tensors)
+        for name, t in tensors.items():
+            assert_same(ckpt.read_tensor(name), t)
+            if t.dim() == 0:
+                continue
+            rows = t.shape[0]
+            a = data.draw(st.integers(0, rows), label=f"{name} start")
+            b = data.draw(st.integers(a, rows), label=f"{name} stop")
+            assert_same(ckpt.read_rows(name, a, b), t[a:b])
+            if rows:
+                idx = data.draw(st.lists(st.integers(0, rows - 1), max_size=8), label=f"{name} rows")
+            else:
+                idx = []
+            expected = t[torch.tensor(idx, dtype=torch.int64)] if idx else t[:0]
+            assert_same(ckpt.gather_rows(name, idx), expected)
+            assert_same(ckpt.gather_rows(name, np.asarray(idx, dtype=np.int64)), expected)
