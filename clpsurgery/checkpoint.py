@@ -12,11 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .errors import SurgeryError
 from .json_input import read_json_file
-from .safetensors_header import TORCH_DTYPES, Header, TensorInfo, read_header
+from typing import TYPE_CHECKING
+
+from .safetensors_header import Header, TensorInfo, read_header
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -212,6 +216,10 @@ class Checkpoint:
 
 def _to_tensor(owned_bytes: np.ndarray, info: TensorInfo, rows: int) -> torch.Tensor:
     """View an owned uint8 array as a tensor of the stored dtype and shape."""
+    import torch
+
+    from .torch_dtypes import TORCH_DTYPES
+
     shape = (rows, *info.shape[1:]) if info.shape else ()
     dtype = TORCH_DTYPES[info.dtype]
     if owned_bytes.size == 0:

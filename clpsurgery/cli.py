@@ -16,8 +16,7 @@ from pathlib import Path
 import click
 
 from .errors import SurgeryError
-from .plan import DEFAULT_TOP_K, DEFAULT_WEIGHTING, DEFAULT_WORKING_BYTES, TransferOptions
-from .weights import DEFAULT_TEMPERATURE, SCHEMES
+from .options import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_WEIGHTING, DEFAULT_WORKING_BYTES, SCHEMES, TransferOptions
 
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130

@@ -15,8 +15,6 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .errors import SurgeryError
 from .json_input import parse_json
 
@@ -39,29 +37,20 @@ DTYPE_SIZES: dict[str, int] = {
     "U64": 8,
 }
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
 FLOAT_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"})
 
 # The reference loader refuses headers of 100 MB or more.
 MAX_HEADER_BYTES = 100_000_000
 METADATA_KEY = "__metadata__"
+
+
+def __getattr__(name: str):
+    """TORCH_DTYPES and DTYPE_NAMES, imported on first use so header-only tools skip torch."""
+    if name in ("TORCH_DTYPES", "DTYPE_NAMES"):
+        from . import torch_dtypes
+
+        return getattr(torch_dtypes, name)
+    raise AttributeError(name)
 
 
 @dataclass(frozen=True)

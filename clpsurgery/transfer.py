@@ -26,7 +26,7 @@ from .model_config import target_config, target_generation_config
 from .neighbours import Neighbours, dense_similarities, normalise_rows, search_top_k
 from .output_folder import MANIFEST_NAME, staged_output
 from .plan import TransferPlan
-from .safetensors_header import DTYPE_SIZES, TORCH_DTYPES, TensorSpec
+from .safetensors_header import DTYPE_SIZES, TensorSpec
 from .vocabulary import TOKENIZER_FILES
 from .weights import WeightStats, mixing_weights
 from .writer import ComputedTensor, CopiedTensor, PlannedTensor, WriteStats, copy_whole_file, row_blocks, write_file, write_index

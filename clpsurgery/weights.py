@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-SCHEMES = ("clp", "clp-clipped", "softmax", "sparsemax")
-DEFAULT_TEMPERATURE = 0.1  # WECHSEL's tau
+from .options import DEFAULT_TEMPERATURE, SCHEMES
+
 
 # A row whose similarity sum is at most this fraction of its absolute sum is degenerate: the
 # paper's cos / sum(cos) would divide by (nearly) zero or flip every sign.

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .errors import SurgeryError
-from .safetensors_header import DTYPE_NAMES, TensorSpec, encode_header, layout_order
+from .safetensors_header import TensorSpec, encode_header, layout_order
+from .torch_dtypes import DTYPE_NAMES
 
 COPY_BUFFER_BYTES = 64 * 1024 * 1024
 DEFAULT_METADATA = {"format": "pt"}

@@ -1,0 +1,104 @@
+"""Fixtures: small real checkpoints on disk, with real tokenizers (GPT-2 and a German BPE)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+GERMAN_VOCAB = 2000
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    from clpsurgery.vocab_assets import gpt2_tokenizer as load
+
+    return load()
+
+
+@pytest.fixture(scope="session")
+def german_tokenizer():
+    from clpsurgery.vocab_assets import train_german_bpe
+
+    return train_german_bpe(vocab_size=GERMAN_VOCAB, n_words=8000)
+
+
+def save_model(model, folder: Path, tokenizer, **special) -> Path:
+    """save_pretrained (safetensors) plus a tokenizer folder."""
+    from clpsurgery.vocab_assets import save_tokenizer_folder
+
+    model.save_pretrained(folder, safe_serialization=True)
+    save_tokenizer_folder(tokenizer, folder, **special)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gpt2_source(tmp_path_factory, gpt2_tokenizer) -> Path:
+    """A tied GPT-2 model (fp32) with the real GPT-2 vocabulary."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50257, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=50256, eos_token_id=50256)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    folder = tmp_path_factory.mktemp("gpt2-source")
+    return save_model(model, folder, gpt2_tokenizer, bos="<|endoftext|>", eos="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def llama_source(tmp_path_factory, gpt2_tokenizer) -> Path:
+    """An untied LLaMA model in bf16 with the real GPT-2 vocabulary."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(
+        vocab_size=50257,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    folder = tmp_path_factory.mktemp("llama-source")
+    save_model(model, folder, gpt2_tokenizer, bos="<|endoftext|>", eos="<|endoftext|>")
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 50256, "eos_token_id": 50256, "max_new_tokens": 20}))
+    return folder
+
+
+def anisotropic_helper_embedding(rows: int, width: int, seed: int) -> torch.Tensor:
+    """Helper vectors sharing a common direction, as trained embeddings do (cosines mostly positive)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, width, generator=g) + 1.5 * torch.randn(1, width, generator=g)
+
+
+@pytest.fixture(scope="session")
+def german_helper(tmp_path_factory, german_tokenizer) -> Path:
+    """A small GPT-2-architecture helper with the German tokenizer (fp32)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(2)
+    config = transformers.GPT2Config(
+        vocab_size=german_tokenizer.get_vocab_size(), n_embd=16, n_layer=1, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=1, pad_token_id=3
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.copy_(anisotropic_helper_embedding(config.vocab_size, 16, seed=3))
+    folder = tmp_path_factory.mktemp("german-helper")
+    return save_model(model, folder, german_tokenizer, bos="<s>", eos="</s>", unk="<unk>", pad="<pad>")
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under a folder (to prove inputs were not touched)."""
+    return {str(p.relative_to(folder)): sha256_of(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}

@@ -1,0 +1,271 @@
+"""`clpsurgery init` end to end on small real checkpoints with real tokenizers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clpsurgery.checkpoint import Checkpoint
+from clpsurgery.cli import main
+from clpsurgery.reference import reference_clp
+from clpsurgery.weights import TINY_SUM_FRACTION
+from conftest import tree_hashes
+
+transformers = pytest.importorskip("transformers")
+
+GERMAN_TEXT = "Der schnelle braune Fuchs springt über den faulen Hund, und die Kinder lachen in der Schule."
+
+
+def run_init(*args) -> None:
+    """Run `clpsurgery init` in this process; fail the test on a non-zero exit."""
+    try:
+        main(["init", "--quiet", *map(str, args)])
+    except SystemExit as e:  # pragma: no cover - only on failure
+        pytest.fail(f"clpsurgery init exited with {e.code}")
+
+
+def run_cli_process(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clpsurgery", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def vocab_of(folder: Path) -> dict[str, int]:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab(with_added_tokens=True)
+
+
+def shared_tokens(source: Path, target: Path) -> list[tuple[str, int, int]]:
+    s, t = vocab_of(source), vocab_of(target)
+    return sorted((tok, t[tok], s[tok]) for tok in t if tok in s)
+
+
+def tensor_sha(checkpoint: Checkpoint, name: str) -> str:
+    return hashlib.sha256(checkpoint.raw_bytes(name)).hexdigest()
+
+
+def finite_logits(model_class, folder: Path) -> torch.Tensor:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = model_class.from_pretrained(folder).eval()
+    ids = tokenizer(GERMAN_TEXT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    return logits
+
+
+def test_gpt2_tied_end_to_end(gpt2_source, german_helper, tmp_path):
+    before = tree_hashes(gpt2_source), tree_hashes(german_helper)
+    out = tmp_path / "gpt2-de"
+    run_init(gpt2_source, german_helper, out)
+    assert (tree_hashes(gpt2_source), tree_hashes(german_helper)) == before
+
+    target_vocab = vocab_of(german_helper)
+    with Checkpoint.open(gpt2_source) as source, Checkpoint.open(out) as target:
+        assert "lm_head.weight" not in target.tensors, "a tied source must stay tied"
+        assert set(target.tensors) == set(source.tensors)
+        emb = "transformer.wte.weight"
+        assert target.info(emb).shape == (len(target_vocab), 32)
+        for name in source.tensors:
+            if name != emb:
+                assert tensor_sha(source, name) == tensor_sha(target, name), name
+        pairs = shared_tokens(gpt2_source, german_helper)
+        assert len(pairs) > 300
+        target_rows = target.gather_rows(emb, [p[1] for p in pairs])
+        source_rows = source.gather_rows(emb, [p[2] for p in pairs])
+        assert torch.equal(target_rows, source_rows)
+        assert torch.isfinite(target.read_tensor(emb)).all()
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == len(target_vocab)
+    assert (config["bos_token_id"], config["eos_token_id"]) == (0, 1)
+    assert (out / "tokenizer.json").read_bytes() == (german_helper / "tokenizer.json").read_bytes()
+    manifest = json.loads((out / "clpsurgery.json").read_text())
+    assert manifest["vocabulary"]["overlap"] == len(pairs)
+    assert manifest["vocabulary"]["missing"] == len(target_vocab) - len(pairs)
+    assert manifest["options"]["top_k"] == 10
+    assert set(manifest["seconds"]) >= {"search", "read", "write"}
+    assert not list(tmp_path.glob(".*clpsurgery-partial*"))
+
+    logits = finite_logits(transformers.GPT2LMHeadModel, out)
+    assert logits.shape[-1] == len(target_vocab)
+
+
+def test_llama_untied_head_rebuilt(llama_source, german_helper, tmp_path):
+    out = tmp_path / "llama-de"
+    run_init(llama_source, german_helper, out, "--top-k", "5", "--weighting", "clp")
+    pairs = shared_tokens(llama_source, german_helper)
+    target_ids = np.array([p[1] for p in pairs])
+    source_ids = np.array([p[2] for p in pairs])
+    size = len(vocab_of(german_helper))
+    with Checkpoint.open(llama_source) as source, Checkpoint.open(out) as target, Checkpoint.open(german_helper) as helper:
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert target.info(name).dtype == "BF16"
+            assert target.info(name).shape == (size, 32)
+            assert torch.equal(target.gather_rows(name, target_ids), source.gather_rows(name, source_ids)), name
+            # Every row, overlap or not, against the float64 formula with the same neighbours.
+            expected = reference_clp(
+                source.read_tensor(name).double().numpy(),
+                helper.read_tensor("transformer.wte.weight").double().numpy(),
+                target_ids,
+                source_ids,
+                size,
+                top_k=5,
+            )
+            written = target.read_tensor(name).double().numpy()
+            # bf16 output: within one rounding step (2^-8 relative) of the exact value.
+            assert np.allclose(written, expected, rtol=2**-7, atol=1e-6 * np.abs(expected).max()), name
+        assert not torch.equal(target.read_tensor("lm_head.weight"), target.read_tensor("model.embed_tokens.weight"))
+        for name in source.tensors:
+            if name not in ("model.embed_tokens.weight", "lm_head.weight"):
+                assert tensor_sha(source, name) == tensor_sha(target, name), name
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (0, 1)
+    assert generation["max_new_tokens"] == 20
+    logits = finite_logits(transformers.LlamaForCausalLM, out)
+    assert logits.shape[-1] == size
+
+
+def test_dense_clp_equals_paper_formula(gpt2_source, german_helper, tmp_path):
+    """--top-k all --weighting clp reproduces cos / sum(cos) over the whole overlap."""
+    out = tmp_path / "dense"
+    run_init(gpt2_source, german_helper, out, "--top-k", "all", "--weighting", "clp")
+    pairs = shared_tokens(gpt2_source, german_helper)
+    target_ids = np.array([p[1] for p in pairs])
+    source_ids = np.array([p[2] for p in pairs])
+    size = len(vocab_of(german_helper))
+    with Checkpoint.open(gpt2_source) as source, Checkpoint.open(out) as target, Checkpoint.open(german_helper) as helper:
+        helper_rows = helper.read_tensor("transformer.wte.weight").double().numpy()[:size]
+        expected = reference_clp(source.read_tensor("transformer.wte.weight").double().numpy(), helper_rows, target_ids, source_ids, size)
+        written = target.read_tensor("transformer.wte.weight").double().numpy()
+    assert target.info("transformer.wte.weight").dtype == "F32"
+    # Rows whose similarity sum is healthy follow the formula to fp32 precision.
+    unit = helper_rows / np.linalg.norm(helper_rows, axis=1, keepdims=True)
+    cosines = unit @ unit[target_ids].T
+    healthy = cosines.sum(1) > TINY_SUM_FRACTION * np.abs(cosines).sum(1)
+    relative = np.linalg.norm(written - expected, axis=1) / np.linalg.norm(expected, axis=1)
+    assert healthy.sum() > 0.9 * size
+    assert relative[healthy].max() < 1e-5
+    assert np.isfinite(written).all()
+    manifest = json.loads((out / "clpsurgery.json").read_text())
+    missing = np.setdiff1d(np.arange(size), target_ids)
+    assert manifest["weights"]["degenerate_rows"] == int((~healthy[missing]).sum())
+    assert manifest["weights"]["neighbours_per_token"] == len(pairs)
+
+
+def test_single_file_source_with_named_side_files(gpt2_source, german_helper, tmp_path):
+    """SOURCE as a lone .safetensors file; tokenizer and config named by options."""
+    lone = tmp_path / "weights" / "english.safetensors"
+    lone.parent.mkdir()
+    shutil.copyfile(gpt2_source / "model.safetensors", lone)
+    out = tmp_path / "out"
+    result = run_cli_process("init", "--quiet", lone, german_helper, out)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "--source-config" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+    run_init(lone, german_helper, out, "--source-tokenizer", gpt2_source / "tokenizer.json", "--source-config", gpt2_source)
+    assert (out / "model.safetensors").is_file()
+    finite_logits(transformers.GPT2LMHeadModel, out)
+
+
+def test_sharded_source_keeps_its_layout(llama_source, german_helper, tmp_path):
+    """A sharded source: same shard names and index; shards without vocab tensors copied whole."""
+    from clpsurgery.writer import CopiedTensor, write_file, write_index
+    from clpsurgery.safetensors_header import TensorSpec
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for side in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(llama_source / side, sharded / side)
+    with Checkpoint.open(llama_source) as source:
+        names = sorted(source.tensors)
+        groups = {
+            "model-00001-of-00003.safetensors": [n for n in names if n == "model.embed_tokens.weight"],
+            "model-00002-of-00003.safetensors": [n for n in names if n.startswith("model.layers.")],
+            "model-00003-of-00003.safetensors": [n for n in names if n in ("lm_head.weight", "model.norm.weight")],
+        }
+        assert sum(len(g) for g in groups.values()) == len(names)
+        weight_map = {}
+        for shard, members in groups.items():
+            planned = []
+            for n in members:
+                ref = source.tensors[n]
+                planned.append(CopiedTensor(TensorSpec(n, ref.info.dtype, ref.info.shape), ref.path, ref.absolute_range()[0]))
+                weight_map[n] = shard
+            write_file(sharded / shard, planned)
+        write_index(sharded, weight_map, sum(source.info(n).nbytes for n in names))
+    out = tmp_path / "out"
+    run_init(sharded, german_helper, out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == weight_map
+    with Checkpoint.open(out) as target:
+        assert index["metadata"]["total_size"] == sum(r.info.nbytes for r in target.tensors.values())
+    middle = "model-00002-of-00003.safetensors"
+    assert (out / middle).read_bytes() == (sharded / middle).read_bytes()
+    finite_logits(transformers.LlamaForCausalLM, out)
+
+
+@pytest.mark.parametrize("weighting", ["clp-clipped", "softmax", "sparsemax"])
+def test_other_weightings_give_convex_combinations(gpt2_source, german_helper, tmp_path, weighting):
+    """Non-negative weights that sum to one keep every new row inside the span of its neighbours."""
+    out = tmp_path / weighting
+    run_init(gpt2_source, german_helper, out, "--weighting", weighting, "--top-k", "8")
+    with Checkpoint.open(gpt2_source) as source, Checkpoint.open(out) as target:
+        pairs = shared_tokens(gpt2_source, german_helper)
+        overlap_rows = source.gather_rows("transformer.wte.weight", [p[2] for p in pairs])
+        rows = target.read_tensor("transformer.wte.weight")
+    low, high = overlap_rows.min(0).values, overlap_rows.max(0).values
+    assert torch.isfinite(rows).all()
+    assert ((rows >= low - 1e-6) & (rows <= high + 1e-6)).all()
+    manifest = json.loads((out / "clpsurgery.json").read_text())
+    assert manifest["weights"]["signed_rows"] == 0
+
+
+def test_out_exists_and_force(gpt2_source, german_helper, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    result = run_cli_process("init", "--quiet", gpt2_source, german_helper, out)
+    assert result.returncode == 1 and "already exists" in result.stderr
+    result = run_cli_process("init", "--quiet", "--force", gpt2_source, german_helper, out)
+    assert result.returncode == 1 and "not a clpsurgery output" in result.stderr
+    assert (out / "precious.txt").read_text() == "keep me"
+    shutil.rmtree(out)
+    run_init(gpt2_source, german_helper, out)
+    first = (out / "model.safetensors").read_bytes()
+    run_init(gpt2_source, german_helper, out, "--force", "--weighting", "softmax")
+    assert (out / "model.safetensors").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_out_inside_source_refused(gpt2_source, german_helper):
+    before = tree_hashes(gpt2_source)
+    result = run_cli_process("init", gpt2_source, german_helper, gpt2_source / "de")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and "inside" in result.stderr and result.stderr.count("\n") == 1
+    assert tree_hashes(gpt2_source) == before
+
+
+def test_zero_overlap_refused(gpt2_source, tmp_path):
+    """A helper whose tokenizer shares no string with the source's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from clpsurgery.demo import gpt2_config, gpt2_tensors, write_model_folder
+
+    vocab = {f"§{i}§": i for i in range(64)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="§0§"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    helper = tmp_path / "helper"
+    config = gpt2_config(64, n_embd=8, n_layer=1, n_head=1, bos=0, eos=0)
+    write_model_folder(helper, config, gpt2_tensors(config, torch.float32, seed=0))
+    tokenizer.save(str(helper / "tokenizer.json"))
+    result = run_cli_process("init", gpt2_source, helper, tmp_path / "out")
+    assert result.returncode == 1 and "shares no token" in result.stderr
+    assert not (tmp_path / "out").exists()
