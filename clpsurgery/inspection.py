@@ -94,7 +94,7 @@ def format_report(report: dict) -> str:
             h = report["head"]
             lines.append(f"head         {h['name']}  {h['shape']}  {h['dtype']}  (untied)")
         else:
-            lines.append("head         tied to the embedding (no head tensor stored)")
+            lines.append("head         none stored (tied to the embedding, or no LM head)")
         if report.get("head_bias"):
             lines.append(f"head bias    {report['head_bias']}")
     else:

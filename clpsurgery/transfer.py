@@ -110,7 +110,6 @@ def rebuilt_rows(
     mixing: Mixing,
     source_overlap_rows: torch.Tensor,
     record: bool,
-    advance: Callable[[int], None],
 ) -> Iterator[torch.Tensor]:
     """Row blocks of one rebuilt tensor: overlap rows copied, the others mixed, in row order."""
     overlap = plan.overlap
@@ -137,7 +136,6 @@ def rebuilt_rows(
             else:
                 rows = combine_top_k(source_f32, positions, weights, dtype)
             block[~is_copied] = rows
-        advance(stop - start)
         yield block.reshape(stop - start, *row_shape)
 
 
@@ -172,6 +170,22 @@ def planned_shards(
     return shards
 
 
+def _tensor_bytes(plan: TransferPlan) -> int:
+    """Bytes of all tensors of the target (the index's total_size)."""
+    total = 0
+    for name, ref in plan.source.tensors.items():
+        rows = plan.target_size if name in plan.source_tensors.names else ref.info.rows
+        total += rows * ref.info.row_bytes if ref.info.shape else ref.info.nbytes
+    return total
+
+
+def _output_bytes(plan: TransferPlan) -> int:
+    """Bytes the write stage moves: tensors, plus the headers of files copied whole."""
+    rebuilt = set(plan.source_tensors.names)
+    whole_file_headers = sum(h.data_start for h in plan.source.headers if not rebuilt & set(h.tensors))
+    return _tensor_bytes(plan) + whole_file_headers
+
+
 def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: ProgressFactory = no_progress, command: list[str] | None = None) -> TransferResult:
     """Write the target model into OUT (built beside it and renamed in when complete)."""
     result = TransferResult()
@@ -192,12 +206,12 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
         source_rows[name] = rows
     lap("read")
 
-    total_rows = plan.target_size * len(plan.source_tensors.names)
-    with staged_output(out, force) as staging, progress("combine and write", total_rows) as advance:
+    with staged_output(out, force) as staging, progress("combine, copy and write", _output_bytes(plan)) as advance:
+        result.write_stats.on_bytes = advance
 
         def make_producer(name: str) -> Callable[[], Iterator[torch.Tensor]]:
             record = name == plan.source_tensors.embedding
-            return lambda: rebuilt_rows(plan, mixing, source_rows[name], record, advance)
+            return lambda: rebuilt_rows(plan, mixing, source_rows[name], record)
 
         weight_map = {}
         for out_name, planned, header in planned_shards(plan, make_producer):
@@ -212,11 +226,7 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
         lap("write")
         result.weight_stats = mixing.stats
         if plan.source.is_sharded:
-            total = sum(
-                (plan.target_size * int(np.prod(plan.source.info(n).shape[1:])) if n in plan.source_tensors.names else plan.source.info(n).numel)
-                * DTYPE_SIZES[plan.source.info(n).dtype]
-                for n in plan.source.tensors
-            )
+            total = _tensor_bytes(plan)
             extra = {k: v for k, v in (plan.source.index or {}).get("metadata", {}).items()}
             write_index(staging, weight_map, total, extra)
             result.files.append("model.safetensors.index.json")

@@ -22,6 +22,7 @@ from .safetensors_header import TensorSpec, encode_header, layout_order
 from .torch_dtypes import DTYPE_NAMES
 
 COPY_BUFFER_BYTES = 64 * 1024 * 1024
+KERNEL_COPY_CHUNK = 256 * 1024 * 1024
 DEFAULT_METADATA = {"format": "pt"}
 
 
@@ -54,6 +55,11 @@ class WriteStats:
     kernel_copies: int = 0
     buffered_copies: int = 0
     files: list[Path] = field(default_factory=list)
+    on_bytes: Callable[[int], None] | None = None  # progress: called with each chunk's size
+
+    def advance(self, n: int) -> None:
+        if self.on_bytes is not None:
+            self.on_bytes(n)
 
 
 def write_file(
@@ -78,7 +84,7 @@ def write_file(
                 _copy_range(planned.source, planned.offset, spec.nbytes, out, stats, copy_buffer_bytes)
                 stats.copied_bytes += spec.nbytes
             else:
-                written = _write_blocks(out, spec, planned.produce())
+                written = _write_blocks(out, spec, planned.produce(), stats)
                 stats.computed_bytes += written
             expected_end = len(header) + offsets[spec.name][1]
             if out.tell() != expected_end:
@@ -89,7 +95,7 @@ def write_file(
     return stats
 
 
-def _write_blocks(out, spec: TensorSpec, blocks: Iterable[torch.Tensor]) -> int:
+def _write_blocks(out, spec: TensorSpec, blocks: Iterable[torch.Tensor], stats: WriteStats) -> int:
     """Write row blocks of a computed tensor, checking dtype and the total size."""
     written = 0
     for block in blocks:
@@ -100,6 +106,7 @@ def _write_blocks(out, spec: TensorSpec, blocks: Iterable[torch.Tensor]) -> int:
         data = tensor_bytes(block)
         out.write(data)
         written += data.nbytes
+        stats.advance(data.nbytes)
     if written != spec.nbytes:
         raise AssertionError(f"tensor {spec.name}: producer wrote {written} bytes, planned {spec.nbytes}")
     return written
@@ -120,7 +127,7 @@ def _copy_range(source: Path, offset: int, length: int, out, stats: WriteStats, 
     out.flush()
     with open(source, "rb") as src:
         if hasattr(os, "copy_file_range"):
-            done = _kernel_copy(src.fileno(), offset, out.fileno(), length)
+            done = _kernel_copy(src.fileno(), offset, out.fileno(), length, stats)
             if done == length:
                 stats.kernel_copies += 1
                 out.seek(0, os.SEEK_END)
@@ -137,6 +144,7 @@ def _copy_range(source: Path, offset: int, length: int, out, stats: WriteStats, 
             if not n:
                 raise SurgeryError(source, f"ended early while copying {length} more bytes at offset {offset}")
             out.write(view[:n])
+            stats.advance(n)
             length -= n
             offset += n
 
@@ -152,16 +160,18 @@ def copy_whole_file(source: Path, target: Path, stats: WriteStats, buffer_bytes:
     stats.files.append(target)
 
 
-def _kernel_copy(src_fd: int, offset: int, dst_fd: int, length: int) -> int:
+def _kernel_copy(src_fd: int, offset: int, dst_fd: int, length: int, stats: WriteStats) -> int:
     """Copy in the kernel (reflink or in-kernel copy where the filesystem offers it)."""
     done = 0
     dst_offset = os.lseek(dst_fd, 0, os.SEEK_END)
     try:
         while done < length:
-            n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done, dst_offset + done)
+            # Bounded calls, so that progress moves and an interrupt is seen between them.
+            n = os.copy_file_range(src_fd, dst_fd, min(length - done, KERNEL_COPY_CHUNK), offset + done, dst_offset + done)
             if n == 0:
                 break
             done += n
+            stats.advance(n)
     except OSError:
         pass  # EXDEV, ENOSYS, EINVAL...: fall back to the buffer for what is left
     return done
