@@ -43,7 +43,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -53,6 +52,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import hwm_kib, machine_info  # noqa: E402
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -270,17 +272,6 @@ def _drop_file_cache(path: Path) -> None:
         os.close(fd)
 
 
-def _hwm_kib(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None  # gone, or a zombie without an address space
-
-
 def run_cp_sync(src: Path, dst: Path) -> dict:
     """`cp SRC DST` then `sync DST`, timed together; cp's VmHWM polled every 5 ms."""
     t0 = time.perf_counter()
@@ -288,7 +279,7 @@ def run_cp_sync(src: Path, dst: Path) -> dict:
     hwm = 0
     samples = 0
     while proc.poll() is None:
-        v = _hwm_kib(proc.pid)
+        v = hwm_kib(proc.pid)
         if v is not None:
             hwm = max(hwm, v)
             samples += 1
@@ -314,49 +305,6 @@ def run_once(op: str, src: Path, dst: Path) -> dict:
     result: dict = {"op": op, "process_seconds": process_seconds}
     result.update(json.loads(proc.stdout.decode().strip().splitlines()[-1]))
     return result
-
-
-def machine_info(workdir: Path) -> dict:
-    def sh(cmd: list[str]) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
-        except OSError as e:
-            return f"unavailable: {e}"
-
-    meminfo = {}
-    with open("/proc/meminfo", encoding="ascii") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            meminfo[k] = v.strip()
-    import numpy
-    import safetensors
-    import torch
-
-    cpu_model = ""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "nproc": sh(["nproc"]),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "mem_total": meminfo.get("MemTotal"),
-        "mem_available_at_start": meminfo.get("MemAvailable"),
-        "uname": sh(["uname", "-a"]),
-        "python": sys.version,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "safetensors": safetensors.__version__,
-        "cp": sh(["cp", "--version"]).splitlines()[0] if shutil.which("cp") else None,
-        "df_T_workdir": sh(["df", "-T", str(workdir)]),
-        "has_copy_file_range": hasattr(os, "copy_file_range"),
-        "platform": platform.platform(),
-    }
 
 
 def mem_available_bytes() -> int:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 INDEX_NAME = "model.safetensors.index.json"
+GATHER_WINDOW_BYTES = 64 * 1024 * 1024
 SINGLE_NAME = "model.safetensors"
 
 
@@ -173,12 +174,23 @@ class Checkpoint:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= info.rows):
             raise IndexError(f"row index outside {name} with {info.rows} rows")
-        matrix = np.frombuffer(self.raw_bytes(name), dtype=np.uint8).reshape(info.rows, info.row_bytes)
-        # Fancy indexing copies, faulting in only the pages of the rows asked for.
-        gathered = _to_tensor(matrix[rows], info, rows.size)
-        del matrix
-        self._release(name, 0, info.rows)
-        return gathered
+        gathered = np.empty((rows.size, info.row_bytes), dtype=np.uint8)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        # Walk the tensor in windows of at most GATHER_WINDOW_BYTES, dropping each window's mapped
+        # pages once its rows are copied out, so a 2 GB embedding never counts whole in our RSS.
+        window_rows = max(1, GATHER_WINDOW_BYTES // max(1, info.row_bytes))
+        start = 0
+        while start < sorted_rows.size:
+            first = int(sorted_rows[start])
+            last = min(info.rows, first + window_rows)
+            stop = int(np.searchsorted(sorted_rows, last, side="left"))
+            window = np.frombuffer(self.raw_bytes(name, first, last), dtype=np.uint8).reshape(last - first, info.row_bytes)
+            gathered[order[start:stop]] = window[sorted_rows[start:stop] - first]
+            del window
+            self._release(name, first, last)
+            start = stop
+        return _to_tensor(gathered, info, rows.size)
 
     def _release(self, name: str, start_row: int, stop_row: int) -> None:
         """Drop mapped pages of rows already copied out, so they stop counting as our memory.

@@ -10,18 +10,27 @@ import torch.nn.functional as F
 
 
 def combine_top_k(source_rows: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """out[r] = sum_j weights[r, j] * source_rows[positions[r, j]], accumulated in fp32."""
+    """out[r] = sum_j weights[r, j] * source_rows[positions[r, j]], accumulated in fp32.
+
+    Only the distinct source rows this block uses are converted to fp32.
+    """
     if positions.shape[0] == 0:
         return torch.empty((0, source_rows.shape[1]), dtype=out_dtype)
+    used, local = torch.unique(positions, return_inverse=True)
     mixed = F.embedding_bag(
-        positions,
-        source_rows.to(torch.float32),
+        local.reshape(positions.shape),
+        source_rows[used].to(torch.float32),
         mode="sum",
         per_sample_weights=weights.to(torch.float32),
     )
     return mixed.to(out_dtype)
 
 
-def combine_dense(source_rows: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """out = weights @ source_rows over the whole overlap, accumulated in fp32."""
-    return (weights.to(torch.float32) @ source_rows.to(torch.float32)).to(out_dtype)
+def combine_dense(source_rows: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype, chunk_rows: int = 4096) -> torch.Tensor:
+    """out = weights @ source_rows over the whole overlap, accumulated in fp32, a chunk of rows at a time."""
+    out = torch.zeros((weights.shape[0], source_rows.shape[1]), dtype=torch.float32)
+    weights = weights.to(torch.float32)
+    for start in range(0, source_rows.shape[0], chunk_rows):
+        stop = min(start + chunk_rows, source_rows.shape[0])
+        out.addmm_(weights[:, start:stop], source_rows[start:stop].to(torch.float32))
+    return out.to(out_dtype)

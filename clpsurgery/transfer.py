@@ -26,12 +26,13 @@ from .model_config import target_config, target_generation_config
 from .neighbours import Neighbours, dense_similarities, normalise_rows, search_top_k
 from .output_folder import MANIFEST_NAME, staged_output
 from .plan import TransferPlan
-from .safetensors_header import DTYPE_SIZES, TensorSpec
+from .safetensors_header import TensorSpec
 from .vocabulary import TOKENIZER_FILES
 from .weights import WeightStats, mixing_weights
 from .writer import ComputedTensor, CopiedTensor, PlannedTensor, WriteStats, copy_whole_file, row_blocks, write_file, write_index
 
 ProgressFactory = Callable[[str, int], "contextmanager"]
+DENSE_CHUNK_ROWS = 4096  # overlap rows converted to fp32 at a time in the dense combine
 
 
 @contextmanager
@@ -100,23 +101,48 @@ def find_mixing(plan: TransferPlan, progress: ProgressFactory, result: TransferR
 
 
 def block_rows_for(plan: TransferPlan, row_width: int) -> int:
-    """Target rows per block so the block's fp32 working set stays within the budget."""
-    per_row = 4 * (row_width * 3 + (plan.overlap.count * 3 if plan.options.top_k is None else plan.k * 4))
-    return max(1, min(plan.target_size, plan.options.working_bytes // per_row))
+    """Target rows per block so that one block's fp32 working set stays within the budget.
+
+    Top-k: the block, plus up to k distinct source rows per mixed row in fp32. Dense: the block,
+    its similarities and weights against the whole overlap, and one fp32 chunk of source rows.
+    """
+    if plan.options.top_k is None:
+        per_row = 4 * (row_width * 2 + plan.overlap.count * 3)
+        fixed = 4 * DENSE_CHUNK_ROWS * row_width
+    else:
+        per_row = 4 * (row_width * 2 + plan.k * (row_width + 4))
+        fixed = 0
+    return max(1, min(plan.target_size, (plan.options.working_bytes - fixed) // per_row))
 
 
-def rebuilt_rows(
-    plan: TransferPlan,
-    mixing: Mixing,
-    source_overlap_rows: torch.Tensor,
-    record: bool,
-) -> Iterator[torch.Tensor]:
-    """Row blocks of one rebuilt tensor: overlap rows copied, the others mixed, in row order."""
+class StageClock:
+    """Seconds per stage, where stages may be timed in pieces (reads and combines inside writing)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def rebuilt_rows(plan: TransferPlan, mixing: Mixing, name: str, record: bool, clock: StageClock) -> Iterator[torch.Tensor]:
+    """Row blocks of one rebuilt tensor: overlap rows copied, the others mixed, in row order.
+
+    The source rows of the overlap are read when the first block is asked for and dropped after
+    the last, so only one rebuilt tensor's rows are held at a time.
+    """
     overlap = plan.overlap
+    with clock.stage("read"):
+        source_overlap_rows = plan.source.gather_rows(name, overlap.source_ids)
+        _check_finite(plan, name, source_overlap_rows)
     dtype = source_overlap_rows.dtype
     row_shape = tuple(source_overlap_rows.shape[1:])
     source_2d = source_overlap_rows.reshape(source_overlap_rows.shape[0], -1)
-    source_f32 = source_2d.to(torch.float32)
     width = source_2d.shape[1]
     overlap_position = np.full(plan.target_size, -1, dtype=np.int64)
     overlap_position[overlap.target_ids] = np.arange(overlap.count)
@@ -130,11 +156,12 @@ def rebuilt_rows(
         mixed = missing_position[start:stop]
         if (mixed >= 0).any():
             first, last = int(mixed[mixed >= 0][0]), int(mixed[mixed >= 0][-1]) + 1
-            positions, weights = mixing.rows(first, last, record)
-            if positions is None:
-                rows = combine_dense(source_f32, weights, dtype)
-            else:
-                rows = combine_top_k(source_f32, positions, weights, dtype)
+            with clock.stage("combine"):
+                positions, weights = mixing.rows(first, last, record)
+                if positions is None:
+                    rows = combine_dense(source_2d, weights, dtype, DENSE_CHUNK_ROWS)
+                else:
+                    rows = combine_top_k(source_2d, positions, weights, dtype)
             block[~is_copied] = rows
         yield block.reshape(stop - start, *row_shape)
 
@@ -189,31 +216,19 @@ def _output_bytes(plan: TransferPlan) -> int:
 def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: ProgressFactory = no_progress, command: list[str] | None = None) -> TransferResult:
     """Write the target model into OUT (built beside it and renamed in when complete)."""
     result = TransferResult()
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        result.stage_seconds[stage] = result.stage_seconds.get(stage, 0.0) + now - clock
-        clock = now
-
-    mixing = find_mixing(plan, progress, result)
-    lap("search")
-    source_rows = {}
-    for name in plan.source_tensors.names:
-        rows = plan.source.gather_rows(name, plan.overlap.source_ids)
-        _check_finite(plan, name, rows)
-        source_rows[name] = rows
-    lap("read")
+    clock = StageClock()
+    with clock.stage("search"):
+        mixing = find_mixing(plan, progress, result)
 
     with staged_output(out, force) as staging, progress("combine, copy and write", _output_bytes(plan)) as advance:
         result.write_stats.on_bytes = advance
 
         def make_producer(name: str) -> Callable[[], Iterator[torch.Tensor]]:
             record = name == plan.source_tensors.embedding
-            return lambda: rebuilt_rows(plan, mixing, source_rows[name], record)
+            return lambda: rebuilt_rows(plan, mixing, name, record, clock)
 
         weight_map = {}
+        write_started = time.perf_counter()
         for out_name, planned, header in planned_shards(plan, make_producer):
             target = staging / out_name
             if planned is None:
@@ -223,15 +238,17 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
             for name in header.tensors:
                 weight_map[name] = out_name
             result.files.append(out_name)
-        lap("write")
+        inside = clock.seconds.get("read", 0.0) + clock.seconds.get("combine", 0.0)
+        clock.seconds["write"] = time.perf_counter() - write_started - inside
         result.weight_stats = mixing.stats
         if plan.source.is_sharded:
             total = _tensor_bytes(plan)
             extra = {k: v for k, v in (plan.source.index or {}).get("metadata", {}).items()}
             write_index(staging, weight_map, total, extra)
             result.files.append("model.safetensors.index.json")
-        _write_side_files(plan, staging, result)
-        lap("side files")
+        with clock.stage("side files"):
+            _write_side_files(plan, staging, result)
+        result.stage_seconds = clock.seconds
         _write_manifest(plan, staging, result, command)
     return result
 
