@@ -87,7 +87,7 @@ class Checkpoint:
 
     @classmethod
     def _open_index(cls, root: Path, index_path: Path) -> Checkpoint:
-        index = read_json_file(index_path, "index")
+        index = read_json_file(index_path, "index", unique_keys=True)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise SurgeryError(index_path, "has no weight_map object")

@@ -1,4 +1,4 @@
-"""The `clpsurgery` command: init, inspect and demo.
+"""The `clpsurgery` command: init, inspect, verify and demo.
 
 Bad input ends with one line on stderr, `error: PLACE: PROBLEM`, and exit code 1; `--debug`
 shows the traceback instead.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ from pathlib import Path
 import click
 
 from .errors import SurgeryError
-from .options import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_WEIGHTING, DEFAULT_WORKING_BYTES, SCHEMES, TransferOptions
+from .options import DEFAULT_MATCH, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_WEIGHTING, MATCH_RULES, SCHEMES, TransferOptions
 
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
@@ -103,10 +104,12 @@ def cli() -> None:
 @click.option("--source-config", type=click.Path(), help="The source's config.json (default: beside SOURCE).")
 @click.option("--embedding-tensor", help="Name of the source's input-embedding tensor, if not found by itself.")
 @click.option("--head-tensor", help="Name of the source's untied output-head tensor, if not found by itself.")
-@click.option("--max-memory", "working_bytes", type=ByteSize(), default=DEFAULT_WORKING_BYTES, show_default=True, help="Working-set budget for a block of rebuilt rows.")
+@click.option("--head-bias-tensor", help="Name of the source's vocab-sized head bias, if not found by itself.")
+@click.option("--match", type=click.Choice(MATCH_RULES), default=DEFAULT_MATCH, show_default=True, help="Token overlap: identical strings (the paper), or identical meaning across tokenizer families.")
+@click.option("--max-memory", "max_memory", type=ByteSize(), default="1GiB", show_default=True, help="Budget for tensors and buffers: row blocks, search chunks, copy buffers.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is a previous clpsurgery output.")
 @common_options
-def init_command(source: Path, helper: Path, out: Path, top_k, weighting, temperature, source_tokenizer, source_config, embedding_tensor, head_tensor, working_bytes, force, quiet) -> None:
+def init_command(source: Path, helper: Path, out: Path, top_k, weighting, temperature, source_tokenizer, source_config, embedding_tensor, head_tensor, head_bias_tensor, match, max_memory, force, quiet) -> None:
     """Write OUT: SOURCE's weights with embeddings rebuilt for HELPER's tokenizer.
 
     SOURCE is a .safetensors file or a model folder; HELPER is a model folder that already speaks
@@ -115,14 +118,19 @@ def init_command(source: Path, helper: Path, out: Path, top_k, weighting, temper
     from .plan import make_plan
     from .transfer import run_transfer
 
-    _check_out_apart(out, source, helper)
+    from .output_folder import check_out_path
+
+    _check_out_apart(out, source, helper, source_tokenizer, source_config)
+    check_out_path(out, force)  # before any slow work; checked again when OUT is written
     options = TransferOptions(
         top_k=top_k,
         weighting=weighting,
         temperature=temperature,
-        working_bytes=working_bytes,
+        max_memory=max_memory,
         embedding_tensor=embedding_tensor,
         head_tensor=head_tensor,
+        head_bias_tensor=head_bias_tensor,
+        match=match,
     )
     plan = make_plan(source, helper, options, source_tokenizer, source_config)
     summary = plan.summary()
@@ -145,8 +153,9 @@ def init_command(source: Path, helper: Path, out: Path, top_k, weighting, temper
         )
 
 
-def _check_out_apart(out: Path, source: Path, helper: Path) -> None:
-    """OUT must not be SOURCE or HELPER, nor lie inside either."""
+def _check_out_apart(out: Path, source: Path, helper: Path, source_tokenizer: str | None = None, source_config: str | None = None) -> None:
+    """OUT must not be SOURCE or HELPER, nor lie inside either; nor may any input lie inside OUT
+    (replacing OUT with --force would delete it)."""
     resolved = out.resolve()
     for role, place in (("SOURCE", source), ("HELPER", helper)):
         folder = place.resolve() if place.is_dir() else place.resolve().parent if place.is_file() else None
@@ -154,18 +163,56 @@ def _check_out_apart(out: Path, source: Path, helper: Path) -> None:
             continue
         if resolved == place.resolve() or (place.is_dir() and folder in (resolved, *resolved.parents)):
             raise SurgeryError(out, f"is {role} or inside it; choose an output folder elsewhere")
+    inputs = (("SOURCE", source), ("HELPER", helper), ("--source-tokenizer", source_tokenizer), ("--source-config", source_config))
+    for role, place in inputs:
+        if place is not None and resolved in Path(place).resolve().parents:
+            raise SurgeryError(out, f"holds {role} ({place}); choose an output folder elsewhere")
 
 
 @cli.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--against", "helper", type=click.Path(path_type=Path), help="A helper folder: print what init PATH HELPER would do, writing nothing.")
+@click.option("--match", type=click.Choice(MATCH_RULES), default=DEFAULT_MATCH, show_default=True, help="With --against: the match rule init would use.")
+@click.option("--top-k", "top_k", type=TopK(), default=DEFAULT_TOP_K, show_default=True, help="With --against: neighbours per new token.")
+@click.option("--source-tokenizer", type=click.Path(), help="With --against: the source's tokenizer (default: beside PATH).")
+@click.option("--source-config", type=click.Path(), help="With --against: the source's config.json (default: beside PATH).")
+@click.option("--embedding-tensor", help="With --against: the source's input-embedding tensor.")
+@click.option("--head-tensor", help="With --against: the source's untied output-head tensor.")
+@click.option("--head-bias-tensor", help="With --against: the source's vocab-sized head bias.")
 @common_options
-def inspect_command(path: Path, as_json: bool, quiet: bool) -> None:
-    """What is in a checkpoint (headers only), and what init did to it."""
-    from .inspection import format_report, inspect_checkpoint
+def inspect_command(path: Path, as_json: bool, helper, match, top_k, source_tokenizer, source_config, embedding_tensor, head_tensor, head_bias_tensor, quiet: bool) -> None:
+    """What is in a checkpoint (headers only), and what init did to it; with --against HELPER,
+    what init would do (overlap, special tokens, tensors, bytes, memory) before anything is written."""
+    from .inspection import format_report, format_transfer_report, inspect_checkpoint, inspect_transfer
 
+    if helper is not None:
+        options = TransferOptions(top_k=top_k, match=match, embedding_tensor=embedding_tensor, head_tensor=head_tensor, head_bias_tensor=head_bias_tensor)
+        report = inspect_transfer(path, helper, options, source_tokenizer, source_config)
+        click.echo(json.dumps(report, indent=2, ensure_ascii=False) if as_json else format_transfer_report(report))
+        return
     report = inspect_checkpoint(path)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@cli.command("verify")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--source", type=click.Path(path_type=Path), help="Also check unchanged tensors and overlap rows against this source checkpoint.")
+@common_options
+def verify_command(out: Path, source: Path | None, quiet: bool) -> None:
+    """Check an init output: file hashes, shapes, finite rows; with --source, the copies too.
+
+    Prints one PASS/FAIL line per check; the exit code is 0 when every check passes, 1 otherwise.
+    """
+    from .verify import verify_output
+
+    checks = verify_output(out, source, progress=progress_factory(quiet), echo=lambda line: click.echo(line))
+    failed = [c for c in checks if c.ok is False]
+    skipped = sum(1 for c in checks if c.ok is None)
+    summary = f"{len(checks) - len(failed) - skipped} passed, {len(failed)} failed" + (f", {skipped} skipped" if skipped else "")
+    click.echo(f"{'FAIL' if failed else 'PASS'}  {out}: {summary}")
+    if failed:
+        sys.exit(EXIT_FAILURE)
 
 
 @cli.command("demo")
@@ -181,12 +228,31 @@ def demo_command(workdir: Path, force: bool, quiet: bool) -> None:
     click.echo(format_report(inspect_checkpoint(out)))
 
 
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (kill, timeout, a job scheduler) cleans up as Ctrl-C does, then exits 130."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the command, turning errors into one line and an exit code."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="clpsurgery", standalone_mode=False)
+        with _sigterm_interrupts():
+            cli.main(args=args, prog_name="clpsurgery", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:

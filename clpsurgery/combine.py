@@ -12,14 +12,18 @@ import torch.nn.functional as F
 def combine_top_k(source_rows: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """out[r] = sum_j weights[r, j] * source_rows[positions[r, j]], accumulated in fp32.
 
-    Only the distinct source rows this block uses are converted to fp32.
+    Source rows not already in fp32 are converted for this block only, the distinct ones it uses.
     """
     if positions.shape[0] == 0:
         return torch.empty((0, source_rows.shape[1]), dtype=out_dtype)
-    used, local = torch.unique(positions, return_inverse=True)
+    if source_rows.dtype == torch.float32:
+        rows32, local = source_rows, positions
+    else:
+        used, local = torch.unique(positions, return_inverse=True)
+        rows32, local = source_rows[used].to(torch.float32), local.reshape(positions.shape)
     mixed = F.embedding_bag(
-        local.reshape(positions.shape),
-        source_rows[used].to(torch.float32),
+        local,
+        rows32,
         mode="sum",
         per_sample_weights=weights.to(torch.float32),
     )

@@ -129,3 +129,113 @@ def format_report(report: dict) -> str:
         lines.append(f"  rebuilt    {', '.join(manifest['tensors']['rebuilt'])}")
         lines.append("  seconds    " + ", ".join(f"{k} {s:.2f}" for k, s in manifest["seconds"].items()))
     return "\n".join(lines)
+
+
+# --- inspect SOURCE --against HELPER: the plan of an init, before anything is written ------------
+
+EXAMPLES = 5
+
+
+def _overlap_section(plan, match: str) -> dict:
+    from .vocabulary import match_overlap
+
+    source_rows = plan.source.info(plan.source_tensors.embedding).shape[0]
+    overlap = plan.overlap if plan.overlap.match == match else match_overlap(plan.source_vocab, plan.target_vocab, source_rows, match)
+    source_tokens, target_tokens = plan.source_vocab.id_to_token(), plan.target_vocab.id_to_token()
+    def spread(items: list) -> list:
+        """A few evenly spaced items (the first ids are mostly bytes and specials)."""
+        step = max(1, len(items) // EXAMPLES)
+        return items[step // 2 :: step][:EXAMPLES]
+
+    examples: dict[str, list] = {"string": [], "canonical": []}
+    for t, s, kind in zip(overlap.target_ids.tolist(), overlap.source_ids.tolist(), overlap.kinds.tolist()):
+        key = ("role", "string", "canonical")[kind]
+        if key in examples and t not in plan.target_vocab.byte_ids:
+            examples[key].append([target_tokens[t], source_tokens[s]])
+    examples = {k: spread(v) for k, v in examples.items()}
+    missing = spread([target_tokens[i] for i in overlap.missing_ids.tolist() if i in target_tokens])
+    return {
+        "pairs": overlap.count,
+        "by_kind": overlap.counts(),
+        "missing": int(overlap.missing_ids.size),
+        "examples": {**examples, "missing": missing},
+    }
+
+
+def inspect_transfer(source: str | Path, helper: str | Path, options, source_tokenizer: str | None = None, source_config: str | None = None) -> dict:
+    """What `init SOURCE HELPER` would do with these options: overlap under each match rule,
+    the special-token mapping, and the tensors, bytes and memory it would write and use."""
+    from .plan import make_plan
+    from .vocabulary import special_mapping
+
+    plan = make_plan(source, helper, options, source_tokenizer, source_config)
+    try:
+        summary = plan.summary()
+        report = {
+            "source": str(plan.source_path),
+            "helper": str(plan.helper_path),
+            "source_tensors": {
+                "family": plan.source_tensors.family,
+                "embedding": plan.source_tensors.embedding,
+                "head": plan.source_tensors.head,
+                "head_bias": plan.source_tensors.head_bias,
+                "copies": list(plan.source_tensors.copies),
+                "tied": plan.source_tensors.tied,
+            },
+            "helper_embedding": summary["helper_embedding"],
+            "tokenizers": {
+                role: {"path": str(v.path), "format": v.format, "style": v.style, "tokens": len(v.token_to_id), "id_space": v.size, "roles": v.roles}
+                for role, v in (("source", plan.source_vocab), ("target", plan.target_vocab))
+            },
+            "match": options.match,
+            "overlap": {rule: _overlap_section(plan, rule) for rule in ("exact", "canonical")},
+            "special_tokens": special_mapping(plan.source_vocab, plan.target_vocab, plan.overlap),
+            "would_write": {
+                "rebuilt_tensors": summary["rebuilt_tensors"],
+                "bytes_to_compute": summary["bytes_to_compute"],
+                "bytes_to_copy": summary["bytes_to_copy"],
+                "neighbours_per_token": summary["neighbours_per_token"],
+                "weighting": options.weighting,
+                "vocab_size": summary.get("output_vocab_size", summary["target_vocab_size"]),
+            },
+        }
+        if "memory_estimate" in summary:
+            estimate = summary["memory_estimate"]
+            report["would_write"]["memory_estimate"] = estimate
+            report["would_write"]["peak_memory_estimate"] = max(estimate.values()) if estimate else None
+        return report
+    finally:
+        plan.source.close()
+        plan.helper.close()
+
+
+def format_transfer_report(report: dict) -> str:
+    t = report["source_tensors"]
+    lines = [f"source       {report['source']}  ({t['family'] or 'family by tensor names'})"]
+    lines.append(f"helper       {report['helper']}  (embedding {report['helper_embedding']['name']} {report['helper_embedding']['shape']})")
+    head = f"{t['head']} (untied)" if t["head"] else "tied to the embedding"
+    lines.append(f"tensors      embedding {t['embedding']}, head {head}" + (f", bias {t['head_bias']}" if t["head_bias"] else "") + (f", copies {', '.join(t['copies'])}" if t["copies"] else ""))
+    for role, v in report["tokenizers"].items():
+        lines.append(f"{role:<12} {v['format']} {v['style']}, {v['tokens']} tokens, ids 0..{v['id_space'] - 1}  roles {v['roles']}")
+    for rule, o in report["overlap"].items():
+        chosen = "  <- --match" if rule == report["match"] else ""
+        kinds = ", ".join(f"{k} {n}" for k, n in o["by_kind"].items())
+        lines.append(f"overlap      {rule:<9} {o['pairs']} pairs ({kinds}), {o['missing']} to combine{chosen}")
+        for kind in ("string", "canonical"):
+            if o["examples"][kind]:
+                lines.append(f"  {kind:<10} " + ", ".join(f"{a!r}<-{b!r}" for a, b in o["examples"][kind]))
+        if o["examples"]["missing"]:
+            lines.append("  missing    " + ", ".join(repr(m) for m in o["examples"]["missing"]))
+    specials = ", ".join(
+        f"{row['target']}({row['role'] or '-'})<-{row['source'] if row['source'] is not None else 'combined'}" for row in report["special_tokens"]
+    )
+    lines.append(f"special      {specials or 'none'}")
+    w = report["would_write"]
+    for name, shape in w["rebuilt_tensors"].items():
+        lines.append(f"rebuild      {name}  {shape}")
+    lines.append(f"bytes        {format_bytes(w['bytes_to_compute'])} to compute, {format_bytes(w['bytes_to_copy'])} to copy; vocab_size {w['vocab_size']}")
+    lines.append(f"weighting    {w['weighting']}, {w['neighbours_per_token']} neighbours per new token")
+    if w.get("peak_memory_estimate") is not None:
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in w["memory_estimate"].items())
+        lines.append(f"memory       about {format_bytes(w['peak_memory_estimate'])} at peak ({parts}) plus row blocks")
+    return "\n".join(lines)

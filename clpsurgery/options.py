@@ -7,10 +7,16 @@ from dataclasses import dataclass
 from .errors import SurgeryError
 
 SCHEMES = ("clp", "clp-clipped", "softmax", "sparsemax")
+MATCH_RULES = ("exact", "canonical")
+DEFAULT_MATCH = "exact"
 DEFAULT_TEMPERATURE = 0.1  # WECHSEL's tau
-DEFAULT_TOP_K = 10
-DEFAULT_WEIGHTING = "clp-clipped"
-DEFAULT_WORKING_BYTES = 256 * 1024 * 1024
+# Chosen by benchmarks/choose_defaults (held-out reconstruction of real embeddings): softmax over
+# 50 neighbours at WECHSEL's temperature ties for best; see the README.
+DEFAULT_TOP_K = 50
+DEFAULT_WEIGHTING = "softmax"
+# Peak memory of a run, tensors and buffers (the Python runtime, torch and FAISS come on top, about
+# 0.25 GiB): a 7B conversion fits a laptop-class machine with room to spare.
+DEFAULT_MAX_MEMORY = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -20,9 +26,12 @@ class TransferOptions:
     top_k: int | None = DEFAULT_TOP_K
     weighting: str = DEFAULT_WEIGHTING
     temperature: float = DEFAULT_TEMPERATURE
-    working_bytes: int = DEFAULT_WORKING_BYTES
+    max_memory: int = DEFAULT_MAX_MEMORY
     embedding_tensor: str | None = None
     head_tensor: str | None = None
+    head_bias_tensor: str | None = None
+    match: str = DEFAULT_MATCH
+    pad_vocab_to_multiple: int | None = None
 
     def __post_init__(self) -> None:
         if self.weighting not in SCHEMES:
@@ -31,15 +40,22 @@ class TransferOptions:
             raise SurgeryError("--top-k", f"must be a positive integer or 'all', not {self.top_k}")
         if not self.temperature > 0:
             raise SurgeryError("--temperature", f"must be positive, not {self.temperature}")
+        if self.match not in MATCH_RULES:
+            raise SurgeryError("--match", f"unknown rule {self.match!r}; choose from {', '.join(MATCH_RULES)}")
+        if self.pad_vocab_to_multiple is not None and self.pad_vocab_to_multiple < 1:
+            raise SurgeryError("--pad-vocab-to-multiple", f"must be a positive integer, not {self.pad_vocab_to_multiple}")
 
     def as_dict(self) -> dict:
         return {
             "top_k": "all" if self.top_k is None else self.top_k,
             "weighting": self.weighting,
             "temperature": self.temperature,
-            "working_bytes": self.working_bytes,
+            "max_memory": self.max_memory,
             "embedding_tensor": self.embedding_tensor,
             "head_tensor": self.head_tensor,
+            "head_bias_tensor": self.head_bias_tensor,
+            "match": self.match,
+            "pad_vocab_to_multiple": self.pad_vocab_to_multiple,
         }
 
 

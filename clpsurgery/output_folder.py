@@ -1,7 +1,16 @@
-"""Build an output folder beside its final place and rename it in only when it is complete."""
+"""Build an output folder beside its final place and rename it in only when it is complete.
+
+The folder is built as `.OUT.clpsurgery-partial-PID` beside OUT and renamed to OUT as the very
+last step, so OUT never exists half-written. A run that fails or is interrupted removes its
+partial folder; one that is killed (SIGKILL, power loss) leaves it, and the next run for the same
+OUT removes it once that PID is gone. `--force` replaces only a previous clpsurgery output: a
+folder whose files are exactly those its `clpsurgery.json` lists.
+"""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -27,17 +36,50 @@ def check_out_path(out: Path, force: bool) -> None:
         raise SurgeryError(out, "already exists; pass --force to replace a previous clpsurgery output")
     if out.is_symlink() or not out.is_dir() or not (out / MANIFEST_NAME).is_file():
         raise SurgeryError(out, f"exists and is not a clpsurgery output (no {MANIFEST_NAME}); refusing to replace it")
+    stray = _files_not_in_manifest(out)
+    if stray:
+        raise SurgeryError(
+            out,
+            f"holds {stray!r}, which its {MANIFEST_NAME} does not list; --force replaces only what clpsurgery "
+            "wrote, so move that away first",
+        )
+
+
+def _files_not_in_manifest(out: Path) -> str | None:
+    """The first entry of a previous output folder that clpsurgery did not write there, if any."""
+    try:
+        manifest = json.loads((out / MANIFEST_NAME).read_bytes())
+        listed = {entry["file"] for entry in manifest["outputs"]} | {MANIFEST_NAME}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SurgeryError(out / MANIFEST_NAME, f"cannot be read as a clpsurgery manifest ({type(e).__name__}); refusing to replace {out.name}") from e
+    try:
+        entries = sorted(os.listdir(out))
+    except OSError as e:
+        raise SurgeryError(out, f"cannot list: {e.strerror or e}") from e
+    for name in entries:
+        if name not in listed or (out / name).is_symlink() or not (out / name).is_file():
+            return name
+    return None
 
 
 def remove_stale_partials(out: Path) -> list[Path]:
-    """Remove temporary folders left beside OUT by runs that were killed (their process is gone)."""
+    """Remove temporary folders left beside OUT by runs that were killed (their process is gone).
+
+    A previous output set aside by a `--force` run killed between its two renames is put back
+    as OUT rather than removed: OUT is left as it was before that run.
+    """
     removed = []
     if not out.parent.is_dir():
         return removed
-    for tag in (PARTIAL_TAG, OLD_TAG):
-        for candidate in out.parent.glob(f".{out.name}{tag}*"):
+    for tag in (OLD_TAG, PARTIAL_TAG):
+        for candidate in sorted(out.parent.glob(f".{out.name}{tag}*")):
             pid_text = candidate.name.rsplit(tag, 1)[-1]
-            if pid_text.isdigit() and int(pid_text) != os.getpid() and _process_alive(int(pid_text)):
+            if not pid_text.isdigit() or candidate.is_symlink() or not candidate.is_dir():
+                continue  # not a name this module makes: leave it alone
+            if int(pid_text) != os.getpid() and _process_alive(int(pid_text)):
+                continue
+            if tag == OLD_TAG and not out.exists() and not out.is_symlink():
+                os.rename(candidate, out)
                 continue
             shutil.rmtree(candidate, ignore_errors=True)
             removed.append(candidate)
@@ -65,6 +107,7 @@ def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
     except OSError as e:
         raise SurgeryError(parent, f"cannot create the output's parent folder: {e.strerror or e}") from e
     remove_stale_partials(out)
+    check_out_path(out, force)  # again: a stale partial may have put a previous output back
     staging = partial_folder(out)
     try:
         staging.mkdir()
@@ -82,9 +125,37 @@ def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
         else:
             os.rename(staging, out)
         _fsync_dir(parent)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        error = _write_error(e, out, staging)
+        if error is e:
+            raise
+        raise error from e
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _write_error(e: OSError, out: Path, staging: Path) -> Exception:
+    """An OSError met while building OUT, as one line naming the output file and the problem.
+
+    Errors naming an input file pass through unchanged (they are about the input).
+    """
+    name = Path(os.fsdecode(e.filename)) if e.filename is not None else None
+    if name is not None and staging not in (name, *name.parents):
+        return e
+    place = out / name.relative_to(staging) if name is not None else out
+    what = e.strerror or str(e)
+    if e.errno in DISK_FULL:
+        problem = f"the disk is full ({what}) while writing the output; the partial output was removed"
+    else:
+        problem = f"cannot write the output ({what}); the partial output was removed"
+    if out.exists():
+        problem += f" and {out.name} was left as it was"
+    return SurgeryError(place, problem)
 
 
 def _fsync_dir(path: Path) -> None:

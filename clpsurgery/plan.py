@@ -10,12 +10,20 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .architecture import VocabTensors, find_vocab_tensors, read_config
-from .checkpoint import Checkpoint
+from .architecture import FAMILY_BY_MODEL_TYPE, VocabTensors, config_model_type, find_vocab_tensors, read_config
+from .checkpoint import GATHER_WINDOW_BYTES, Checkpoint
 from .errors import SurgeryError
 from .safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
-from .vocabulary import Overlap, Vocabulary, exact_overlap, load_vocabulary
+from .vocabulary import Overlap, Vocabulary, find_tokenizer_file, load_vocabulary, match_overlap
 from .options import TransferOptions
+from .writer import COPY_BUFFER_BYTES
+
+MIN_BLOCK_BYTES = 16 * 1024 * 1024
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
 
 @dataclass(frozen=True)
 class TransferPlan:
@@ -53,6 +61,42 @@ class TransferPlan:
         """Neighbours per missing token (the whole overlap in the dense form)."""
         return self.overlap.count if self.options.top_k is None else min(self.options.top_k, self.overlap.count)
 
+    def memory_estimate(self) -> dict[str, int]:
+        """Bytes held at once by each part of the run, besides the row blocks.
+
+        The largest of the search stage (helper vectors, FAISS index, neighbour lists) and the
+        write stage (one rebuilt tensor's overlap rows, a gather window, a copy buffer), since
+        the helper vectors are dropped before writing starts, but the neighbour lists are not.
+        """
+        target, overlap, missing = self.target_size, self.overlap.count, int(self.overlap.missing_ids.size)
+        helper_width = self.helper_hidden_size
+        helper_bytes = DTYPE_SIZES[self.helper.info(self.helper_embedding).dtype]
+        neighbour_lists = 0 if self.options.top_k is None else missing * self.k * (8 + 4 + 4 + 8)
+        dense_vectors = target * helper_width * 4 if self.options.top_k is None else 0
+        search = target * helper_width * (helper_bytes + 4 + 4) + overlap * helper_width * 4 + neighbour_lists
+        widest = max(self.source.info(n).row_bytes for n in self.source_tensors.names)
+        largest = max(ref.info.nbytes for ref in self.source.tensors.values())
+        gather_window = min(GATHER_WINDOW_BYTES, max(self.source.info(n).nbytes for n in self.source_tensors.names))
+        copy_buffer = min(COPY_BUFFER_BYTES, largest)
+        write = overlap * widest + gather_window + copy_buffer + neighbour_lists + dense_vectors
+        return {"search": search, "write": write}
+
+    @property
+    def block_budget(self) -> int:
+        """What --max-memory leaves for a block of rebuilt rows once the write stage's fixed costs are paid."""
+        return self.options.max_memory - self.memory_estimate()["write"]
+
+    def check_memory(self) -> None:
+        """Refuse a run that cannot fit --max-memory, before anything is written."""
+        estimate = self.memory_estimate()
+        need = max(estimate["search"], estimate["write"] + MIN_BLOCK_BYTES)
+        if need > self.options.max_memory:
+            raise SurgeryError(
+                "--max-memory",
+                f"{_mib(self.options.max_memory)} cannot hold this transfer: it needs about {_mib(need)} "
+                f"(search {_mib(estimate['search'])}, write {_mib(estimate['write'])} plus row blocks)",
+            )
+
     def summary(self) -> dict:
         """The plan as plain data, for `inspect` and the manifest."""
         emb = self.source.info(self.source_tensors.embedding)
@@ -79,6 +123,7 @@ class TransferPlan:
             "bytes_to_compute": rebuilt_bytes,
             "bytes_to_copy": untouched,
             "neighbours_per_token": self.k,
+            "memory_estimate": self.memory_estimate(),
         }
 
 
@@ -94,6 +139,26 @@ def find_source_file(path: Path, explicit: str | None, name: str, option: str) -
     return candidate
 
 
+def find_source_tokenizer(path: Path, explicit: str | None) -> Path:
+    """The source's tokenizer: named by --source-tokenizer (a file or folder), or beside SOURCE."""
+    if explicit:
+        return Path(explicit)
+    folder = path if path.is_dir() else path.parent
+    if find_tokenizer_file(folder) is None:
+        raise SurgeryError(folder / "tokenizer.json", "not found; name the source's tokenizer with --source-tokenizer")
+    return folder
+
+
+def find_helper_embedding(shapes: dict[str, tuple[int, ...]], place: str, config: dict | None) -> VocabTensors:
+    """The helper's input embedding: only that is read, so an unknown model type is searched by name."""
+    try:
+        return find_vocab_tensors(shapes, place, config=config)
+    except SurgeryError:
+        if config is None or config_model_type(config) in FAMILY_BY_MODEL_TYPE:
+            raise
+        return find_vocab_tensors(shapes, place, config=None)
+
+
 def make_plan(
     source_path: str | Path,
     helper_path: str | Path,
@@ -103,13 +168,22 @@ def make_plan(
 ) -> TransferPlan:
     """Open and check both models, read both vocabularies and compute the overlap."""
     source_path, helper_path = Path(source_path), Path(helper_path)
+    if options.pad_vocab_to_multiple is not None:
+        raise SurgeryError("--pad-vocab-to-multiple", "is not built yet: the written vocab_size is the target tokenizer's id space")
     source = Checkpoint.open(source_path)
     if not helper_path.is_dir():
         raise SurgeryError(helper_path, "the helper must be a model folder (weights, tokenizer.json, config.json)")
     helper = Checkpoint.open(helper_path)
+    config_path = find_source_file(source_path, source_config, "config.json", "--source-config")
+    config = read_config(config_path)
+    generation_config_path = config_path.parent / "generation_config.json"
+    helper_config_path = helper_path / "config.json"
+    helper_config = read_config(helper_config_path) if helper_config_path.is_file() else None
     source_shapes = {n: r.info.shape for n, r in source.tensors.items()}
-    source_tensors = find_vocab_tensors(source_shapes, str(source_path), options.embedding_tensor, options.head_tensor)
-    helper_tensors = find_vocab_tensors({n: r.info.shape for n, r in helper.tensors.items()}, str(helper_path))
+    source_tensors = find_vocab_tensors(
+        source_shapes, str(source_path), options.embedding_tensor, options.head_tensor, options.head_bias_tensor, config
+    )
+    helper_tensors = find_helper_embedding({n: r.info.shape for n, r in helper.tensors.items()}, str(helper_path), helper_config)
     for name in source_tensors.names:
         dtype = source.info(name).dtype
         if dtype not in FLOAT_DTYPES or dtype.startswith("F8"):
@@ -118,14 +192,8 @@ def make_plan(
     if helper_dtype not in FLOAT_DTYPES:
         raise SurgeryError(helper_path, f"helper embedding {helper_tensors.embedding!r} is {helper_dtype}, not a float")
 
-    config_path = find_source_file(source_path, source_config, "config.json", "--source-config")
-    config = read_config(config_path)
-    generation_config_path = config_path.parent / "generation_config.json"
-    helper_config_path = helper_path / "config.json"
-    helper_config = read_config(helper_config_path) if helper_config_path.is_file() else None
-
-    source_vocab = load_vocabulary(find_source_file(source_path, source_tokenizer, "tokenizer.json", "--source-tokenizer"))
-    target_vocab = load_vocabulary(helper_path)
+    source_vocab = load_vocabulary(find_source_tokenizer(source_path, source_tokenizer), config)
+    target_vocab = load_vocabulary(helper_path, helper_config)
     source_rows = source.info(source_tensors.embedding).shape[0]
     if source_vocab.size > source_rows:
         raise SurgeryError(
@@ -146,10 +214,14 @@ def make_plan(
                 helper_path,
                 f"helper embedding width {helper_hidden} does not match hidden size {configured_hidden} in its config.json",
             )
-    overlap = exact_overlap(source_vocab, target_vocab, source_rows)
-    if overlap.count == 0:
-        raise SurgeryError(helper_path, "its tokenizer shares no token with the source's: nothing to transfer from")
-    return TransferPlan(
+    overlap = match_overlap(source_vocab, target_vocab, source_rows, options.match)
+    if overlap.count == overlap.counts().get("role", 0):
+        raise SurgeryError(
+            helper_path,
+            f"its tokenizer shares no token with the source's under --match {options.match} "
+            f"(special tokens aside): nothing to transfer from",
+        )
+    plan = TransferPlan(
         source_path=source_path,
         helper_path=helper_path,
         source=source,
@@ -165,3 +237,5 @@ def make_plan(
         helper_config=helper_config,
         options=options,
     )
+    plan.check_memory()
+    return plan

@@ -7,6 +7,7 @@ then the side files and the manifest. Time is recorded per stage.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -27,9 +28,24 @@ from .neighbours import Neighbours, dense_similarities, normalise_rows, search_t
 from .output_folder import MANIFEST_NAME, staged_output
 from .plan import TransferPlan
 from .safetensors_header import TensorSpec
+from .stage_hooks import reached
 from .vocabulary import TOKENIZER_FILES
 from .weights import WeightStats, mixing_weights
-from .writer import ComputedTensor, CopiedTensor, PlannedTensor, WriteStats, copy_whole_file, row_blocks, write_file, write_index
+from .writer import (
+    BackgroundCopier,
+    ComputedTensor,
+    CopiedTensor,
+    PlannedTensor,
+    WriteStats,
+    copy_tensors,
+    copy_whole_file,
+    finish_file,
+    lay_out,
+    row_blocks,
+    start_file,
+    write_computed,
+    write_index,
+)
 
 ProgressFactory = Callable[[str, int], "contextmanager"]
 DENSE_CHUNK_ROWS = 4096  # overlap rows converted to fp32 at a time in the dense combine
@@ -94,14 +110,15 @@ def find_mixing(plan: TransferPlan, progress: ProgressFactory, result: TransferR
     overlap_vectors = vectors[torch.from_numpy(overlap.target_ids)]
     missing_vectors = vectors[torch.from_numpy(overlap.missing_ids)]
     neighbours = None
+    reached("search")  # test hook (stage_hooks.py): a no-op unless CLPSURGERY_PAUSE_AT names it
     if plan.options.top_k is not None and overlap.missing_ids.size:
         with progress("neighbour search", int(overlap.missing_ids.size)) as advance:
             neighbours = search_top_k(overlap_vectors, missing_vectors, plan.k, on_chunk=advance)
     return Mixing(plan, overlap_vectors, missing_vectors, neighbours)
 
 
-def block_rows_for(plan: TransferPlan, row_width: int) -> int:
-    """Target rows per block so that one block's fp32 working set stays within the budget.
+def block_rows_for(plan: TransferPlan, row_width: int, budget: int) -> int:
+    """Target rows per block so that one block's fp32 working set stays within `budget` bytes.
 
     Top-k: the block, plus up to k distinct source rows per mixed row in fp32. Dense: the block,
     its similarities and weights against the whole overlap, and one fp32 chunk of source rows.
@@ -112,7 +129,7 @@ def block_rows_for(plan: TransferPlan, row_width: int) -> int:
     else:
         per_row = 4 * (row_width * 2 + plan.k * (row_width + 4))
         fixed = 0
-    return max(1, min(plan.target_size, (plan.options.working_bytes - fixed) // per_row))
+    return max(1, min(plan.target_size, (budget - fixed) // per_row))
 
 
 class StageClock:
@@ -144,11 +161,19 @@ def rebuilt_rows(plan: TransferPlan, mixing: Mixing, name: str, record: bool, cl
     row_shape = tuple(source_overlap_rows.shape[1:])
     source_2d = source_overlap_rows.reshape(source_overlap_rows.shape[0], -1)
     width = source_2d.shape[1]
+    budget = plan.block_budget
+    # The overlap rows in fp32 once, when that takes at most half the block budget: converting
+    # them per block costs more than the combine itself.
+    if source_2d.numel() * 4 <= budget // 2:
+        mixing_rows = source_2d.to(torch.float32)
+        budget -= mixing_rows.numel() * 4 if mixing_rows.dtype != source_2d.dtype else 0
+    else:
+        mixing_rows = source_2d
     overlap_position = np.full(plan.target_size, -1, dtype=np.int64)
     overlap_position[overlap.target_ids] = np.arange(overlap.count)
     missing_position = np.full(plan.target_size, -1, dtype=np.int64)
     missing_position[overlap.missing_ids] = np.arange(overlap.missing_ids.size)
-    for start, stop in row_blocks(plan.target_size, block_rows_for(plan, width)):
+    for start, stop in row_blocks(plan.target_size, block_rows_for(plan, width, budget)):
         block = torch.empty((stop - start, width), dtype=dtype)
         copied = overlap_position[start:stop]
         is_copied = torch.from_numpy(copied >= 0)
@@ -159,11 +184,12 @@ def rebuilt_rows(plan: TransferPlan, mixing: Mixing, name: str, record: bool, cl
             with clock.stage("combine"):
                 positions, weights = mixing.rows(first, last, record)
                 if positions is None:
-                    rows = combine_dense(source_2d, weights, dtype, DENSE_CHUNK_ROWS)
+                    rows = combine_dense(mixing_rows, weights, dtype, DENSE_CHUNK_ROWS)
                 else:
-                    rows = combine_top_k(source_2d, positions, weights, dtype)
+                    rows = combine_top_k(mixing_rows, positions, weights, dtype)
             block[~is_copied] = rows
         yield block.reshape(stop - start, *row_shape)
+        reached("combine")  # test hook
 
 
 def _check_finite(plan: TransferPlan, name: str, rows: torch.Tensor) -> None:
@@ -217,29 +243,50 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
     """Write the target model into OUT (built beside it and renamed in when complete)."""
     result = TransferResult()
     clock = StageClock()
-    with clock.stage("search"):
-        mixing = find_mixing(plan, progress, result)
+    mixing: Mixing | None = None
 
-    with staged_output(out, force) as staging, progress("combine, copy and write", _output_bytes(plan)) as advance:
-        result.write_stats.on_bytes = advance
+    def make_producer(name: str) -> Callable[[], Iterator[torch.Tensor]]:
+        record = name == plan.source_tensors.embedding
+        return lambda: rebuilt_rows(plan, mixing, name, record, clock)
 
-        def make_producer(name: str) -> Callable[[], Iterator[torch.Tensor]]:
-            record = name == plan.source_tensors.embedding
-            return lambda: rebuilt_rows(plan, mixing, name, record, clock)
-
-        weight_map = {}
-        write_started = time.perf_counter()
+    with staged_output(out, force) as staging:
+        # Lay out every output file first, so the byte copies can start at once, in the
+        # background, while the neighbour search and the combine run here.
+        layouts, copy_jobs, weight_map = [], [], {}
         for out_name, planned, header in planned_shards(plan, make_producer):
             target = staging / out_name
             if planned is None:
-                copy_whole_file(header.path, target, result.write_stats)
+                copy_jobs.append(functools.partial(copy_whole_file, header.path, target))
             else:
-                write_file(target, planned, header.metadata if header.metadata is not None else None, result.write_stats)
-            for name in header.tensors:
-                weight_map[name] = out_name
+                layout = lay_out(target, planned, header.metadata)
+                start_file(layout)
+                layouts.append(layout)
+                copy_jobs.append(functools.partial(copy_tensors, layout))
+            weight_map.update({name: out_name for name in header.tensors})
             result.files.append(out_name)
-        inside = clock.seconds.get("read", 0.0) + clock.seconds.get("combine", 0.0)
-        clock.seconds["write"] = time.perf_counter() - write_started - inside
+        copier = BackgroundCopier(copy_jobs)
+        copy_started = time.perf_counter()
+        copier.start()
+        try:
+            with clock.stage("search"):
+                mixing = find_mixing(plan, progress, result)
+            with progress("combine, copy and write", _output_bytes(plan)) as advance:
+                result.write_stats.on_bytes = lambda n: advance(n + copier.take_bytes())
+                write_started = time.perf_counter()
+                for layout in layouts:
+                    write_computed(layout, result.write_stats)
+                inside = clock.seconds.get("read", 0.0) + clock.seconds.get("combine", 0.0)
+                clock.seconds["write"] = time.perf_counter() - write_started - inside
+                with clock.stage("wait for copies"):
+                    copier.finish(advance)
+        except BaseException:
+            copier.stop()
+            raise
+        clock.seconds["copy (background)"] = copier.seconds or time.perf_counter() - copy_started
+        with clock.stage("fsync"):
+            for layout in layouts:
+                finish_file(layout, result.write_stats)
+        result.write_stats.add(copier.stats)
         result.weight_stats = mixing.stats
         if plan.source.is_sharded:
             total = _tensor_bytes(plan)

@@ -19,6 +19,8 @@ __all__ = [
     "gpt2_tokenizer",
     "german_words",
     "train_german_bpe",
+    "train_wordfreq_bpe",
+    "frequent_words",
     "save_tokenizer_folder",
 ]
 
@@ -65,12 +67,17 @@ def gpt2_tokenizer() -> Tokenizer:
     return tok
 
 
-def german_words(n: int) -> list[tuple[str, float]]:
-    """Return the n most frequent German words with their wordfreq frequencies, most frequent first."""
+def frequent_words(language: str, n: int) -> list[tuple[str, float]]:
+    """The n most frequent words of a language with their wordfreq frequencies, most frequent first."""
     wordfreq = _require("wordfreq", "wordfreq==3.1.1")
     if n <= 0:
         return []
-    return [(w, float(wordfreq.word_frequency(w, "de"))) for w in wordfreq.top_n_list("de", n)]
+    return [(w, float(wordfreq.word_frequency(w, language))) for w in wordfreq.top_n_list(language, n)]
+
+
+def german_words(n: int) -> list[tuple[str, float]]:
+    """Return the n most frequent German words with their wordfreq frequencies, most frequent first."""
+    return frequent_words("de", n)
 
 
 def _weighted_corpus(words: list[tuple[str, float]], total: int = _CORPUS_WORDS) -> Iterator[str]:
@@ -85,7 +92,12 @@ def _weighted_corpus(words: list[tuple[str, float]], total: int = _CORPUS_WORDS)
 
 def train_german_bpe(vocab_size: int = 8000, n_words: int = 30000) -> Tokenizer:
     """Train a deterministic GPT-2 style byte-level BPE on a frequency-weighted German wordfreq corpus."""
-    words = german_words(n_words)
+    return train_wordfreq_bpe("de", vocab_size, n_words)
+
+
+def train_wordfreq_bpe(language: str, vocab_size: int = 8000, n_words: int = 30000) -> Tokenizer:
+    """Train a deterministic GPT-2 style byte-level BPE on a frequency-weighted wordfreq corpus of a language."""
+    words = frequent_words(language, n_words)
     tok = _byte_level_tokenizer(models.BPE(fuse_unk=False))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

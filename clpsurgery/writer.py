@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,8 @@ import numpy as np
 import torch
 
 from .errors import SurgeryError
-from .safetensors_header import TensorSpec, encode_header, layout_order
+from .safetensors_header import TensorSpec, encode_header
+from .stage_hooks import reached
 from .torch_dtypes import DTYPE_NAMES
 
 COPY_BUFFER_BYTES = 64 * 1024 * 1024
@@ -56,10 +59,95 @@ class WriteStats:
     buffered_copies: int = 0
     files: list[Path] = field(default_factory=list)
     on_bytes: Callable[[int], None] | None = None  # progress: called with each chunk's size
+    should_stop: Callable[[], bool] | None = None  # checked between chunks: a background copy's brake
 
     def advance(self, n: int) -> None:
         if self.on_bytes is not None:
             self.on_bytes(n)
+        if self.should_stop is not None and self.should_stop():
+            raise CopyStopped("copy stopped")
+
+    def add(self, other: WriteStats) -> None:
+        self.copied_bytes += other.copied_bytes
+        self.computed_bytes += other.computed_bytes
+        self.kernel_copies += other.kernel_copies
+        self.buffered_copies += other.buffered_copies
+        self.files.extend(other.files)
+
+
+class CopyStopped(Exception):
+    """A background copy was told to stop (the run failed or was interrupted elsewhere)."""
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """Where every tensor of a new file goes: header bytes and absolute [begin, end) offsets.
+
+    With the layout fixed up front, copies and computed tensors can be written in any order
+    (and copies in the background while the rows to compute are still being searched for).
+    """
+
+    path: Path
+    header: bytes
+    offsets: dict[str, tuple[int, int]]
+    tensors: dict[str, PlannedTensor]
+
+    @property
+    def size(self) -> int:
+        return max((end for _, end in self.offsets.values()), default=len(self.header))
+
+    def copies(self) -> list[CopiedTensor]:
+        return [t for t in self.tensors.values() if isinstance(t, CopiedTensor)]
+
+    def computed(self) -> list[ComputedTensor]:
+        """Computed tensors in data order."""
+        return [t for name, t in sorted(self.tensors.items(), key=lambda item: self.offsets[item[0]]) if isinstance(t, ComputedTensor)]
+
+
+def lay_out(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None) -> FileLayout:
+    """The layout of a new safetensors file; the data order is `layout_order`."""
+    metadata = DEFAULT_METADATA if metadata is None else metadata
+    by_name = {t.spec.name: t for t in tensors}
+    if len(by_name) != len(tensors):
+        raise ValueError(f"{path}: duplicate tensor names")
+    header, offsets = encode_header([t.spec for t in tensors], metadata)
+    absolute = {name: (len(header) + begin, len(header) + end) for name, (begin, end) in offsets.items()}
+    return FileLayout(path, header, absolute, by_name)
+
+
+def start_file(layout: FileLayout) -> None:
+    """Create the file at its final size with its header in place."""
+    with open(layout.path, "wb") as out:
+        out.write(layout.header)
+        out.truncate(layout.size)
+
+
+def copy_tensors(layout: FileLayout, stats: WriteStats, buffer_bytes: int = COPY_BUFFER_BYTES) -> None:
+    """Copy every CopiedTensor of a started file to its place."""
+    with open(layout.path, "r+b") as out:
+        for planned in layout.copies():
+            begin, _ = layout.offsets[planned.spec.name]
+            copy_range(planned.source, planned.offset, planned.spec.nbytes, out.fileno(), begin, stats, buffer_bytes)
+            stats.copied_bytes += planned.spec.nbytes
+
+
+def write_computed(layout: FileLayout, stats: WriteStats) -> None:
+    """Write every ComputedTensor of a started file to its place, block by block."""
+    with open(layout.path, "r+b") as out:
+        for planned in layout.computed():
+            begin, end = layout.offsets[planned.spec.name]
+            written = _write_blocks(out.fileno(), begin, planned.spec, planned.produce(), stats)
+            stats.computed_bytes += written
+
+
+def finish_file(layout: FileLayout, stats: WriteStats) -> None:
+    """Flush a file to disk once every tensor is in place."""
+    fd = os.open(layout.path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    stats.files.append(layout.path)
 
 
 def write_file(
@@ -69,34 +157,18 @@ def write_file(
     stats: WriteStats | None = None,
     copy_buffer_bytes: int = COPY_BUFFER_BYTES,
 ) -> WriteStats:
-    """Write one safetensors file from planned tensors; the data order is `layout_order`."""
+    """Write one safetensors file from planned tensors, in one go."""
     stats = stats if stats is not None else WriteStats()
-    metadata = DEFAULT_METADATA if metadata is None else metadata
-    by_name = {t.spec.name: t for t in tensors}
-    if len(by_name) != len(tensors):
-        raise ValueError(f"{path}: duplicate tensor names")
-    header, offsets = encode_header([t.spec for t in tensors], metadata)
-    with open(path, "wb") as out:
-        out.write(header)
-        for spec in layout_order([t.spec for t in tensors]):
-            planned = by_name[spec.name]
-            if isinstance(planned, CopiedTensor):
-                _copy_range(planned.source, planned.offset, spec.nbytes, out, stats, copy_buffer_bytes)
-                stats.copied_bytes += spec.nbytes
-            else:
-                written = _write_blocks(out, spec, planned.produce(), stats)
-                stats.computed_bytes += written
-            expected_end = len(header) + offsets[spec.name][1]
-            if out.tell() != expected_end:
-                raise AssertionError(f"{path}: tensor {spec.name} ends at {out.tell()}, expected {expected_end}")
-        out.flush()
-        os.fsync(out.fileno())
-    stats.files.append(path)
+    layout = lay_out(path, tensors, metadata)
+    start_file(layout)
+    copy_tensors(layout, stats, copy_buffer_bytes)
+    write_computed(layout, stats)
+    finish_file(layout, stats)
     return stats
 
 
-def _write_blocks(out, spec: TensorSpec, blocks: Iterable[torch.Tensor], stats: WriteStats) -> int:
-    """Write row blocks of a computed tensor, checking dtype and the total size."""
+def _write_blocks(fd: int, offset: int, spec: TensorSpec, blocks: Iterable[torch.Tensor], stats: WriteStats) -> int:
+    """Write row blocks of a computed tensor from `offset` on, checking dtype and the total size."""
     written = 0
     for block in blocks:
         if DTYPE_NAMES.get(block.dtype) != spec.dtype:
@@ -104,12 +176,22 @@ def _write_blocks(out, spec: TensorSpec, blocks: Iterable[torch.Tensor], stats: 
         if tuple(block.shape[1:]) != spec.shape[1:]:
             raise AssertionError(f"tensor {spec.name}: block shape {tuple(block.shape)}, planned rows of {spec.shape[1:]}")
         data = tensor_bytes(block)
-        out.write(data)
+        if written + data.nbytes > spec.nbytes:
+            raise AssertionError(f"tensor {spec.name}: producer wrote more than the planned {spec.nbytes} bytes")
+        _pwrite_all(fd, data, offset + written)
         written += data.nbytes
         stats.advance(data.nbytes)
     if written != spec.nbytes:
         raise AssertionError(f"tensor {spec.name}: producer wrote {written} bytes, planned {spec.nbytes}")
     return written
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    while data.nbytes:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -120,50 +202,47 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def _copy_range(source: Path, offset: int, length: int, out, stats: WriteStats, buffer_bytes: int) -> None:
-    """Copy `length` bytes at `offset` of `source` to the current position of `out`."""
+def copy_range(source: Path, offset: int, length: int, dst_fd: int, dst_offset: int, stats: WriteStats, buffer_bytes: int = COPY_BUFFER_BYTES) -> None:
+    """Copy `length` bytes at `offset` of `source` to `dst_offset` of an open file."""
     if length == 0:
         return
-    out.flush()
+    reached("copy", stats.should_stop)  # test hook (stage_hooks.py): a no-op unless CLPSURGERY_PAUSE_AT names it
     with open(source, "rb") as src:
         if hasattr(os, "copy_file_range"):
-            done = _kernel_copy(src.fileno(), offset, out.fileno(), length, stats)
+            done = _kernel_copy(src.fileno(), offset, dst_fd, dst_offset, length, stats)
             if done == length:
                 stats.kernel_copies += 1
-                out.seek(0, os.SEEK_END)
                 return
             offset += done
+            dst_offset += done
             length -= done
-            out.seek(0, os.SEEK_END)
         stats.buffered_copies += 1
-        src.seek(offset)
         buffer = bytearray(min(buffer_bytes, length))
         view = memoryview(buffer)
         while length:
-            n = src.readinto(view[: min(len(buffer), length)])
+            n = os.preadv(src.fileno(), [view[: min(len(buffer), length)]], offset)
             if not n:
                 raise SurgeryError(source, f"ended early while copying {length} more bytes at offset {offset}")
-            out.write(view[:n])
+            _pwrite_all(dst_fd, view[:n], dst_offset)
             stats.advance(n)
             length -= n
             offset += n
+            dst_offset += n
 
 
 def copy_whole_file(source: Path, target: Path, stats: WriteStats, buffer_bytes: int = COPY_BUFFER_BYTES) -> None:
     """Copy a whole unchanged file with the cheapest copy the OS offers."""
     size = source.stat().st_size
     with open(target, "wb") as out:
-        _copy_range(source, 0, size, out, stats, buffer_bytes)
-        out.flush()
+        copy_range(source, 0, size, out.fileno(), 0, stats, buffer_bytes)
         os.fsync(out.fileno())
     stats.copied_bytes += size
     stats.files.append(target)
 
 
-def _kernel_copy(src_fd: int, offset: int, dst_fd: int, length: int, stats: WriteStats) -> int:
+def _kernel_copy(src_fd: int, offset: int, dst_fd: int, dst_offset: int, length: int, stats: WriteStats) -> int:
     """Copy in the kernel (reflink or in-kernel copy where the filesystem offers it)."""
     done = 0
-    dst_offset = os.lseek(dst_fd, 0, os.SEEK_END)
     try:
         while done < length:
             # Bounded calls, so that progress moves and an interrupt is seen between them.
@@ -213,3 +292,57 @@ def planned_from_tensor(name: str, tensor: torch.Tensor, block_rows: int = 4096)
 def as_numpy_bytes(t: torch.Tensor) -> np.ndarray:
     """Raw bytes of a tensor as a uint8 array (for hashing and comparisons)."""
     return np.frombuffer(tensor_bytes(t), dtype=np.uint8)
+
+
+class BackgroundCopier(threading.Thread):
+    """Runs the byte copies of a conversion in a thread, while the main thread searches and computes.
+
+    Copies spend their time in the kernel (copy_file_range) or in preadv/pwrite, which release
+    the GIL, so they overlap with FAISS and torch work. Bytes done are counted for the progress
+    bar of the main thread; `stop()` makes the copy give up at its next chunk.
+    """
+
+    def __init__(self, jobs: list[Callable[[WriteStats], None]]) -> None:
+        super().__init__(name="clpsurgery-copy", daemon=True)
+        self.jobs = jobs
+        self._stop_requested = threading.Event()
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self.stats = WriteStats(on_bytes=self._count, should_stop=self._stop_requested.is_set)
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self._bytes += n
+
+    def take_bytes(self) -> int:
+        """Bytes copied since the last call."""
+        with self._lock:
+            n, self._bytes = self._bytes, 0
+        return n
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        try:
+            for job in self.jobs:
+                job(self.stats)
+        except CopyStopped:
+            pass
+        except BaseException as e:  # handed to the main thread by finish()
+            self.error = e
+        finally:
+            self.seconds = time.perf_counter() - started
+
+    def stop(self) -> None:
+        self._stop_requested.set()
+        self.join()
+
+    def finish(self, advance: Callable[[int], None]) -> None:
+        """Wait for the copies, feeding the progress bar; re-raise a copy's error here."""
+        while self.is_alive():
+            self.join(timeout=0.2)
+            advance(self.take_bytes())
+        advance(self.take_bytes())
+        if self.error is not None:
+            raise self.error

@@ -15,6 +15,7 @@ import torch
 
 from clpsurgery.checkpoint import Checkpoint
 from clpsurgery.cli import main
+from clpsurgery.options import DEFAULT_TOP_K, DEFAULT_WEIGHTING
 from clpsurgery.reference import reference_clp
 from clpsurgery.weights import TINY_SUM_FRACTION
 from conftest import tree_hashes
@@ -43,8 +44,14 @@ def vocab_of(folder: Path) -> dict[str, int]:
 
 
 def shared_tokens(source: Path, target: Path) -> list[tuple[str, int, int]]:
+    """Tokens with the same string, plus special tokens paired by role (eos, bos, unk, pad)."""
     s, t = vocab_of(source), vocab_of(target)
-    return sorted((tok, t[tok], s[tok]) for tok in t if tok in s)
+    pairs = {t[tok]: (tok, t[tok], s[tok]) for tok in t if tok in s}
+    source_config, target_config = (json.loads((f / "tokenizer_config.json").read_text()) for f in (source, target))
+    for role in ("eos_token", "bos_token", "unk_token", "pad_token"):
+        if source_config.get(role) and target_config.get(role) and t[target_config[role]] not in pairs:
+            pairs[t[target_config[role]]] = (target_config[role], t[target_config[role]], s[source_config[role]])
+    return sorted(pairs.values())
 
 
 def tensor_sha(checkpoint: Checkpoint, name: str) -> str:
@@ -90,7 +97,7 @@ def test_gpt2_tied_end_to_end(gpt2_source, german_helper, tmp_path):
     manifest = json.loads((out / "clpsurgery.json").read_text())
     assert manifest["vocabulary"]["overlap"] == len(pairs)
     assert manifest["vocabulary"]["missing"] == len(target_vocab) - len(pairs)
-    assert manifest["options"]["top_k"] == 10
+    assert manifest["options"]["top_k"] == DEFAULT_TOP_K and manifest["options"]["weighting"] == DEFAULT_WEIGHTING
     assert set(manifest["seconds"]) >= {"search", "read", "write"}
     assert not list(tmp_path.glob(".*clpsurgery-partial*"))
 
@@ -240,7 +247,7 @@ def test_out_exists_and_force(gpt2_source, german_helper, tmp_path):
     shutil.rmtree(out)
     run_init(gpt2_source, german_helper, out)
     first = (out / "model.safetensors").read_bytes()
-    run_init(gpt2_source, german_helper, out, "--force", "--weighting", "softmax")
+    run_init(gpt2_source, german_helper, out, "--force", "--weighting", "clp")
     assert (out / "model.safetensors").read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

@@ -1,0 +1,258 @@
+"""A 7B model on a small machine: wall time and peak RSS of `clpsurgery init` against `cp -r`.
+
+Writes synthetic 7B-shaped checkpoints straight to disk (random finite bf16, no model object),
+sharded at 5 GB as the hub does, each with a small helper that has a real target vocabulary,
+then, in one run and on the same disk:
+
+  cp      `cp -r SOURCE COPY && sync`: the physical floor
+  init    `clpsurgery init SOURCE HELPER OUT --quiet` with the default options
+  dense   the same with `--top-k all` (the paper's dense form)
+
+Each is a child process whose peak RSS is its own VmHWM, polled. Shapes:
+
+  bloom-7b1   vocab 250,880 x 4,096, 30 layers, tied (source tokenizer: the real GPT-2 one, its
+              50,257 ids padded to BLOOM's 250,880 rows)
+  llama-2-7b  vocab 32,000 x 4,096, 32 layers, untied head (source tokenizer: a real 32,000-token
+              English byte-level BPE trained on wordfreq's English list)
+
+The helper is a 2-layer GPT-2-architecture model, hidden 768, fp32, with a 32,000-token German
+byte-level BPE trained on wordfreq's German list.
+
+    python benchmarks/seven_b.py --shapes bloom-7b1,llama-2-7b --repeats 1 \\
+        --json-out benchmarks/results/seven_b-YYYY-MM-DD.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import machine_info, run_polled  # noqa: E402
+
+from clpsurgery.demo import gpt2_config, gpt2_tensors, write_model_folder  # noqa: E402
+from clpsurgery.safetensors_header import TensorSpec, encode_header  # noqa: E402
+from clpsurgery.vocab_assets import GPT2_EOS, gpt2_tokenizer, save_tokenizer_folder, train_wordfreq_bpe  # noqa: E402
+from clpsurgery.writer import write_index  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHARD_BYTES = 5 * 10**9
+CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def bloom_tensors(vocab: int = 250_880, hidden: int = 4096, layers: int = 30) -> list[TensorSpec]:
+    """BLOOM-7b1's tensors, in the order the hub's shards hold them."""
+    specs = [
+        TensorSpec("transformer.word_embeddings.weight", "BF16", (vocab, hidden)),
+        TensorSpec("transformer.word_embeddings_layernorm.weight", "BF16", (hidden,)),
+        TensorSpec("transformer.word_embeddings_layernorm.bias", "BF16", (hidden,)),
+    ]
+    for i in range(layers):
+        p = f"transformer.h.{i}."
+        specs += [
+            TensorSpec(p + "input_layernorm.weight", "BF16", (hidden,)),
+            TensorSpec(p + "input_layernorm.bias", "BF16", (hidden,)),
+            TensorSpec(p + "self_attention.query_key_value.weight", "BF16", (3 * hidden, hidden)),
+            TensorSpec(p + "self_attention.query_key_value.bias", "BF16", (3 * hidden,)),
+            TensorSpec(p + "self_attention.dense.weight", "BF16", (hidden, hidden)),
+            TensorSpec(p + "self_attention.dense.bias", "BF16", (hidden,)),
+            TensorSpec(p + "post_attention_layernorm.weight", "BF16", (hidden,)),
+            TensorSpec(p + "post_attention_layernorm.bias", "BF16", (hidden,)),
+            TensorSpec(p + "mlp.dense_h_to_4h.weight", "BF16", (4 * hidden, hidden)),
+            TensorSpec(p + "mlp.dense_h_to_4h.bias", "BF16", (4 * hidden,)),
+            TensorSpec(p + "mlp.dense_4h_to_h.weight", "BF16", (hidden, 4 * hidden)),
+            TensorSpec(p + "mlp.dense_4h_to_h.bias", "BF16", (hidden,)),
+        ]
+    specs += [TensorSpec("transformer.ln_f.weight", "BF16", (hidden,)), TensorSpec("transformer.ln_f.bias", "BF16", (hidden,))]
+    return specs
+
+
+def llama_tensors(vocab: int = 32_000, hidden: int = 4096, layers: int = 32, intermediate: int = 11_008) -> list[TensorSpec]:
+    """LLaMA-2-7B's tensors, in the order the hub's shards hold them (head last)."""
+    specs = [TensorSpec("model.embed_tokens.weight", "BF16", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        specs += [TensorSpec(p + f"self_attn.{x}_proj.weight", "BF16", (hidden, hidden)) for x in "qkvo"]
+        specs += [
+            TensorSpec(p + "mlp.gate_proj.weight", "BF16", (intermediate, hidden)),
+            TensorSpec(p + "mlp.up_proj.weight", "BF16", (intermediate, hidden)),
+            TensorSpec(p + "mlp.down_proj.weight", "BF16", (hidden, intermediate)),
+            TensorSpec(p + "input_layernorm.weight", "BF16", (hidden,)),
+            TensorSpec(p + "post_attention_layernorm.weight", "BF16", (hidden,)),
+        ]
+    specs += [TensorSpec("model.norm.weight", "BF16", (hidden,)), TensorSpec("lm_head.weight", "BF16", (vocab, hidden))]
+    return specs
+
+
+def shard(specs: list[TensorSpec], limit: int = SHARD_BYTES) -> list[list[TensorSpec]]:
+    """Greedy shards of at most `limit` bytes, in order (as save_pretrained's max_shard_size does)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def write_random_shard(path: Path, specs: list[TensorSpec], rng: np.random.Generator) -> None:
+    """A shard of random finite bf16 values (exponent bit 14 cleared: |x| < 2), streamed."""
+    header, offsets = encode_header(specs, {"format": "pt"})
+    base = (rng.integers(0, 2**16, CHUNK_BYTES // 2, dtype=np.uint16) & np.uint16(0xBFFF))
+    with open(path, "wb") as f:
+        f.write(header)
+        total = max(end for _, end in offsets.values())
+        written, salt = 0, 0
+        while written < total:
+            n = min(CHUNK_BYTES, total - written)
+            chunk = base ^ np.uint16(salt & 0x3FFF & 0xBFFF)  # vary the data, keep it finite
+            f.write(chunk.view(np.uint8)[:n].tobytes())
+            written += n
+            salt += 1
+
+
+def build_source(folder: Path, shape: str, seed: int) -> dict:
+    """A sharded source folder of the given shape with config.json and a real tokenizer."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    if shape == "bloom-7b1":
+        specs = bloom_tensors()
+        tokenizer = gpt2_tokenizer()
+        config = {
+            "architectures": ["BloomForCausalLM"], "model_type": "bloom", "vocab_size": 250_880,
+            "hidden_size": 4096, "n_layer": 30, "n_head": 32, "bos_token_id": 50256, "eos_token_id": 50256,
+            "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        }
+        save_tokenizer_folder(tokenizer, folder, bos=GPT2_EOS, eos=GPT2_EOS)
+    elif shape == "llama-2-7b":
+        specs = llama_tensors()
+        tokenizer = train_wordfreq_bpe("en", vocab_size=32_000, n_words=120_000)
+        config = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32_000,
+            "hidden_size": 4096, "intermediate_size": 11_008, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "bos_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+        }
+        save_tokenizer_folder(tokenizer, folder, bos="<s>", eos="</s>", unk="<unk>", pad="<pad>")
+    else:
+        raise SystemExit(f"unknown shape {shape}")
+    shards = shard(specs)
+    weight_map = {}
+    for i, members in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_random_shard(folder / name, members, rng)
+        weight_map.update({s.name: name for s in members})
+    write_index(folder, weight_map, sum(s.nbytes for s in specs))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return {"shards": len(shards), "bytes": sum(p.stat().st_size for p in folder.iterdir()), "tokenizer_tokens": tokenizer.get_vocab_size()}
+
+
+def build_helper(folder: Path) -> dict:
+    tokenizer = train_wordfreq_bpe("de", vocab_size=32_000, n_words=120_000)
+    config = gpt2_config(tokenizer.get_vocab_size(), n_embd=768, n_layer=2, n_head=12, bos=0, eos=1)
+    config["torch_dtype"] = "float32"
+    import torch
+
+    write_model_folder(folder, config, gpt2_tensors(config, torch.float32, seed=7))
+    save_tokenizer_folder(tokenizer, folder, bos="<s>", eos="</s>", unk="<unk>", pad="<pad>")
+    return {"tokenizer_tokens": tokenizer.get_vocab_size(), "hidden": 768}
+
+
+def run_cp(source: Path, target: Path) -> dict:
+    result = run_polled(["cp", "-r", "--", str(source), str(target)])
+    result["seconds"] += _sync_seconds()
+    shutil.rmtree(target, ignore_errors=True)
+    return result
+
+
+def _sync_seconds() -> float:
+    """`sync`, timed: both the floor and init are measured until their data is on disk."""
+    started = time.perf_counter()
+    subprocess.run(["sync"], check=True)
+    return time.perf_counter() - started
+
+
+def run_init(source: Path, helper: Path, out: Path, extra: list[str]) -> dict:
+    argv = [sys.executable, "-m", "clpsurgery", "init", str(source), str(helper), str(out), "--quiet", *extra]
+    result = run_polled(argv)
+    result["seconds"] += _sync_seconds()
+    if result["returncode"] != 0:
+        raise RuntimeError(f"init failed: {result['stderr_tail']}")
+    manifest = json.loads((out / "clpsurgery.json").read_text())
+    result["stage_seconds"] = manifest["seconds"]
+    result["vocabulary"] = manifest["vocabulary"]
+    result["weights"] = manifest["weights"]
+    result["bytes"] = manifest["bytes"]
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="bloom-7b1,llama-2-7b")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "tmp-seven-b")
+    parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=args.workdir))
+    report = {"benchmark": "seven_b", "date": dt.date.today().isoformat(), "command": " ".join(sys.argv),
+              "machine": machine_info(work), "shapes": {}}
+    try:
+        helper = work / "helper-de"
+        report["helper"] = build_helper(helper)
+        for shape in args.shapes.split(","):
+            source = work / shape
+            print(f"writing {shape} ...", flush=True)
+            facts = build_source(source, shape, seed=1)
+            runs: dict[str, list[dict]] = {"cp": [], "init": []}
+            if not args.skip_dense:
+                runs["dense"] = []
+            for _ in range(args.repeats):
+                runs["cp"].append(run_cp(source, work / "copy"))
+                print(f"  cp -r    {runs['cp'][-1]['seconds']:7.1f} s  peak {runs['cp'][-1]['peak_rss_kib'] / 1024:7.0f} MiB", flush=True)
+                runs["init"].append(run_init(source, helper, work / "out", []))
+                r = runs["init"][-1]
+                print(f"  init     {r['seconds']:7.1f} s  peak {r['peak_rss_kib'] / 1024:7.0f} MiB  {r['stage_seconds']}", flush=True)
+                if not args.skip_dense:
+                    runs["dense"].append(run_init(source, helper, work / "out", ["--top-k", "all"]))
+                    r = runs["dense"][-1]
+                    print(f"  top-k all{r['seconds']:7.1f} s  peak {r['peak_rss_kib'] / 1024:7.0f} MiB  {r['stage_seconds']}", flush=True)
+            floor = statistics.median(r["seconds"] for r in runs["cp"])
+            summary = {
+                op: {
+                    "median_seconds": statistics.median(r["seconds"] for r in rs),
+                    "ratio_to_cp": statistics.median(r["seconds"] for r in rs) / floor,
+                    "peak_rss_mib": max(r["peak_rss_kib"] for r in rs) / 1024,
+                }
+                for op, rs in runs.items()
+            }
+            report["shapes"][shape] = {"source": facts, "summary": summary, "runs": runs}
+            for op, s in summary.items():
+                print(f"  {shape:11s} {op:6s} {s['median_seconds']:7.1f} s  x{s['ratio_to_cp']:.2f} cp  peak {s['peak_rss_mib']:.0f} MiB", flush=True)
+            shutil.rmtree(source)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

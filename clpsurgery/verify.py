@@ -1,0 +1,390 @@
+"""`clpsurgery verify OUT [--source SOURCE]`: is an init output whole, and what init says it is?
+
+Checks, each reported as one PASS, FAIL or SKIP line:
+
+- files: every file the manifest lists is there with its size and SHA-256 (header SHA-256 for
+  weights files copied whole, see manifest.output_files), and nothing else is in the folder;
+- headers: every safetensors header and the index are valid (the checks `init` makes on input);
+- shapes: the rebuilt tensors agree with config.json (vocab_size, hidden size, token ids) and the
+  tokenizer (every id has a row), the head and its bias with the embedding;
+- finite: every row of every rebuilt tensor is finite;
+
+and with `--source`:
+
+- source: SOURCE's headers are those the manifest recorded (it is the checkpoint init read);
+- unchanged tensors: every tensor init did not rebuild is byte-identical to SOURCE's;
+- overlap rows: every target row of a shared token equals the SOURCE row it copies.
+
+Unreadable or missing input (no OUT, no manifest, a SOURCE that does not open) is an error, one
+line, as everywhere else; a check that fails is a FAIL line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import Checkpoint
+from .errors import SurgeryError
+from .json_input import read_json_file
+from .manifest import decode_pairs
+from .output_folder import MANIFEST_NAME
+from .safetensors_header import FLOAT_DTYPES
+
+CHUNK_BYTES = 16 * 1024 * 1024
+BLOCK_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Check:
+    """One verdict: ok True (PASS), False (FAIL) or None (SKIP), on what, and why."""
+
+    ok: bool | None
+    what: str
+    detail: str
+
+    def line(self) -> str:
+        status = {True: "PASS", False: "FAIL", None: "SKIP"}[self.ok]
+        return f"{status}  {self.what}: {self.detail}"
+
+
+@contextmanager
+def _no_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    yield lambda n: None
+
+
+QUIET_BELOW_BYTES = 256 * 1024 * 1024  # no progress bar for work this small
+
+
+def _bar(progress, label: str, total: int):
+    return progress(label, total) if total >= QUIET_BELOW_BYTES else _no_progress(label, total)
+
+
+def verify_output(
+    out: str | os.PathLike[str],
+    source: str | os.PathLike[str] | None = None,
+    progress=_no_progress,
+    echo: Callable[[str], None] = lambda line: None,
+) -> list[Check]:
+    """Run every check on OUT (and against SOURCE); each result is also passed to `echo` as a line."""
+    out = Path(out)
+    checks: list[Check] = []
+
+    def report(check: Check) -> None:
+        checks.append(check)
+        echo(check.line())
+
+    manifest = _read_manifest(out)
+    copied_whole = _check_files(out, manifest, progress, report)
+    try:
+        target = Checkpoint.open(out)
+    except SurgeryError as e:
+        report(Check(False, "headers", str(e)))
+        return checks
+    with target:
+        report(Check(True, "headers", f"{len(target.headers)} safetensors file(s), {len(target.tensors)} tensors, index consistent" if target.is_sharded else f"{len(target.tensors)} tensors"))
+        rebuilt = _rebuilt_tensors(manifest, target, report)
+        _check_shapes(out, target, rebuilt, report)
+        _check_finite(target, rebuilt, progress, report)
+        if source is not None:
+            with Checkpoint.open(Path(source)) as original:
+                _check_source_identity(manifest, original, report)
+                _check_unchanged(target, original, rebuilt, copied_whole, progress, report)
+                _check_overlap_rows(manifest, target, original, rebuilt, report)
+        else:
+            report(Check(None, "against SOURCE", "no --source given: unchanged tensors and overlap rows not compared"))
+    return checks
+
+
+# --- the manifest and the files ---------------------------------------------------------------
+
+
+def _read_manifest(out: Path) -> dict:
+    if not out.exists():
+        raise SurgeryError(out, "does not exist")
+    if not out.is_dir():
+        raise SurgeryError(out, "is not a folder; verify checks the output folder of clpsurgery init")
+    path = out / MANIFEST_NAME
+    if not path.is_file():
+        raise SurgeryError(out, f"has no {MANIFEST_NAME}: not an output of clpsurgery init")
+    manifest = read_json_file(path, "manifest")
+    outputs = manifest.get("outputs") if isinstance(manifest, dict) else None
+    if not isinstance(outputs, list) or not all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in outputs):
+        raise SurgeryError(path, "is not a clpsurgery manifest (no list of output files)")
+    return manifest
+
+
+def file_sha256(path: Path, advance: Callable[[int], None]) -> str:
+    digest = hashlib.sha256()
+    buffer = bytearray(CHUNK_BYTES)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+            advance(n)
+    return digest.hexdigest()
+
+
+def _header_sha256(path: Path) -> str | None:
+    from .safetensors_header import read_header
+
+    try:
+        return hashlib.sha256(read_header(path).raw).hexdigest()
+    except SurgeryError:
+        return None
+
+
+def _check_files(out: Path, manifest: dict, progress, report: Callable[[Check], None]) -> dict[str, str]:
+    """Sizes and hashes against the manifest; returns the files copied whole (name -> source file)."""
+    entries = manifest["outputs"]
+    listed = {MANIFEST_NAME}
+    problems: dict[str, str] = {}
+    to_hash: list[tuple[dict, Path]] = []
+    copied_whole: dict[str, str] = {}
+    for entry in entries:
+        name = entry["file"]
+        listed.add(name)
+        path = out / name
+        if os.path.basename(name) != name or name in ("", ".", ".."):
+            problems[name] = "the manifest names a path outside the folder"
+            continue
+        if not path.is_file():
+            problems[name] = "missing"
+            continue
+        size = path.stat().st_size
+        if size != entry.get("bytes"):
+            problems[name] = f"{size} bytes, the manifest says {entry.get('bytes')}"
+            continue
+        if "header_sha256" in entry and _header_sha256(path) != entry["header_sha256"]:
+            problems[name] = "header differs from the one written (SHA-256)"
+            continue
+        if isinstance(entry.get("sha256"), str):
+            to_hash.append((entry, path))
+        elif isinstance(entry.get("copied_from"), str) and "header_sha256" in entry:
+            copied_whole[name] = entry["copied_from"]
+        else:
+            problems[name] = "the manifest gives no hash for it"
+    total = sum(path.stat().st_size for _, path in to_hash)
+    with _bar(progress, "hashing", total) as advance, ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(lambda item: file_sha256(item[1], advance), to_hash))
+    for (entry, path), digest in zip(to_hash, digests):
+        if digest != entry["sha256"]:
+            problems[entry["file"]] = f"SHA-256 {digest[:16]}..., the manifest says {entry['sha256'][:16]}..."
+    for name in sorted(os.listdir(out)):
+        if name not in listed:
+            problems[name] = "not written by clpsurgery (not in the manifest)"
+    for name, problem in sorted(problems.items()):
+        report(Check(False, f"file {name}", problem))
+    hashed = len(to_hash) - sum(1 for e, _ in to_hash if e["file"] in problems)
+    whole = sum(1 for n in copied_whole if n not in problems)
+    detail = f"{hashed} file(s) match their SHA-256 ({total / 2**20:.1f} MiB read)"
+    if whole:
+        detail += f"; {whole} copied whole from SOURCE match in size and header (their bytes are compared with --source)"
+    if not problems:
+        report(Check(True, "files", detail))
+    return {n: s for n, s in copied_whole.items() if n not in problems}
+
+
+# --- what init rebuilt --------------------------------------------------------------------------
+
+
+def _rebuilt_tensors(manifest: dict, target: Checkpoint, report: Callable[[Check], None]) -> list[str]:
+    tensors = manifest.get("tensors") if isinstance(manifest.get("tensors"), dict) else {}
+    names = [tensors.get(k) for k in ("embedding", "head", "head_bias")]
+    names = [n for n in names if isinstance(n, str)]
+    if not names:
+        report(Check(False, "rebuilt tensors", "the manifest does not name the embedding"))
+        return []
+    missing = [n for n in names if n not in target]
+    if missing:
+        report(Check(False, "rebuilt tensors", f"{missing[0]!r} is not in the output"))
+        return [n for n in names if n in target]
+    return names
+
+
+def _check_shapes(out: Path, target: Checkpoint, rebuilt: list[str], report: Callable[[Check], None]) -> None:
+    from .architecture import config_vocab_size, read_config, text_config
+    from .model_config import TOKEN_ID_KEYS
+    from .vocabulary import load_vocabulary
+
+    if not rebuilt:
+        return
+    embedding = target.info(rebuilt[0])
+    problems = []
+    if len(embedding.shape) != 2:
+        report(Check(False, "shapes", f"embedding {embedding.name!r} has shape {list(embedding.shape)}, not [vocab, hidden]"))
+        return
+    rows, width = embedding.shape
+    for name in rebuilt[1:]:
+        shape = target.info(name).shape
+        if shape[:1] != (rows,) or len(shape) > 2 or (len(shape) == 2 and shape[1] != width):
+            problems.append(f"{name!r} has shape {list(shape)}, the embedding {[rows, width]}")
+    try:
+        config = read_config(out / "config.json")
+        section = text_config(config)
+        vocab_size = config_vocab_size(config)
+        if vocab_size != rows:
+            problems.append(f"config.json vocab_size {vocab_size}, embedding rows {rows}")
+        hidden = section.get("hidden_size", section.get("n_embd", section.get("d_model")))
+        if isinstance(hidden, int) and width not in (hidden, section.get("word_embed_proj_dim")):
+            problems.append(f"config.json hidden size {hidden}, embedding width {width}")
+        for key in TOKEN_ID_KEYS:
+            for holder in {id(config): config, id(section): section}.values():
+                value = holder.get(key)
+                for token_id in value if isinstance(value, list) else [value]:
+                    if isinstance(token_id, int) and not 0 <= token_id < rows:
+                        problems.append(f"config.json {key} {token_id} has no row (vocab {rows})")
+    except SurgeryError as e:
+        problems.append(str(e))
+    try:
+        vocabulary = load_vocabulary(out)
+        if vocabulary.size > rows:
+            problems.append(f"tokenizer ids go up to {vocabulary.size - 1}, the embedding has {rows} rows")
+    except SurgeryError as e:
+        problems.append(str(e))
+    if problems:
+        for problem in problems:
+            report(Check(False, "shapes", problem))
+    else:
+        report(Check(True, "shapes", f"embedding [{rows}, {width}] agrees with config.json and the tokenizer" + (f"; {', '.join(rebuilt[1:])} too" if rebuilt[1:] else "")))
+
+
+def _row_ranges(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
+    step = max(1, BLOCK_BYTES // max(1, row_bytes))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _check_finite(target: Checkpoint, rebuilt: list[str], progress, report: Callable[[Check], None]) -> None:
+    import torch
+
+    for name in rebuilt:
+        info = target.info(name)
+        if info.dtype not in FLOAT_DTYPES:
+            report(Check(False, f"finite {name}", f"dtype {info.dtype} is not a float"))
+            continue
+        bad = None
+        with _bar(progress, f"finite {name}", info.nbytes) as advance:
+            for start, stop in _row_ranges(info.rows, info.row_bytes):
+                block = target.read_rows(name, start, stop).to(torch.float32).reshape(stop - start, -1)
+                finite = torch.isfinite(block).all(dim=1)
+                advance((stop - start) * info.row_bytes)
+                if not finite.all():
+                    bad = start + int((~finite).nonzero()[0])
+                    break
+        if bad is None:
+            report(Check(True, f"finite {name}", f"all {info.rows} rows finite"))
+        else:
+            report(Check(False, f"finite {name}", f"row {bad} has NaN or Inf"))
+
+
+# --- against the source ---------------------------------------------------------------------------
+
+
+def _check_source_identity(manifest: dict, source: Checkpoint, report: Callable[[Check], None]) -> None:
+    try:
+        recorded = {f["file"]: f.get("header_sha256") for f in manifest["inputs"]["source"]["files"] if "header_sha256" in f}
+    except (KeyError, TypeError):
+        report(Check(None, "source", "the manifest records no source headers"))
+        return
+    actual = {h.path.name: hashlib.sha256(h.raw).hexdigest() for h in source.headers}
+    if actual == recorded:
+        report(Check(True, "source", f"SOURCE's {len(actual)} header(s) are those init read"))
+        return
+    differing = sorted(set(actual) ^ set(recorded)) or sorted(n for n in actual if actual[n] != recorded[n])
+    report(Check(False, "source", f"SOURCE is not the checkpoint this output was made from ({differing[0]} differs)"))
+
+
+def _same_bytes(a: memoryview, b: memoryview) -> bool:
+    if a.nbytes != b.nbytes:
+        return False
+    for start in range(0, a.nbytes, CHUNK_BYTES):
+        if a[start : start + CHUNK_BYTES] != b[start : start + CHUNK_BYTES]:
+            return False
+    return True
+
+
+def _check_unchanged(target: Checkpoint, source: Checkpoint, rebuilt: list[str], copied_whole: dict[str, str], progress, report: Callable[[Check], None]) -> None:
+    names = [n for n in target.tensors if n not in rebuilt]
+    problems = []
+    total = sum(target.info(n).nbytes for n in names if n in source)
+    with _bar(progress, "comparing with SOURCE", total) as advance:
+        for name in names:
+            if name not in source:
+                problems.append(f"{name!r} is not in SOURCE")
+                continue
+            a, b = target.info(name), source.info(name)
+            if (a.dtype, a.shape) != (b.dtype, b.shape):
+                problems.append(f"{name!r} is {a.dtype} {list(a.shape)}, in SOURCE {b.dtype} {list(b.shape)}")
+                continue
+            mine, theirs = target.raw_bytes(name), source.raw_bytes(name)
+            try:
+                same = _same_bytes(mine, theirs)
+            finally:
+                mine.release()
+                theirs.release()
+            advance(a.nbytes)
+            if not same:
+                problems.append(f"{name!r} differs from SOURCE")
+    for name in source.tensors:
+        if name not in target and name not in rebuilt:
+            problems.append(f"SOURCE's {name!r} is not in the output")
+    source_headers = {h.path.name: h for h in source.headers}
+    for name, source_file in copied_whole.items():
+        mine = next((h for h in target.headers if h.path.name == name), None)
+        theirs = source_headers.get(source_file)
+        if mine is None or theirs is None or mine.raw != theirs.raw or mine.file_size != theirs.file_size:
+            problems.append(f"{name}, copied whole, is not SOURCE's {source_file}")
+    for problem in problems[:20]:
+        report(Check(False, "unchanged tensors", problem))
+    if len(problems) > 20:
+        report(Check(False, "unchanged tensors", f"and {len(problems) - 20} more"))
+    if not problems:
+        report(Check(True, "unchanged tensors", f"{len(names)} tensors ({total / 2**20:.1f} MiB) byte-identical to SOURCE"))
+
+
+def _row_bytes(t):
+    """A tensor's rows as a uint8 array [rows, bytes per row]."""
+    import torch
+
+    t = t.contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().reshape(t.shape[0], -1)
+
+
+def _check_overlap_rows(manifest: dict, target: Checkpoint, source: Checkpoint, rebuilt: list[str], report: Callable[[Check], None]) -> None:
+    import numpy as np
+
+    try:
+        target_ids, source_ids = decode_pairs(manifest["overlap_pairs"])
+    except (KeyError, TypeError, ValueError) as e:
+        report(Check(None, "overlap rows", f"the manifest holds no readable overlap pairs ({type(e).__name__})"))
+        return
+    for name in rebuilt:
+        if name not in source:
+            report(Check(False, f"overlap rows {name}", "not in SOURCE"))
+            continue
+        rows, source_rows = target.info(name).rows, source.info(name).rows
+        if target_ids.size and (target_ids.min() < 0 or target_ids.max() >= rows or source_ids.min() < 0 or source_ids.max() >= source_rows):
+            report(Check(False, f"overlap rows {name}", "the manifest's pairs name rows outside the tensors"))
+            continue
+        bad = None
+        step = max(1, BLOCK_BYTES // max(1, target.info(name).row_bytes))
+        for start in range(0, target_ids.size, step):
+            mine = target.gather_rows(name, target_ids[start : start + step])
+            theirs = source.gather_rows(name, source_ids[start : start + step])
+            if mine.dtype == theirs.dtype:
+                equal = (_row_bytes(mine) == _row_bytes(theirs)).all(axis=1)
+            else:
+                equal = np.zeros(mine.shape[0], dtype=bool)
+            if not equal.all():
+                bad = start + int(np.flatnonzero(~equal)[0])
+                break
+        if bad is None:
+            report(Check(True, f"overlap rows {name}", f"{target_ids.size} rows equal to the SOURCE rows they copy"))
+        else:
+            report(Check(False, f"overlap rows {name}", f"row {int(target_ids[bad])} differs from SOURCE row {int(source_ids[bad])}"))
