@@ -106,10 +106,11 @@ def cli() -> None:
 @click.option("--head-tensor", help="Name of the source's untied output-head tensor, if not found by itself.")
 @click.option("--head-bias-tensor", help="Name of the source's vocab-sized head bias, if not found by itself.")
 @click.option("--match", type=click.Choice(MATCH_RULES), default=DEFAULT_MATCH, show_default=True, help="Token overlap: identical strings (the paper), or identical meaning across tokenizer families.")
+@click.option("--pad-vocab-to-multiple", "pad_vocab_to_multiple", type=click.IntRange(min=1), help="Pad the written vocab_size up to a multiple of N (extra rows: the mean of the combined rows).")
 @click.option("--max-memory", "max_memory", type=ByteSize(), default="1GiB", show_default=True, help="Budget for tensors and buffers: row blocks, search chunks, copy buffers.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is a previous clpsurgery output.")
 @common_options
-def init_command(source: Path, helper: Path, out: Path, top_k, weighting, temperature, source_tokenizer, source_config, embedding_tensor, head_tensor, head_bias_tensor, match, max_memory, force, quiet) -> None:
+def init_command(source: Path, helper: Path, out: Path, top_k, weighting, temperature, source_tokenizer, source_config, embedding_tensor, head_tensor, head_bias_tensor, match, pad_vocab_to_multiple, max_memory, force, quiet) -> None:
     """Write OUT: SOURCE's weights with embeddings rebuilt for HELPER's tokenizer.
 
     SOURCE is a .safetensors file or a model folder; HELPER is a model folder that already speaks
@@ -131,6 +132,7 @@ def init_command(source: Path, helper: Path, out: Path, top_k, weighting, temper
         head_tensor=head_tensor,
         head_bias_tensor=head_bias_tensor,
         match=match,
+        pad_vocab_to_multiple=pad_vocab_to_multiple,
     )
     plan = make_plan(source, helper, options, source_tokenizer, source_config)
     summary = plan.summary()

@@ -135,6 +135,9 @@ def build_manifest(plan: TransferPlan, staging: Path, result: TransferResult, co
             "pairs_by_kind": plan.overlap.counts(),
             "source_tokenizer_style": plan.source_vocab.style,
             "target_tokenizer_style": plan.target_vocab.style,
+            "written_vocab_size": plan.output_rows,
+            "padding_rows": plan.output_rows - plan.target_size,
+            "padding_filled_with": "the mean of the combined rows" if plan.output_rows > plan.target_size else None,
         },
         "tensors": {
             "embedding": plan.source_tensors.embedding,

@@ -54,7 +54,14 @@ class TransferPlan:
 
     @property
     def target_size(self) -> int:
+        """The target tokenizer's id space: rows with a token behind them."""
         return self.overlap.target_size
+
+    @property
+    def output_rows(self) -> int:
+        """Rows written: the id space, padded up to --pad-vocab-to-multiple (the written vocab_size)."""
+        multiple = self.options.pad_vocab_to_multiple or 1
+        return -(-self.target_size // multiple) * multiple
 
     @property
     def k(self) -> int:
@@ -100,7 +107,7 @@ class TransferPlan:
     def summary(self) -> dict:
         """The plan as plain data, for `inspect` and the manifest."""
         emb = self.source.info(self.source_tensors.embedding)
-        rebuilt = {name: [self.target_size, *self.source.info(name).shape[1:]] for name in self.source_tensors.names}
+        rebuilt = {name: [self.output_rows, *self.source.info(name).shape[1:]] for name in self.source_tensors.names}
         rebuilt_bytes = sum(
             math.prod(shape) * DTYPE_SIZES[self.source.info(name).dtype] for name, shape in rebuilt.items()
         )
@@ -168,8 +175,6 @@ def make_plan(
 ) -> TransferPlan:
     """Open and check both models, read both vocabularies and compute the overlap."""
     source_path, helper_path = Path(source_path), Path(helper_path)
-    if options.pad_vocab_to_multiple is not None:
-        raise SurgeryError("--pad-vocab-to-multiple", "is not built yet: the written vocab_size is the target tokenizer's id space")
     source = Checkpoint.open(source_path)
     if not helper_path.is_dir():
         raise SurgeryError(helper_path, "the helper must be a model folder (weights, tokenizer.json, config.json)")

@@ -173,6 +173,7 @@ def rebuilt_rows(plan: TransferPlan, mixing: Mixing, name: str, record: bool, cl
     overlap_position[overlap.target_ids] = np.arange(overlap.count)
     missing_position = np.full(plan.target_size, -1, dtype=np.int64)
     missing_position[overlap.missing_ids] = np.arange(overlap.missing_ids.size)
+    mixed_sum = torch.zeros(width, dtype=torch.float64)
     for start, stop in row_blocks(plan.target_size, block_rows_for(plan, width, budget)):
         block = torch.empty((stop - start, width), dtype=dtype)
         copied = overlap_position[start:stop]
@@ -188,8 +189,15 @@ def rebuilt_rows(plan: TransferPlan, mixing: Mixing, name: str, record: bool, cl
                 else:
                     rows = combine_top_k(mixing_rows, positions, weights, dtype)
             block[~is_copied] = rows
+            mixed_sum += rows.to(torch.float64).sum(dim=0)
         yield block.reshape(stop - start, *row_shape)
         reached("combine")  # test hook
+    padding = plan.output_rows - plan.target_size
+    if padding:
+        # Rows past the tokenizer's ids (vocab padded for speed) are never looked up as inputs,
+        # but a head scores them: the mean of the combined rows keeps them unremarkable.
+        fill = mixed_sum / max(1, overlap.missing_ids.size) if overlap.missing_ids.size else source_2d.to(torch.float64).mean(dim=0)
+        yield fill.to(dtype).expand(padding, width).reshape(padding, *row_shape).contiguous()
 
 
 def _check_finite(plan: TransferPlan, name: str, rows: torch.Tensor) -> None:
@@ -215,7 +223,7 @@ def planned_shards(
         planned: list[PlannedTensor] = []
         for name, info in header.tensors.items():
             if name in rebuilt:
-                spec = TensorSpec(name, info.dtype, (plan.target_size, *info.shape[1:]))
+                spec = TensorSpec(name, info.dtype, (plan.output_rows, *info.shape[1:]))
                 planned.append(ComputedTensor(spec, make_producer(name)))
             else:
                 planned.append(CopiedTensor(TensorSpec(name, info.dtype, info.shape), header.path, header.absolute_range(name)[0]))
@@ -227,7 +235,7 @@ def _tensor_bytes(plan: TransferPlan) -> int:
     """Bytes of all tensors of the target (the index's total_size)."""
     total = 0
     for name, ref in plan.source.tensors.items():
-        rows = plan.target_size if name in plan.source_tensors.names else ref.info.rows
+        rows = plan.output_rows if name in plan.source_tensors.names else ref.info.rows
         total += rows * ref.info.row_bytes if ref.info.shape else ref.info.nbytes
     return total
 
@@ -301,7 +309,7 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
 
 
 def _write_side_files(plan: TransferPlan, staging: Path, result: TransferResult) -> None:
-    config, changes = target_config(plan.source_config, plan.helper_config, plan.source_vocab, plan.target_vocab, plan.target_size)
+    config, changes = target_config(plan.source_config, plan.helper_config, plan.source_vocab, plan.target_vocab, plan.output_rows)
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     result.config_changes = {"config.json": changes}
     if plan.generation_config_path is not None:

@@ -7,6 +7,8 @@ raw formula could not serve.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -48,16 +50,33 @@ def mixing_weights(similarities: torch.Tensor, scheme: str, temperature: float =
         raise ValueError(f"unknown weighting {scheme!r}; choose from {', '.join(SCHEMES)}")
     sims = similarities.to(torch.float64)
     stats = WeightStats(rows=sims.shape[0])
-    if scheme == "softmax":
-        weights = torch.softmax(sims / temperature, dim=1)
-    elif scheme == "sparsemax":
-        weights = sparsemax(sims)
-    else:
-        weights = _clp(sims, clip_all=(scheme == "clp-clipped"), stats=stats)
+    with _one_thread_for_one_row(sims):
+        if scheme == "softmax":
+            weights = torch.softmax(sims / temperature, dim=1)
+        elif scheme == "sparsemax":
+            weights = sparsemax(sims)
+        else:
+            weights = _clp(sims, clip_all=(scheme == "clp-clipped"), stats=stats)
     stats.signed_rows = int((weights < 0).any(dim=1).sum())
     if weights.numel():
         stats.max_abs_weight = float(weights.abs().max())
     return weights.to(torch.float32), stats
+
+
+@contextmanager
+def _one_thread_for_one_row(sims: torch.Tensor) -> Iterator[None]:
+    """torch splits a long reduction across threads when it has a single output (one row), which
+    makes the sum depend on the thread count; with two rows or more each row is summed alone, in
+    a fixed order. A lone row is therefore reduced on one thread: the same bytes either way."""
+    threads = torch.get_num_threads()
+    if sims.shape[0] != 1 or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _clp(sims: torch.Tensor, clip_all: bool, stats: WeightStats) -> torch.Tensor:

@@ -276,3 +276,26 @@ def test_zero_overlap_refused(gpt2_source, tmp_path):
     result = run_cli_process("init", gpt2_source, helper, tmp_path / "out")
     assert result.returncode == 1 and "shares no token" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_pad_vocab_to_multiple(llama_source, german_helper, tmp_path):
+    """--pad-vocab-to-multiple: vocab_size rounded up, the extra rows the mean of the combined rows."""
+    out = tmp_path / "padded"
+    run_init(llama_source, german_helper, out, "--pad-vocab-to-multiple", "128")
+    size = len(vocab_of(german_helper))
+    padded = -(-size // 128) * 128
+    assert padded > size
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == padded
+    manifest = json.loads((out / "clpsurgery.json").read_text())
+    assert manifest["vocabulary"]["padding_rows"] == padded - size
+    pairs = shared_tokens(llama_source, german_helper)
+    missing = np.setdiff1d(np.arange(size), [p[1] for p in pairs])
+    with Checkpoint.open(out) as target:
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            rows = target.read_tensor(name)
+            assert rows.shape == (padded, 32)
+            expected = rows[torch.from_numpy(missing)].double().mean(0)
+            assert torch.allclose(rows[size:].double(), expected.expand(padded - size, 32), rtol=2**-7, atol=1e-3)
+    logits = finite_logits(transformers.LlamaForCausalLM, out)
+    assert logits.shape[-1] == padded
