@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from .errors import SurgeryError
-from .options import DEFAULT_MATCH, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_WEIGHTING, MATCH_RULES, SCHEMES, TransferOptions
+from .options import DEFAULT_DEVICE, DEFAULT_MATCH, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_WEIGHTING, DEVICES, MATCH_RULES, SCHEMES, TransferOptions
 
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
@@ -108,9 +108,10 @@ def cli() -> None:
 @click.option("--match", type=click.Choice(MATCH_RULES), default=DEFAULT_MATCH, show_default=True, help="Token overlap: identical strings (the paper), or identical meaning across tokenizer families.")
 @click.option("--pad-vocab-to-multiple", "pad_vocab_to_multiple", type=click.IntRange(min=1), help="Pad the written vocab_size up to a multiple of N (extra rows: the mean of the combined rows).")
 @click.option("--max-memory", "max_memory", type=ByteSize(), default="1GiB", show_default=True, help="Budget for tensors and buffers: row blocks, search chunks, copy buffers.")
+@click.option("--device", type=click.Choice(DEVICES), default=DEFAULT_DEVICE, show_default=True, help="Where search and combine run: auto takes the GPU when there is one.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is a previous clpsurgery output.")
 @common_options
-def init_command(source: Path, helper: Path, out: Path, top_k, weighting, temperature, source_tokenizer, source_config, embedding_tensor, head_tensor, head_bias_tensor, match, pad_vocab_to_multiple, max_memory, force, quiet) -> None:
+def init_command(source: Path, helper: Path, out: Path, top_k, weighting, temperature, source_tokenizer, source_config, embedding_tensor, head_tensor, head_bias_tensor, match, pad_vocab_to_multiple, max_memory, device, force, quiet) -> None:
     """Write OUT: SOURCE's weights with embeddings rebuilt for HELPER's tokenizer.
 
     SOURCE is a .safetensors file or a model folder; HELPER is a model folder that already speaks
@@ -133,7 +134,11 @@ def init_command(source: Path, helper: Path, out: Path, top_k, weighting, temper
         head_bias_tensor=head_bias_tensor,
         match=match,
         pad_vocab_to_multiple=pad_vocab_to_multiple,
+        device=device,
     )
+    from .device import resolve_device
+
+    resolve_device(device)  # --device cuda without a GPU: one line, before any slow work
     plan = make_plan(source, helper, options, source_tokenizer, source_config)
     summary = plan.summary()
     if not quiet:
@@ -230,22 +235,30 @@ def demo_command(workdir: Path, force: bool, quiet: bool) -> None:
     click.echo(format_report(inspect_checkpoint(out)))
 
 
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM during a command. Not a KeyboardInterrupt, which click would catch to print
+    an empty line first: the run unwinds (removing its partial output) and exits 130, one line."""
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
 
 
 @contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (kill, timeout, a job scheduler) cleans up as Ctrl-C does, then exits 130."""
+def _signals_interrupt() -> Iterator[None]:
+    """Ctrl-C and SIGTERM (kill, timeout, a job scheduler) both unwind the run and exit 130."""
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # an ignored SIGINT (nohup, &) stays ignored
+                previous[sig] = signal.signal(sig, _raise_interrupted)
     except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
+        pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,14 +266,14 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        with _sigterm_interrupts():
+        with _signals_interrupt():
             cli.main(args=args, prog_name="clpsurgery", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except (click.Abort, KeyboardInterrupt):
+    except (click.Abort, KeyboardInterrupt, Interrupted):
         if debug:
             raise
         click.echo("error: interrupted; nothing was written to the output", err=True)

@@ -68,6 +68,8 @@ def inspect_checkpoint(path: str | Path) -> dict:
             report["clpsurgery"] = json.loads(manifest_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise SurgeryError(manifest_path, f"not valid JSON ({e})") from e
+        if isinstance(report["clpsurgery"], dict):
+            report["clpsurgery"].pop("overlap_pairs", None)  # for `verify --source`; a long blob
     return report
 
 

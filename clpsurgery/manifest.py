@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import hashlib
 import os
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -114,6 +115,9 @@ def decode_pairs(doc: dict) -> tuple[np.ndarray, np.ndarray]:
 def build_manifest(plan: TransferPlan, staging: Path, result: TransferResult, command: list[str] | None) -> dict:
     """The manifest as plain data."""
     summary = plan.summary()
+    started = time.perf_counter()
+    outputs = output_files(staging, files_copied_whole(plan))
+    result.stage_seconds["hash"] = time.perf_counter() - started
     return {
         "tool": {"name": "clpsurgery", "version": __version__},
         "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -160,6 +164,7 @@ def build_manifest(plan: TransferPlan, staging: Path, result: TransferResult, co
             "buffered_copies": result.write_stats.buffered_copies,
         },
         "seconds": {stage: round(s, 3) for stage, s in result.stage_seconds.items()},
+        "paths": result.paths,  # device, and which search and combine paths ran (clpsurgery/device.py)
         "overlap_pairs": encode_pairs(plan.overlap.target_ids, plan.overlap.source_ids),
-        "outputs": output_files(staging, files_copied_whole(plan)),
+        "outputs": outputs,
     }

@@ -26,8 +26,9 @@ def normalise_rows(vectors: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 # FAISS scores candidates with BLAS in fp32, whose rounding depends on the thread count; its best
-# k + RESCORE_MARGIN are scored again exactly (fp64 sums, fixed order) and the best k kept, ties to
-# the lower position, so the neighbours and similarities are the same whatever the thread count.
+# k + RESCORE_MARGIN are scored again (fp32 sums, each in a fixed order) and the best k kept, ties
+# to the lower position, so the neighbours and similarities are the same whatever the thread count.
+# Costs 0.4-0.6 s for 30k queries x 14 candidates x 1024 wide, against 7.5 s for the FAISS search (2 cores).
 RESCORE_MARGIN = 4
 RESCORE_BYTES = 32 * 1024 * 1024  # temporaries of one rescoring step
 
@@ -39,7 +40,7 @@ def search_top_k(
     chunk_rows: int = 8192,
     on_chunk: Callable[[int], None] | None = None,
 ) -> Neighbours:
-    """Exact top-k by inner product over normalised vectors: FAISS flat index, then exact rescoring."""
+    """Exact top-k by inner product over normalised vectors: FAISS flat index, then rescoring."""
     import faiss  # imported late: a big library, needed only for the search
 
     k = min(k, overlap_vectors.shape[0])
@@ -60,23 +61,23 @@ def search_top_k(
 
 
 def rescore(base: np.ndarray, queries: np.ndarray, found: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The best k of each row's candidates by exact similarity (fp32 products summed in fp64 in
-    a fixed order), ties to the lower position: (similarities fp32, positions)."""
+    """The best k of each row's candidates by similarity summed in an order that does not depend on
+    the thread count, ties to the lower position: (similarities fp32, positions)."""
     rows, width = queries.shape[0], base.shape[1]
     found = np.where(found < 0, np.iinfo(np.int64).max, found)  # FAISS pads with -1: sort those last
     found.sort(axis=1)
     valid = found != np.iinfo(np.int64).max
-    scores = np.full(found.shape, -np.inf)
+    scores = np.full(found.shape, -np.inf, dtype=np.float32)
     base_t, queries_t = torch.from_numpy(base), torch.from_numpy(queries)
     step = max(1, RESCORE_BYTES // max(1, found.shape[1] * width * 4))
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         picked = torch.from_numpy(np.where(valid[start:stop], found[start:stop], 0))
         products = base_t[picked] * queries_t[start:stop, None, :]
-        scores[start:stop] = torch.sum(products, dim=-1, dtype=torch.float64).numpy()
+        scores[start:stop] = products.sum(dim=-1).numpy()  # one output per pair: never split across threads
     scores[~valid] = -np.inf
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # stable: equal scores keep position order
-    return np.take_along_axis(scores, order, axis=1).astype(np.float32), np.take_along_axis(found, order, axis=1)
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(found, order, axis=1)
 
 
 def dense_similarities(overlap_vectors: torch.Tensor, query_vectors: torch.Tensor) -> torch.Tensor:

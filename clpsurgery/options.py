@@ -8,6 +8,8 @@ from .errors import SurgeryError
 
 SCHEMES = ("clp", "clp-clipped", "softmax", "sparsemax")
 MATCH_RULES = ("exact", "canonical")
+DEVICES = ("auto", "cpu", "cuda")  # where search and combine run; auto takes the GPU when there is one
+DEFAULT_DEVICE = "auto"
 DEFAULT_MATCH = "exact"
 DEFAULT_TEMPERATURE = 0.1  # WECHSEL's tau
 # Chosen by benchmarks/choose_defaults (held-out reconstruction of real embeddings): softmax over
@@ -32,6 +34,7 @@ class TransferOptions:
     head_bias_tensor: str | None = None
     match: str = DEFAULT_MATCH
     pad_vocab_to_multiple: int | None = None
+    device: str = DEFAULT_DEVICE
 
     def __post_init__(self) -> None:
         if self.weighting not in SCHEMES:
@@ -44,6 +47,8 @@ class TransferOptions:
             raise SurgeryError("--match", f"unknown rule {self.match!r}; choose from {', '.join(MATCH_RULES)}")
         if self.pad_vocab_to_multiple is not None and self.pad_vocab_to_multiple < 1:
             raise SurgeryError("--pad-vocab-to-multiple", f"must be a positive integer, not {self.pad_vocab_to_multiple}")
+        if self.device not in DEVICES:
+            raise SurgeryError("--device", f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
 
     def as_dict(self) -> dict:
         return {
@@ -56,6 +61,7 @@ class TransferOptions:
             "head_bias_tensor": self.head_bias_tensor,
             "match": self.match,
             "pad_vocab_to_multiple": self.pad_vocab_to_multiple,
+            "device": self.device,
         }
 
 

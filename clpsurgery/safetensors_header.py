@@ -163,7 +163,7 @@ def _tensor_info(path: Path, name: str, entry: object) -> TensorInfo:
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # a list or object is unhashable
         raise SurgeryError(path, f"tensor {name!r}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise SurgeryError(path, f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")

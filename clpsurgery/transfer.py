@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ import torch
 
 from .architecture import read_config
 from .combine import combine_dense, combine_top_k
+from .device import Engine, make_engine
 from .errors import SurgeryError
 from .manifest import build_manifest
 from .model_config import target_config, target_generation_config
@@ -66,6 +68,7 @@ class TransferResult:
     zero_helper_rows: int = 0
     config_changes: dict = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    paths: dict = field(default_factory=dict)  # device, and which search and combine paths ran
 
 
 class Mixing:
@@ -99,7 +102,7 @@ class Mixing:
         return None, weights
 
 
-def find_mixing(plan: TransferPlan, progress: ProgressFactory, result: TransferResult) -> Mixing:
+def find_mixing(plan: TransferPlan, progress: ProgressFactory, result: TransferResult, engine: Engine | None = None) -> Mixing:
     """Helper vectors of every target token, normalised; FAISS top-k unless dense."""
     overlap = plan.overlap
     helper_rows = plan.helper.read_rows(plan.helper_embedding, 0, plan.target_size)
@@ -113,7 +116,10 @@ def find_mixing(plan: TransferPlan, progress: ProgressFactory, result: TransferR
     reached("search")  # test hook (stage_hooks.py): a no-op unless CLPSURGERY_PAUSE_AT names it
     if plan.options.top_k is not None and overlap.missing_ids.size:
         with progress("neighbour search", int(overlap.missing_ids.size)) as advance:
-            neighbours = search_top_k(overlap_vectors, missing_vectors, plan.k, on_chunk=advance)
+            if engine is None:
+                neighbours = search_top_k(overlap_vectors, missing_vectors, plan.k, on_chunk=advance)
+            else:
+                neighbours = engine.search_top_k(overlap_vectors, missing_vectors, plan.k, on_chunk=advance)
     return Mixing(plan, overlap_vectors, missing_vectors, neighbours)
 
 
@@ -147,7 +153,7 @@ class StageClock:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def rebuilt_rows(plan: TransferPlan, mixing: Mixing, name: str, record: bool, clock: StageClock) -> Iterator[torch.Tensor]:
+def rebuilt_rows(plan: TransferPlan, mixing: Mixing, name: str, record: bool, clock: StageClock, engine: Engine | None = None) -> Iterator[torch.Tensor]:
     """Row blocks of one rebuilt tensor: overlap rows copied, the others mixed, in row order.
 
     The source rows of the overlap are read when the first block is asked for and dropped after
@@ -164,7 +170,9 @@ def rebuilt_rows(plan: TransferPlan, mixing: Mixing, name: str, record: bool, cl
     budget = plan.block_budget
     # The overlap rows in fp32 once, when that takes at most half the block budget: converting
     # them per block costs more than the combine itself.
-    if source_2d.numel() * 4 <= budget // 2:
+    if engine is not None and engine.gpu:
+        mixing_rows = engine.rows_for_combine(source_2d)  # on the GPU, in the source dtype
+    elif source_2d.numel() * 4 <= budget // 2:
         mixing_rows = source_2d.to(torch.float32)
         budget -= mixing_rows.numel() * 4 if mixing_rows.dtype != source_2d.dtype else 0
     else:
@@ -184,7 +192,9 @@ def rebuilt_rows(plan: TransferPlan, mixing: Mixing, name: str, record: bool, cl
             first, last = int(mixed[mixed >= 0][0]), int(mixed[mixed >= 0][-1]) + 1
             with clock.stage("combine"):
                 positions, weights = mixing.rows(first, last, record)
-                if positions is None:
+                if engine is not None:
+                    rows = engine.combine_dense(mixing_rows, weights, dtype, DENSE_CHUNK_ROWS) if positions is None else engine.combine_top_k(mixing_rows, positions, weights, dtype)
+                elif positions is None:
                     rows = combine_dense(mixing_rows, weights, dtype, DENSE_CHUNK_ROWS)
                 else:
                     rows = combine_top_k(mixing_rows, positions, weights, dtype)
@@ -247,15 +257,42 @@ def _output_bytes(plan: TransferPlan) -> int:
     return _tensor_bytes(plan) + whole_file_headers
 
 
+@contextmanager
+def leave_a_core_for_copies() -> Iterator[None]:
+    """Compute on one core fewer while the background copy runs.
+
+    The kernel's copy keeps a core busy; OpenMP threads (torch, FAISS) that spin on every core
+    beside it slow both down (measured on 2 cores: the search took 19 s instead of 4 s).
+    """
+    cores = os.cpu_count() or 1
+    torch_threads = torch.get_num_threads()
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    faiss_threads = faiss.omp_get_max_threads() if faiss is not None else None
+    compute = max(1, min(torch_threads, cores - 1))
+    torch.set_num_threads(compute)
+    if faiss is not None:
+        faiss.omp_set_num_threads(max(1, min(faiss_threads, cores - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        if faiss is not None:
+            faiss.omp_set_num_threads(faiss_threads)
+
+
 def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: ProgressFactory = no_progress, command: list[str] | None = None) -> TransferResult:
     """Write the target model into OUT (built beside it and renamed in when complete)."""
     result = TransferResult()
+    engine = make_engine(plan.options.device, plan.options.max_memory)  # --device cuda without a GPU fails here
     clock = StageClock()
     mixing: Mixing | None = None
 
     def make_producer(name: str) -> Callable[[], Iterator[torch.Tensor]]:
         record = name == plan.source_tensors.embedding
-        return lambda: rebuilt_rows(plan, mixing, name, record, clock)
+        return lambda: rebuilt_rows(plan, mixing, name, record, clock, engine)
 
     with staged_output(out, force) as staging:
         # Lay out every output file first, so the byte copies can start at once, in the
@@ -276,13 +313,14 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
         copy_started = time.perf_counter()
         copier.start()
         try:
-            with clock.stage("search"):
-                mixing = find_mixing(plan, progress, result)
+            with leave_a_core_for_copies(), clock.stage("search"):
+                mixing = find_mixing(plan, progress, result, engine)
             with progress("combine, copy and write", _output_bytes(plan)) as advance:
                 result.write_stats.on_bytes = lambda n: advance(n + copier.take_bytes())
                 write_started = time.perf_counter()
-                for layout in layouts:
-                    write_computed(layout, result.write_stats)
+                with leave_a_core_for_copies():
+                    for layout in layouts:
+                        write_computed(layout, result.write_stats)
                 inside = clock.seconds.get("read", 0.0) + clock.seconds.get("combine", 0.0)
                 clock.seconds["write"] = time.perf_counter() - write_started - inside
                 with clock.stage("wait for copies"):
@@ -296,6 +334,7 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
                 finish_file(layout, result.write_stats)
         result.write_stats.add(copier.stats)
         result.weight_stats = mixing.stats
+        result.paths = engine.describe()
         if plan.source.is_sharded:
             total = _tensor_bytes(plan)
             extra = {k: v for k, v in (plan.source.index or {}).get("metadata", {}).items()}

@@ -1,0 +1,318 @@
+"""Where the arithmetic runs: `--device auto|cpu|cuda`, and the GPU paths of search and combine.
+
+An `Engine` does the two compute stages for `transfer.py` and records which path ran:
+
+  search   faiss-cpu (the CPU default), faiss-gpu (when the installed faiss has GPU support),
+           torch-topk-cuda (exact top-k by chunked matrix product on the GPU, when it has not),
+           torch-topk-cpu (the same on the CPU, where faiss is not installed at all)
+  combine  torch-cpu (embedding_bag over fp32 rows, combine.py), triton (kernels/combine.py),
+           torch-cuda (the CPU code on CUDA tensors, when triton is missing or fails),
+           torch-cpu-matmul / torch-cuda-matmul (the dense form, chunked matrix products)
+
+Whatever the path, the arithmetic is the same: fp32 products, fp32 accumulation, one cast to
+the source dtype; neighbours are rescored exactly (fp64 sums) and ties go to the lower position,
+so every search path returns the same neighbours, ties aside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from .combine import combine_dense, combine_top_k
+from .errors import SurgeryError
+from .neighbours import Neighbours, search_top_k
+from .options import DEVICES
+
+# Candidates kept beyond k by the fp32 scoring, for the exact rescoring to choose from.
+RESCORE_MARGIN = 4
+# FAISS's GPU flat index returns at most this many neighbours per query.
+FAISS_GPU_MAX_K = 2048
+# Part of the memory budget a search chunk's score matrix (and its top-k workspace) may take.
+SEARCH_SHARE = 4
+# What the Triton kernel reads and writes (kernels.combine.SUPPORTED_DTYPES; not imported: triton may be missing).
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def cuda_unavailable_reason() -> str | None:
+    """None when torch sees a CUDA device; else why not, in a few words."""
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build"
+    try:
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            return None
+    except Exception as e:  # a broken driver raises rather than answering False
+        return f"CUDA could not be initialised ({' '.join(str(e).split())})"
+    return "torch finds no CUDA device (no GPU, or no driver)"
+
+
+def resolve_device(requested: str) -> str:
+    """'cpu' or 'cuda' for `--device requested`; `auto` takes the GPU when there is one."""
+    if requested not in DEVICES:
+        raise SurgeryError("--device", f"unknown device {requested!r}; choose from {', '.join(DEVICES)}")
+    if requested == "cpu":
+        return "cpu"
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        return "cuda"
+    if requested == "cuda":
+        raise SurgeryError("--device", f"cuda was asked for, but no CUDA device is available: {reason}")
+    return "cpu"
+
+
+def faiss_gpu_reason() -> str | None:
+    """None when faiss is installed with GPU support; else why it cannot search on the GPU."""
+    try:
+        import faiss
+    except ImportError:
+        return "faiss is not installed"
+    if not hasattr(faiss, "StandardGpuResources"):
+        return "the installed faiss has no GPU support"
+    try:
+        if faiss.get_num_gpus() < 1:
+            return "faiss sees no GPU"
+    except Exception as e:
+        return f"faiss could not query its GPUs ({' '.join(str(e).split())})"
+    return None
+
+
+@contextmanager
+def exact_fp32() -> Iterator[None]:
+    """fp32 matrix products in full fp32 on the GPU (no TF32), whatever the process had set."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    cudnn = torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+def rescore_exact(base: torch.Tensor, queries: torch.Tensor, found: torch.Tensor, k: int, step_bytes: int = 32 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device-side twin of neighbours.rescore: each row's candidates `found` (valid positions)
+    scored exactly (fp32 products summed in fp64), the best k kept, ties to the lower position.
+    Returns (similarities fp32, positions int64), both [rows, k], on the device of the inputs."""
+    found, _ = found.sort(dim=1)
+    rows, width = queries.shape[0], base.shape[1]
+    scores = torch.empty(found.shape, dtype=torch.float64, device=base.device)
+    step = max(1, step_bytes // max(1, found.shape[1] * width * 4))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        products = base[found[start:stop]] * queries[start:stop, None, :]
+        scores[start:stop] = torch.sum(products, dim=-1, dtype=torch.float64)
+    order = torch.sort(-scores, dim=1, stable=True).indices[:, :k]  # stable: equal scores keep position order
+    return scores.gather(1, order).to(torch.float32), found.gather(1, order)
+
+
+def exact_top_k(
+    overlap_vectors: torch.Tensor,
+    query_vectors: torch.Tensor,
+    k: int,
+    device: str | torch.device = "cpu",
+    budget_bytes: int = 256 << 20,
+    on_chunk: Callable[[int], None] | None = None,
+    query_rows: int | None = None,
+    overlap_rows: int | None = None,
+) -> Neighbours:
+    """Exact top-k by inner product, by chunked matrix product and torch.topk, on any device.
+
+    Query rows come in chunks and the overlap in chunks, each chunk's [queries, overlap] fp32
+    score matrix within `budget_bytes` (with room for topk's workspace); each overlap chunk's best
+    k + RESCORE_MARGIN are merged into the running best, and the survivors are rescored exactly
+    as the FAISS path rescores its candidates: the same neighbours, ties aside. `query_rows` and
+    `overlap_rows` fix the chunk sizes instead (tests).
+    """
+    base = overlap_vectors.to(device=device, dtype=torch.float32).contiguous()
+    n = base.shape[0]
+    k = min(k, n)
+    candidates = min(k + RESCORE_MARGIN, n)
+    m = query_vectors.shape[0]
+    positions = np.empty((m, k), dtype=np.int64)
+    similarities = np.empty((m, k), dtype=np.float32)
+    if m == 0 or k == 0:
+        return Neighbours(positions, similarities)
+    score_budget = max(1 << 20, budget_bytes // 2)  # scores, plus as much again for topk and the merge
+    query_rows = query_rows or int(min(m, max(1, score_budget // (4 * n)), 16384))
+    overlap_rows = int(min(n, max(candidates, overlap_rows or score_budget // (4 * query_rows))))
+    context = exact_fp32() if base.is_cuda else _nothing()
+    with context:
+        for start in range(0, m, query_rows):
+            stop = min(m, start + query_rows)
+            queries = query_vectors[start:stop].to(device=device, dtype=torch.float32)
+            best_scores = best_found = None
+            for first in range(0, n, overlap_rows):
+                last = min(n, first + overlap_rows)
+                scores = queries @ base[first:last].T
+                top_scores, top_found = scores.topk(min(candidates, last - first), dim=1)
+                top_found += first
+                if best_scores is not None:
+                    top_scores = torch.cat([best_scores, top_scores], dim=1)
+                    top_found = torch.cat([best_found, top_found], dim=1)
+                    top_scores, picked = top_scores.topk(candidates, dim=1)
+                    top_found = top_found.gather(1, picked)
+                best_scores, best_found = top_scores, top_found
+                del scores
+            sims, found = rescore_exact(base, queries, best_found, k, step_bytes=max(1 << 20, budget_bytes // 8))
+            similarities[start:stop] = sims.cpu().numpy()
+            positions[start:stop] = found.cpu().numpy()
+            if on_chunk:
+                on_chunk(stop - start)
+    return Neighbours(positions, similarities)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def faiss_gpu_top_k(overlap_vectors: torch.Tensor, query_vectors: torch.Tensor, k: int, chunk_rows: int = 8192, on_chunk: Callable[[int], None] | None = None) -> Neighbours:
+    """FAISS's GPU flat inner-product index, then the same exact rescoring as the CPU path."""
+    import faiss
+
+    k = min(k, overlap_vectors.shape[0])
+    candidates = min(k + RESCORE_MARGIN, overlap_vectors.shape[0])
+    base = np.ascontiguousarray(overlap_vectors.numpy(), dtype=np.float32)
+    base_t = torch.from_numpy(base)
+    resources = faiss.StandardGpuResources()
+    index = faiss.GpuIndexFlatIP(resources, base.shape[1])
+    index.add(base)
+    queries = np.ascontiguousarray(query_vectors.numpy(), dtype=np.float32)
+    positions = np.empty((queries.shape[0], k), dtype=np.int64)
+    similarities = np.empty((queries.shape[0], k), dtype=np.float32)
+    for start in range(0, queries.shape[0], chunk_rows):
+        stop = min(start + chunk_rows, queries.shape[0])
+        _, found = index.search(queries[start:stop], candidates)
+        found = torch.from_numpy(found)
+        if (found < 0).any():  # FAISS pads a short result with -1; there are always `candidates` here
+            raise RuntimeError("faiss-gpu returned fewer candidates than asked for")
+        sims, picked = rescore_exact(base_t, query_vectors[start:stop].to(torch.float32), found, k)
+        similarities[start:stop], positions[start:stop] = sims.numpy(), picked.numpy()
+        if on_chunk:
+            on_chunk(stop - start)
+    return Neighbours(positions, similarities)
+
+
+def combine_dense_chunked(source_rows: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype, chunk_rows: int = 4096) -> torch.Tensor:
+    """out = weights @ source_rows on the rows' device, fp32, a chunk of source rows at a time:
+    besides the weights and the fp32 output, one chunk of rows in fp32 is held at once."""
+    device = source_rows.device
+    weights = weights.to(device=device, dtype=torch.float32)
+    out = torch.zeros((weights.shape[0], source_rows.shape[1]), dtype=torch.float32, device=device)
+    context = exact_fp32() if source_rows.is_cuda else _nothing()
+    with context:
+        for start in range(0, source_rows.shape[0], chunk_rows):
+            stop = min(start + chunk_rows, source_rows.shape[0])
+            out.addmm_(weights[:, start:stop], source_rows[start:stop].to(torch.float32))
+    return out.to(out_dtype)
+
+
+class Engine:
+    """The compute stages on one device, and a record of the paths that ran."""
+
+    def __init__(self, device: str, budget: int) -> None:
+        self.device = device
+        self.budget = budget
+        self.paths: dict[str, list[str]] = {}
+        self.notes: list[str] = []
+        self._kernel_failed = False
+
+    @property
+    def gpu(self) -> bool:
+        return self.device == "cuda"
+
+    def record(self, stage: str, path: str) -> None:
+        taken = self.paths.setdefault(stage, [])
+        if path not in taken:
+            taken.append(path)
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def describe(self) -> dict:
+        """For the manifest: the device, and which path each stage took (and why, if not the first choice)."""
+        described: dict = {"device": self.device}
+        if self.gpu:
+            described["device_name"] = torch.cuda.get_device_name(0)
+        for stage in ("search", "combine"):
+            taken = self.paths.get(stage, [])
+            described[stage] = taken[0] if len(taken) == 1 else taken if taken else "none"
+        if self.notes:
+            described["notes"] = list(self.notes)
+        return described
+
+    # search
+
+    def search_top_k(self, overlap_vectors: torch.Tensor, query_vectors: torch.Tensor, k: int, on_chunk: Callable[[int], None] | None = None) -> Neighbours:
+        if self.gpu:
+            reason = faiss_gpu_reason()
+            if reason is None and min(k, overlap_vectors.shape[0]) + RESCORE_MARGIN <= FAISS_GPU_MAX_K:
+                self.record("search", "faiss-gpu")
+                return faiss_gpu_top_k(overlap_vectors, query_vectors, k, on_chunk=on_chunk)
+            self.note(f"search: exact top-k by matrix product on the GPU ({reason or f'k above faiss-gpu limit {FAISS_GPU_MAX_K}'})")
+            self.record("search", "torch-topk-cuda")
+            return exact_top_k(overlap_vectors, query_vectors, k, "cuda", self.budget // SEARCH_SHARE, on_chunk)
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            self.note("search: faiss is not installed; exact top-k by matrix product on the CPU")
+            self.record("search", "torch-topk-cpu")
+            return exact_top_k(overlap_vectors, query_vectors, k, "cpu", self.budget // SEARCH_SHARE, on_chunk)
+        self.record("search", "faiss-cpu")
+        return search_top_k(overlap_vectors, query_vectors, k, on_chunk=on_chunk)
+
+    # combine
+
+    def rows_for_combine(self, source_rows: torch.Tensor) -> torch.Tensor:
+        """The overlap rows on the device, in their own dtype (the kernel reads bf16 as is); on
+        the CPU as given when there is no GPU, or when they would take over half its free memory."""
+        if not self.gpu:
+            return source_rows
+        free, _ = torch.cuda.mem_get_info()
+        need = source_rows.numel() * source_rows.element_size()
+        if need > free // 2:
+            self.note(f"combine: the overlap rows ({need >> 20} MiB) take over half the GPU's free memory ({free >> 20} MiB); combined on the CPU")
+            return source_rows
+        return source_rows.to("cuda")
+
+    def combine_top_k(self, rows: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """out[r] = sum_j weights[r, j] * rows[positions[r, j]] on the rows' device, returned on the CPU."""
+        if not rows.is_cuda:
+            self.record("combine", "torch-cpu")
+            return combine_top_k(rows, positions, weights, out_dtype)
+        if rows.shape[0] < 2**31:
+            positions = positions.to(torch.int32)
+        positions = positions.to(rows.device)
+        weights = weights.to(device=rows.device, dtype=torch.float32)
+        if rows.dtype not in KERNEL_DTYPES or out_dtype not in KERNEL_DTYPES:
+            self.note(f"combine: {rows.dtype} rows are combined by torch on the GPU (the Triton kernel takes bf16, fp16 and fp32)")
+        elif not self._kernel_failed:
+            try:
+                from kernels.combine import combine_rows
+
+                out = combine_rows(rows, positions, weights, out_dtype)
+                self.record("combine", "triton")
+                return out.cpu()
+            except Exception as e:  # triton missing, or no compiler for this card: the torch path
+                self._kernel_failed = True
+                self.note(f"combine: the Triton kernel is unavailable ({type(e).__name__}: {' '.join(str(e).split())[:200]}); torch on the GPU instead")
+        self.record("combine", "torch-cuda")
+        return combine_top_k(rows, positions.long(), weights, out_dtype).cpu()
+
+    def combine_dense(self, rows: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype, chunk_rows: int) -> torch.Tensor:
+        """out = weights @ rows over the whole overlap, chunked, on the rows' device; returned on the CPU."""
+        if not rows.is_cuda:
+            self.record("combine", "torch-cpu-matmul")
+            return combine_dense(rows, weights, out_dtype, chunk_rows)
+        self.record("combine", "torch-cuda-matmul")
+        return combine_dense_chunked(rows, weights, out_dtype, chunk_rows).cpu()
+
+
+def make_engine(requested: str, budget: int) -> Engine:
+    """The engine for `--device requested` (SurgeryError for `cuda` without a CUDA device)."""
+    return Engine(resolve_device(requested), budget)

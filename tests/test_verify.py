@@ -1,0 +1,197 @@
+"""`clpsurgery verify`: passes on real outputs, and names what is wrong where when something is."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from clpsurgery.cli import main
+from clpsurgery.verify import verify_output
+from test_broken_inputs import EMBEDDING, Env, shard, shared_token_source_id
+
+
+def run(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
+@pytest.fixture(scope="module")
+def sharded_source(gpt2_source, tmp_path_factory) -> Path:
+    """The GPT-2 source in two shards: embeddings in the first, every layer in the second."""
+    env = Env(tmp_path_factory.mktemp("sharded"), gpt2_source, gpt2_source)
+    folder = env.src()
+    shard(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def outputs(gpt2_source, sharded_source, german_helper, tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("verify")
+    made = {}
+    for name, source in (("single", gpt2_source), ("sharded", sharded_source)):
+        made[name] = base / name
+        assert run(["init", "--quiet", str(source), str(german_helper), str(made[name])]) == 0
+    return made
+
+
+@pytest.fixture
+def copy_of(outputs, tmp_path):
+    def make(name: str) -> Path:
+        target = tmp_path / name
+        shutil.copytree(outputs[name], target)
+        return target
+
+    return make
+
+
+def failures(out: Path, source: Path | None = None) -> list[str]:
+    return [c.line() for c in verify_output(out, source) if c.ok is False]
+
+
+def rehash(out: Path, name: str) -> None:
+    """Record a file's new hash in the manifest: a consistent folder whose content is wrong."""
+    manifest = json.loads((out / "clpsurgery.json").read_text())
+    for entry in manifest["outputs"]:
+        if entry["file"] == name:
+            entry["sha256"] = hashlib.sha256((out / name).read_bytes()).hexdigest()
+            entry["bytes"] = (out / name).stat().st_size
+    (out / "clpsurgery.json").write_text(json.dumps(manifest))
+
+
+def data_start(path: Path) -> tuple[dict, int]:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), 8 + n
+
+
+def poke(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_manifest_hashes_every_file(outputs):
+    """Every output file has the SHA-256 of its bytes, except weights copied whole from the source,
+    which name their source file and keep a header hash."""
+    for name, out in outputs.items():
+        manifest = json.loads((out / "clpsurgery.json").read_text())
+        listed = {e["file"]: e for e in manifest["outputs"]}
+        assert set(listed) | {"clpsurgery.json"} == {p.name for p in out.iterdir()}
+        for file, entry in listed.items():
+            data = (out / file).read_bytes()
+            assert entry["bytes"] == len(data)
+            if "copied_from" in entry:
+                assert name == "sharded" and file == "model-00002-of-00002.safetensors"
+                assert "sha256" not in entry and entry["copied_from"] == file
+            else:
+                assert entry["sha256"] == hashlib.sha256(data).hexdigest(), file
+
+
+@pytest.mark.parametrize("name", ["single", "sharded"])
+def test_real_outputs_pass(outputs, name, gpt2_source, sharded_source, capsys):
+    out, source = outputs[name], {"single": gpt2_source, "sharded": sharded_source}[name]
+    capsys.readouterr()
+    assert run(["verify", str(out), "--source", str(source)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(line.startswith("PASS") for line in lines), lines
+    checks = " ".join(lines)
+    for what in ("files", "headers", "shapes", "finite", "source", "unchanged tensors", "overlap rows"):
+        assert what in checks, what
+    assert run(["verify", str(out)]) == 0
+    assert "SKIP  against SOURCE" in capsys.readouterr().out
+
+
+def test_a_flipped_byte_in_a_copied_tensor(copy_of, gpt2_source, capsys):
+    out = copy_of("single")
+    header, start = data_start(out / "model.safetensors")
+    begin, _ = header["transformer.h.0.mlp.c_fc.weight"]["data_offsets"]
+    poke(out / "model.safetensors", start + begin + 5, b"\x7f")
+    assert any("FAIL  file model.safetensors: SHA-256" in line for line in failures(out))
+    assert any("'transformer.h.0.mlp.c_fc.weight' differs from SOURCE" in line for line in failures(out, gpt2_source))
+    capsys.readouterr()
+    assert run(["verify", str(out)]) == 1
+    assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL")
+
+
+def test_wrong_overlap_row_and_nan_row_with_consistent_hashes(copy_of, gpt2_source, german_helper):
+    out = copy_of("single")
+    weights = out / "model.safetensors"
+    header, start = data_start(weights)
+    width = header[EMBEDDING]["shape"][1]
+    begin = start + header[EMBEDDING]["data_offsets"][0]
+    # The target row of a shared token: find it through the target tokenizer.
+    from tokenizers import Tokenizer
+
+    source_id = shared_token_source_id(gpt2_source, german_helper)
+    token = Tokenizer.from_file(str(gpt2_source / "tokenizer.json")).id_to_token(source_id)
+    target_id = Tokenizer.from_file(str(out / "tokenizer.json")).token_to_id(token)
+    poke(weights, begin + target_id * width * 4, struct.pack("<f", 123.0))
+    rehash(out, weights.name)
+    assert failures(out) == []  # consistent with its manifest...
+    assert failures(out, gpt2_source) == [f"FAIL  overlap rows {EMBEDDING}: row {target_id} differs from SOURCE row {source_id}"]
+    poke(weights, begin + 7 * width * 4 + 8, struct.pack("<f", float("nan")))
+    rehash(out, weights.name)
+    assert failures(out) == [f"FAIL  finite {EMBEDDING}: row 7 has NaN or Inf"]
+
+
+def test_config_that_disagrees_with_the_weights(copy_of):
+    out = copy_of("single")
+    config = json.loads((out / "config.json").read_text())
+    config["vocab_size"] += 64
+    config["eos_token_id"] = config["vocab_size"] + 5
+    (out / "config.json").write_text(json.dumps(config))
+    rehash(out, "config.json")
+    found = failures(out)
+    assert any("config.json vocab_size" in line for line in found), found
+    assert any("eos_token_id" in line and "has no row" in line for line in found), found
+
+
+def test_missing_extra_and_truncated_files(copy_of):
+    out = copy_of("single")
+    (out / "generation_config.json").unlink(missing_ok=True)
+    (out / "config.json").unlink()
+    (out / "stray.bin").write_bytes(b"x")
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    found = failures(out)
+    assert "FAIL  file config.json: missing" in found
+    assert "FAIL  file stray.bin: not written by clpsurgery (not in the manifest)" in found
+    assert any(line.startswith("FAIL  file model.safetensors:") and "bytes, the manifest says" in line for line in found)
+    assert any(line.startswith("FAIL  headers:") and "truncated" in line for line in found), found
+
+
+def test_whole_copied_shard_is_checked_against_the_source(copy_of, sharded_source):
+    """A shard copied whole has no full hash (see manifest.output_files): without --source a change
+    in its data passes the size and header checks; with --source it is caught."""
+    out = copy_of("sharded")
+    shard2 = out / "model-00002-of-00002.safetensors"
+    _, start = data_start(shard2)
+    poke(shard2, start + 3, b"\x11")
+    assert failures(out) == []
+    assert any("differs from SOURCE" in line for line in failures(out, sharded_source))
+
+
+def test_another_source_is_named(outputs, llama_source):
+    found = failures(outputs["single"], llama_source)
+    assert any(line.startswith("FAIL  source: SOURCE is not the checkpoint") for line in found), found
+
+
+def test_not_an_output_is_one_error_line(gpt2_source, tmp_path, capsys):
+    capsys.readouterr()
+    assert run(["verify", str(gpt2_source)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {gpt2_source}: has no clpsurgery.json")
+    assert run(["verify", str(tmp_path / "nowhere")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "clpsurgery.json").write_text("{")
+    assert run(["verify", str(tmp_path / "bad")]) == 1
+    assert "not valid JSON" in capsys.readouterr().err
