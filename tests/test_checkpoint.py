@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -11,30 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from clpsurgery.checkpoint import INDEX_NAME, Checkpoint
-from clpsurgery.safetensors_header import DTYPE_SIZES, TORCH_DTYPES
+from tensor_bytes import as_bytes, assert_same, random_tensor
+
 from clpsurgery.writer import planned_from_tensor, write_file
-
-
-def random_tensor(dtype_name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    n = math.prod(shape) * DTYPE_SIZES[dtype_name]
-    if n == 0:
-        return torch.empty(shape, dtype=TORCH_DTYPES[dtype_name])
-    raw = np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8)
-    if dtype_name == "BOOL":
-        raw %= 2
-    return torch.from_numpy(raw).view(TORCH_DTYPES[dtype_name]).reshape(shape)
-
-
-def as_bytes(t: torch.Tensor) -> bytes:
-    if t.numel() == 0:
-        return b""
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.dtype == b.dtype
-    assert tuple(a.shape) == tuple(b.shape)
-    assert as_bytes(a) == as_bytes(b)
 
 
 def sample(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import random
 
@@ -16,7 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from clpsurgery.checkpoint import Checkpoint
 from clpsurgery.errors import SurgeryError
-from clpsurgery.safetensors_header import DTYPE_SIZES, TORCH_DTYPES, TensorSpec, read_header
+from clpsurgery.safetensors_header import DTYPE_SIZES, TensorSpec, read_header
+from tensor_bytes import assert_same, random_tensor
+
 from clpsurgery.writer import (
     ComputedTensor,
     CopiedTensor,
@@ -27,29 +28,6 @@ from clpsurgery.writer import (
 
 ALL_DTYPES = sorted(DTYPE_SIZES)
 assert len(ALL_DTYPES) == 15
-
-
-def random_tensor(dtype_name: str, shape: tuple[int, ...], rng: np.random.Generator) -> torch.Tensor:
-    """A tensor of arbitrary bit patterns (NaNs included) for floats, 0/1 for BOOL."""
-    n = math.prod(shape) * DTYPE_SIZES[dtype_name]
-    if n == 0:
-        return torch.empty(shape, dtype=TORCH_DTYPES[dtype_name])
-    raw = rng.integers(0, 256, size=n, dtype=np.uint8)
-    if dtype_name == "BOOL":
-        raw %= 2
-    return torch.from_numpy(raw).view(TORCH_DTYPES[dtype_name]).reshape(shape)
-
-
-def as_bytes(t: torch.Tensor) -> bytes:
-    if t.numel() == 0:
-        return b""
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.dtype == b.dtype
-    assert tuple(a.shape) == tuple(b.shape)
-    assert as_bytes(a) == as_bytes(b)
 
 
 def write_tensors(path, tensors: dict[str, torch.Tensor], block_rows: int = 2, **kw) -> WriteStats:
