@@ -276,7 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     except (click.Abort, KeyboardInterrupt, Interrupted):
         if debug:
             raise
-        click.echo("error: interrupted; nothing was written to the output", err=True)
+        command = args[0] if args else ""
+        after = "; the output was not written (its partial folder was removed)" if command in ("init", "demo") else ""
+        click.echo(f"error: interrupted{after}", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except SurgeryError as e:
         if debug:

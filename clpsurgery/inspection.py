@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 from .architecture import config_vocab_size, find_vocab_tensors, read_config
 from .checkpoint import Checkpoint
 from .errors import SurgeryError
+from .json_input import read_json_file
 from .model_config import TOKEN_ID_KEYS
 from .output_folder import MANIFEST_NAME
 from .vocabulary import load_vocabulary, tokenizer_path
@@ -64,12 +64,11 @@ def inspect_checkpoint(path: str | Path) -> dict:
         }
     manifest_path = folder / MANIFEST_NAME
     if manifest_path.is_file():
-        try:
-            report["clpsurgery"] = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise SurgeryError(manifest_path, f"not valid JSON ({e})") from e
-        if isinstance(report["clpsurgery"], dict):
-            report["clpsurgery"].pop("overlap_pairs", None)  # for `verify --source`; a long blob
+        manifest = read_json_file(manifest_path, "manifest")
+        if not isinstance(manifest, dict):
+            raise SurgeryError(manifest_path, "manifest is not a JSON object")
+        manifest.pop("overlap_pairs", None)  # for `verify --source`; a long blob
+        report["clpsurgery"] = manifest
     return report
 
 

@@ -112,7 +112,7 @@ def interrupted(gpt2_source, german_helper, tmp_path_factory) -> dict[tuple[str,
 def test_interrupt_cleans_up(interrupted, point, sig):
     r = interrupted[(point, int(sig))]
     assert r.returncode == 130, (r.before, r.after)
-    assert r.after == ["error: interrupted; nothing was written to the output"], r.after
+    assert r.after == ["error: interrupted; the output was not written (its partial folder was removed)"], r.after
     assert not r.out.exists()
     assert r.partials == []
 
