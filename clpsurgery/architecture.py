@@ -12,7 +12,7 @@ output, so copies stay copies.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SurgeryError

@@ -42,7 +42,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def output_files(folder: Path, copied_whole: dict[str, str] | None = None) -> list[dict]:
+def output_files(folder: Path, copied_whole: dict[str, str] | None = None, known_hashes: dict[str, str | None] | None = None) -> list[dict]:
     """The files written: size, SHA-256 of the whole file, and of the header for weights.
 
     A weights file copied whole from the source (`copied_whole`: output name -> source file name)
@@ -50,13 +50,16 @@ def output_files(folder: Path, copied_whole: dict[str, str] | None = None) -> li
     reading them back only to hash them would cost more than the copy itself (0.75 s per GiB
     here against 0.6 s for the copy). It records where it came from instead; `verify` checks
     its size and header hash, and with `--source` compares it with the source byte for byte.
-    Full hashes are read back after writing, several files at a time.
+    Full hashes are read back after writing, several files at a time; `known_hashes` are those
+    already taken (rebuilt files are hashed while the next one is computed).
     """
     copied_whole = copied_whole or {}
+    known = {name: digest for name, digest in (known_hashes or {}).items() if digest is not None}
     paths = [p for p in sorted(folder.iterdir()) if p.is_file()]
-    to_hash = [p for p in paths if p.name not in copied_whole]
+    to_hash = [p for p in paths if p.name not in copied_whole and p.name not in known]
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1, len(to_hash)))) as pool:
         hashes = dict(zip(to_hash, pool.map(file_sha256, to_hash)))
+    hashes.update({folder / name: digest for name, digest in known.items()})
     entries = []
     for path in paths:
         entry: dict = {"file": path.name, "bytes": path.stat().st_size}
@@ -116,8 +119,8 @@ def build_manifest(plan: TransferPlan, staging: Path, result: TransferResult, co
     """The manifest as plain data."""
     summary = plan.summary()
     started = time.perf_counter()
-    outputs = output_files(staging, files_copied_whole(plan))
-    result.stage_seconds["hash"] = time.perf_counter() - started
+    outputs = output_files(staging, files_copied_whole(plan), result.file_hashes)
+    result.stage_seconds["hash"] = result.stage_seconds.get("hash", 0.0) + time.perf_counter() - started
     return {
         "tool": {"name": "clpsurgery", "version": __version__},
         "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
