@@ -174,27 +174,8 @@ def faiss_gpu_top_k(overlap_vectors: torch.Tensor, query_vectors: torch.Tensor, 
     """FAISS's GPU flat inner-product index, then the same exact rescoring as the CPU path."""
     import faiss
 
-    k = min(k, overlap_vectors.shape[0])
-    candidates = min(k + RESCORE_MARGIN, overlap_vectors.shape[0])
-    base = np.ascontiguousarray(overlap_vectors.numpy(), dtype=np.float32)
-    base_t = torch.from_numpy(base)
     resources = faiss.StandardGpuResources()
-    index = faiss.GpuIndexFlatIP(resources, base.shape[1])
-    index.add(base)
-    queries = np.ascontiguousarray(query_vectors.numpy(), dtype=np.float32)
-    positions = np.empty((queries.shape[0], k), dtype=np.int64)
-    similarities = np.empty((queries.shape[0], k), dtype=np.float32)
-    for start in range(0, queries.shape[0], chunk_rows):
-        stop = min(start + chunk_rows, queries.shape[0])
-        _, found = index.search(queries[start:stop], candidates)
-        found = torch.from_numpy(found)
-        if (found < 0).any():  # FAISS pads a short result with -1; there are always `candidates` here
-            raise RuntimeError("faiss-gpu returned fewer candidates than asked for")
-        sims, picked = rescore_exact(base_t, query_vectors[start:stop].to(torch.float32), found, k)
-        similarities[start:stop], positions[start:stop] = sims.numpy(), picked.numpy()
-        if on_chunk:
-            on_chunk(stop - start)
-    return Neighbours(positions, similarities)
+    return search_top_k(overlap_vectors, query_vectors, k, chunk_rows, on_chunk, make_index=lambda width: faiss.GpuIndexFlatIP(resources, width))
 
 
 def combine_dense_chunked(source_rows: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype, chunk_rows: int = 4096) -> torch.Tensor:
