@@ -31,9 +31,11 @@ def combine_top_k(source_rows: torch.Tensor, positions: torch.Tensor, weights: t
 
 
 def combine_dense(source_rows: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype, chunk_rows: int = 4096) -> torch.Tensor:
-    """out = weights @ source_rows over the whole overlap, accumulated in fp32, a chunk of rows at a time."""
-    out = torch.zeros((weights.shape[0], source_rows.shape[1]), dtype=torch.float32)
-    weights = weights.to(torch.float32)
+    """out = weights @ source_rows over the whole overlap, accumulated in fp32, on the rows' device:
+    besides the weights and the fp32 output, one chunk of rows in fp32 is held at once."""
+    device = source_rows.device
+    weights = weights.to(device=device, dtype=torch.float32)
+    out = torch.zeros((weights.shape[0], source_rows.shape[1]), dtype=torch.float32, device=device)
     for start in range(0, source_rows.shape[0], chunk_rows):
         stop = min(start + chunk_rows, source_rows.shape[0])
         out.addmm_(weights[:, start:stop], source_rows[start:stop].to(torch.float32))

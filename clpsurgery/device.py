@@ -17,7 +17,7 @@ so every search path returns the same neighbours, ties aside.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -139,7 +139,7 @@ def exact_top_k(
     score_budget = max(1 << 20, budget_bytes // 2)  # scores, plus as much again for topk and the merge
     query_rows = query_rows or int(min(m, max(1, score_budget // (4 * n)), 16384))
     overlap_rows = int(min(n, max(candidates, overlap_rows or score_budget // (4 * query_rows))))
-    context = exact_fp32() if base.is_cuda else _nothing()
+    context = exact_fp32() if base.is_cuda else nullcontext()
     with context:
         for start in range(0, m, query_rows):
             stop = min(m, start + query_rows)
@@ -165,11 +165,6 @@ def exact_top_k(
     return Neighbours(positions, similarities)
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
 def faiss_gpu_top_k(overlap_vectors: torch.Tensor, query_vectors: torch.Tensor, k: int, chunk_rows: int = 8192, on_chunk: Callable[[int], None] | None = None) -> Neighbours:
     """FAISS's GPU flat inner-product index, then the same exact rescoring as the CPU path."""
     import faiss
@@ -179,17 +174,9 @@ def faiss_gpu_top_k(overlap_vectors: torch.Tensor, query_vectors: torch.Tensor, 
 
 
 def combine_dense_chunked(source_rows: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype, chunk_rows: int = 4096) -> torch.Tensor:
-    """out = weights @ source_rows on the rows' device, fp32, a chunk of source rows at a time:
-    besides the weights and the fp32 output, one chunk of rows in fp32 is held at once."""
-    device = source_rows.device
-    weights = weights.to(device=device, dtype=torch.float32)
-    out = torch.zeros((weights.shape[0], source_rows.shape[1]), dtype=torch.float32, device=device)
-    context = exact_fp32() if source_rows.is_cuda else _nothing()
-    with context:
-        for start in range(0, source_rows.shape[0], chunk_rows):
-            stop = min(start + chunk_rows, source_rows.shape[0])
-            out.addmm_(weights[:, start:stop], source_rows[start:stop].to(torch.float32))
-    return out.to(out_dtype)
+    """combine_dense on the rows' device, with TF32 off on a GPU so products stay exact fp32."""
+    with exact_fp32() if source_rows.is_cuda else nullcontext():
+        return combine_dense(source_rows, weights, out_dtype, chunk_rows)
 
 
 class Engine:

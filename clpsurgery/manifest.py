@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+from collections.abc import Callable
 import os
 import time
 import zlib
@@ -34,11 +35,16 @@ def checkpoint_files(checkpoint: Checkpoint) -> list[dict]:
     return files
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, advance: Callable[[int], None] | None = None) -> str:
+    """SHA-256 of a whole file, read in 1 MiB chunks; `advance(n)` after each, for a progress bar."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+            if advance is not None:
+                advance(n)
     return digest.hexdigest()
 
 

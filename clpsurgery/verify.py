@@ -32,7 +32,7 @@ from pathlib import Path
 from .checkpoint import Checkpoint
 from .errors import SurgeryError
 from .json_input import read_json_file
-from .manifest import decode_pairs
+from .manifest import decode_pairs, file_sha256
 from .output_folder import MANIFEST_NAME
 from .safetensors_header import FLOAT_DTYPES
 
@@ -117,17 +117,6 @@ def _read_manifest(out: Path) -> dict:
     if not isinstance(outputs, list) or not all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in outputs):
         raise SurgeryError(path, "is not a clpsurgery manifest (no list of output files)")
     return manifest
-
-
-def file_sha256(path: Path, advance: Callable[[int], None]) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(CHUNK_BYTES)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            digest.update(view[:n])
-            advance(n)
-    return digest.hexdigest()
 
 
 def _header_sha256(path: Path) -> str | None:

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .errors import SurgeryError
@@ -287,11 +286,6 @@ def planned_from_tensor(name: str, tensor: torch.Tensor, block_rows: int = 4096)
             yield tensor
 
     return ComputedTensor(spec, produce)
-
-
-def as_numpy_bytes(t: torch.Tensor) -> np.ndarray:
-    """Raw bytes of a tensor as a uint8 array (for hashing and comparisons)."""
-    return np.frombuffer(tensor_bytes(t), dtype=np.uint8)
 
 
 class BackgroundCopier(threading.Thread):
