@@ -10,8 +10,9 @@ An `Engine` does the two compute stages for `transfer.py` and records which path
            torch-cpu-matmul / torch-cuda-matmul (the dense form, chunked matrix products)
 
 Whatever the path, the arithmetic is the same: fp32 products, fp32 accumulation, one cast to
-the source dtype; neighbours are rescored exactly (fp64 sums) and ties go to the lower position,
-so every search path returns the same neighbours, ties aside.
+the source dtype; every search path's candidates are rescored by neighbours.rescore (in
+fp64) and ties go to the lower position, so every path returns the same
+neighbours and similarities, ties aside.
 """
 
 from __future__ import annotations
@@ -24,11 +25,9 @@ import torch
 
 from .combine import combine_dense, combine_top_k
 from .errors import SurgeryError
-from .neighbours import Neighbours, search_top_k
+from .neighbours import RESCORE_MARGIN, Neighbours, rescore, search_top_k
 from .options import DEVICES
 
-# Candidates kept beyond k by the fp32 scoring, for the exact rescoring to choose from.
-RESCORE_MARGIN = 4
 # FAISS's GPU flat index returns at most this many neighbours per query.
 FAISS_GPU_MAX_K = 2048
 # Part of the memory budget a search chunk's score matrix (and its top-k workspace) may take.
@@ -93,22 +92,6 @@ def exact_fp32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32 = cudnn
 
 
-def rescore_exact(base: torch.Tensor, queries: torch.Tensor, found: torch.Tensor, k: int, step_bytes: int = 32 << 20) -> tuple[torch.Tensor, torch.Tensor]:
-    """Device-side twin of neighbours.rescore: each row's candidates `found` (valid positions)
-    scored exactly (fp32 products summed in fp64), the best k kept, ties to the lower position.
-    Returns (similarities fp32, positions int64), both [rows, k], on the device of the inputs."""
-    found, _ = found.sort(dim=1)
-    rows, width = queries.shape[0], base.shape[1]
-    scores = torch.empty(found.shape, dtype=torch.float64, device=base.device)
-    step = max(1, step_bytes // max(1, found.shape[1] * width * 4))
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        products = base[found[start:stop]] * queries[start:stop, None, :]
-        scores[start:stop] = torch.sum(products, dim=-1, dtype=torch.float64)
-    order = torch.sort(-scores, dim=1, stable=True).indices[:, :k]  # stable: equal scores keep position order
-    return scores.gather(1, order).to(torch.float32), found.gather(1, order)
-
-
 def exact_top_k(
     overlap_vectors: torch.Tensor,
     query_vectors: torch.Tensor,
@@ -157,7 +140,7 @@ def exact_top_k(
                     top_found = top_found.gather(1, picked)
                 best_scores, best_found = top_scores, top_found
                 del scores
-            sims, found = rescore_exact(base, queries, best_found, k, step_bytes=max(1 << 20, budget_bytes // 8))
+            sims, found = rescore(base, queries, best_found, k, step_bytes=max(1 << 20, budget_bytes // 8))
             similarities[start:stop] = sims.cpu().numpy()
             positions[start:stop] = found.cpu().numpy()
             if on_chunk:

@@ -25,12 +25,15 @@ def normalise_rows(vectors: torch.Tensor) -> tuple[torch.Tensor, int]:
     return vectors / torch.where(norms == 0, torch.ones_like(norms), norms), zero_rows
 
 
-# FAISS scores candidates with BLAS in fp32, whose rounding depends on the thread count; its best
-# k + RESCORE_MARGIN are scored again (fp32 sums, each in a fixed order) and the best k kept, ties
-# to the lower position, so the neighbours and similarities are the same whatever the thread count.
-# Costs 0.4-0.6 s for 30k queries x 14 candidates x 1024 wide, against 7.5 s for the FAISS search (2 cores).
+# FAISS (and the GPU's matrix products) score candidates in fp32 with a summation order that
+# depends on the thread count and the device; each query's best k + RESCORE_MARGIN are scored
+# again by `rescore` (in fp64, where the products of fp32 values are exact and any summation
+# order gives the same fp32 result but for a sum within ~1e-13 of an fp32 rounding boundary) and the best k kept, ties to
+# the lower position. So the neighbours and similarities are the same whatever the thread count,
+# the CPU type or the device.
 RESCORE_MARGIN = 4
 RESCORE_BYTES = 32 * 1024 * 1024  # temporaries of one rescoring step
+NO_CANDIDATE = torch.iinfo(torch.int64).max
 
 
 def search_top_k(
@@ -39,45 +42,48 @@ def search_top_k(
     k: int,
     chunk_rows: int = 8192,
     on_chunk: Callable[[int], None] | None = None,
+    make_index: Callable[[int], object] | None = None,
 ) -> Neighbours:
-    """Exact top-k by inner product over normalised vectors: FAISS flat index, then rescoring."""
+    """Exact top-k by inner product over normalised vectors: a FAISS flat index (IndexFlatIP, or
+    what `make_index(width)` builds: the GPU's), then `rescore`."""
     import faiss  # imported late: a big library, needed only for the search
 
     k = min(k, overlap_vectors.shape[0])
     candidates = min(k + RESCORE_MARGIN, overlap_vectors.shape[0])
     base = np.ascontiguousarray(overlap_vectors.numpy(), dtype=np.float32)
-    index = faiss.IndexFlatIP(base.shape[1])
+    index = make_index(base.shape[1]) if make_index else faiss.IndexFlatIP(base.shape[1])
     index.add(base)
     queries = np.ascontiguousarray(query_vectors.numpy(), dtype=np.float32)
     positions = np.empty((queries.shape[0], k), dtype=np.int64)
     similarities = np.empty((queries.shape[0], k), dtype=np.float32)
+    base_t = torch.from_numpy(base)
     for start in range(0, queries.shape[0], chunk_rows):
         stop = min(start + chunk_rows, queries.shape[0])
         _, found = index.search(queries[start:stop], candidates)
-        similarities[start:stop], positions[start:stop] = rescore(base, queries[start:stop], found, k)
+        sims, picked = rescore(base_t, torch.from_numpy(queries[start:stop]), torch.from_numpy(found), k)
+        similarities[start:stop], positions[start:stop] = sims.numpy(), picked.numpy()
         if on_chunk:
             on_chunk(stop - start)
     return Neighbours(positions, similarities)
 
 
-def rescore(base: np.ndarray, queries: np.ndarray, found: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The best k of each row's candidates by similarity summed in an order that does not depend on
-    the thread count, ties to the lower position: (similarities fp32, positions)."""
+def rescore(base: torch.Tensor, queries: torch.Tensor, found: torch.Tensor, k: int, step_bytes: int = RESCORE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best k of each query's candidates `found` ([rows, c] positions into `base`; -1 for
+    none, as FAISS pads), each scored in fp64 (a batched matrix-vector product), ties to the
+    lower position: (similarities fp32, positions int64), [rows, k], on the inputs' device."""
+    found = torch.where(found < 0, NO_CANDIDATE, found.to(torch.int64)).sort(dim=1).values
+    valid = found != NO_CANDIDATE
+    picked = torch.where(valid, found, 0)
     rows, width = queries.shape[0], base.shape[1]
-    found = np.where(found < 0, np.iinfo(np.int64).max, found)  # FAISS pads with -1: sort those last
-    found.sort(axis=1)
-    valid = found != np.iinfo(np.int64).max
-    scores = np.full(found.shape, -np.inf, dtype=np.float32)
-    base_t, queries_t = torch.from_numpy(base), torch.from_numpy(queries)
-    step = max(1, RESCORE_BYTES // max(1, found.shape[1] * width * 4))
+    scores = torch.empty(found.shape, dtype=torch.float64, device=base.device)
+    step = max(1, step_bytes // max(1, found.shape[1] * width * 12))  # the gathered rows in fp32, and in fp64
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        picked = torch.from_numpy(np.where(valid[start:stop], found[start:stop], 0))
-        products = base_t[picked] * queries_t[start:stop, None, :]
-        scores[start:stop] = products.sum(dim=-1).numpy()  # one output per pair: never split across threads
-    scores[~valid] = -np.inf
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # stable: equal scores keep position order
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(found, order, axis=1)
+        candidates = base[picked[start:stop]].to(torch.float64)  # [step, c, width]
+        scores[start:stop] = torch.bmm(candidates, queries[start:stop, :, None].to(torch.float64))[:, :, 0]
+    scores.masked_fill_(~valid, -np.inf)
+    order = torch.sort(-scores, dim=1, stable=True).indices[:, :k]  # stable: equal scores keep position order
+    return scores.gather(1, order).to(torch.float32), found.gather(1, order)
 
 
 def dense_similarities(overlap_vectors: torch.Tensor, query_vectors: torch.Tensor) -> torch.Tensor:
