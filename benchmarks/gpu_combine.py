@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import importlib.util
 import json
 import os
@@ -64,11 +65,10 @@ SWEEP = [
     {"block_m": 8, "block_h": 128, "num_warps": 4, "block_k": 4},
     {"block_m": 8, "block_h": 128, "num_warps": 4, "num_stages": 2},
     {"block_m": 8, "block_h": 128, "num_warps": 4, "h_major": False},  # the L2 reuse, taken away
-    {"variant": "tile3d"},
-    {"variant": "tile3d", "num_stages": 3},
-    {"variant": "tile3d", "block_m": 8, "block_k": 4, "num_stages": 3},
-    {"variant": "tile3d", "block_m": 2, "block_h": 256, "block_k": 8, "num_stages": 3},
 ]
+# Checked (not timed) at the first scale besides KS: the default k (50: a masked tail in the
+# unrolled loop), k = 1, and k = 17 (two steps of 9, one slot masked).
+CHECK_ONLY_KS = (50, 1, 17)
 
 
 def log(message: str) -> None:
@@ -207,6 +207,10 @@ def check_combine(bench: Bench, label: str, source, positions, weights):
     out = torch.full((m, source.shape[1]), float("nan"), dtype=torch.bfloat16, device=bench.device)  # poisoned
     combine_rows(source, positions, weights, out=out)
     bench.check(f"{label}: every output element written (NaN poison)", bool(torch.isfinite(out).all()))
+    again = torch.full_like(out, float("nan"))
+    combine_rows(source, positions, weights, out=again)
+    bench.check(f"{label}: a second launch gives the same bits", torch.equal(out, again))
+    del again
     sample = torch.randperm(m, device=bench.device)[: min(m, 2048)]
     cpu = combine_top_k(source.cpu(), positions[sample].long().cpu(), weights[sample].cpu(), torch.bfloat16)
     ulps = ulp_distance(out[sample].cpu(), cpu)
@@ -258,12 +262,12 @@ def time_combine(bench: Bench, scale: str, n: int, m: int, k: int, source, posit
 
     floor = n * h * elem + m * h * elem + m * k * 8  # distinct rows once, output once, int32 idx + fp32 w once
     bag = record("embedding_bag (bf16 w)", bench.time_ms(lambda: embedding_bag(positions, source, per_sample_weights=bag_weights, mode="sum"), repeats), dram_bytes=floor)
-    configs = (SWEEP[:2] + SWEEP[-4:-2] if bench.dry else SWEEP) if sweep else [{}]
+    configs = (SWEEP[:3] if bench.dry else SWEEP) if sweep else [{}]
     best = None
     for position, extra in enumerate(configs):
         if position and bench.skip(f"{scale} k={k} triton {_short(extra)}", 20 if k == KS[0] else 15):
             continue
-        config = {**default_config(h, k, elem, extra.get("variant", "unrolled")), **extra}
+        config = {**default_config(h, k, elem), **extra}
         blocks_h = triton.cdiv(h, config["block_h"])
         dram = n * h * elem + m * h * elem + m * k * 8 * (blocks_h if config["h_major"] else 1)
         label = "triton default" if config == default_config(h, k, elem) else "triton " + _short(extra)
@@ -330,7 +334,13 @@ def search_and_dense(bench: Bench, copy_gbs: float) -> None:
     out = combine_dense_chunked(source, weights, torch.bfloat16, 4096)
     cpu_rows = combine_dense(source.cpu(), weights[:64].cpu(), torch.bfloat16, 4096)
     ulps = ulp_distance(out[:64].cpu(), cpu_rows)
-    bench.check("dense: chunked matmul on the device vs the CPU path (64 rows)", int(ulps.max()) <= 2, max_ulp=int(ulps.max()), identical=float((ulps == 0).float().mean()))
+    # Each output is a sum of 20,000 terms of both signs (|sum| ~ 1e-4 against terms of 0.02):
+    # elements near zero are many bf16 steps apart between two fp32 summation orders, so the
+    # device's result and the CPU's are each measured against float64 (normwise), not against each other.
+    exact = weights[:64].double().cpu() @ source.double().cpu()
+    rel_gpu = float((out[:64].cpu().double() - exact).norm() / exact.norm())
+    rel_cpu = float((cpu_rows.double() - exact).norm() / exact.norm())
+    bench.check("dense: chunked matmul on the device vs float64, as close as the CPU path (64 rows)", rel_gpu <= 1.5 * rel_cpu + 1e-6 and rel_gpu < 2.5e-3, rel_gpu=rel_gpu, rel_cpu=rel_cpu, max_ulp_vs_cpu=int(ulps.max()), identical=float((ulps == 0).float().mean()))
     if not bench.dry:
         timing = bench.time_ms(lambda: combine_dense_chunked(source, weights, torch.bfloat16, 4096), 3)
         flops = 2 * m * n * h
@@ -404,17 +414,20 @@ def end_to_end(bench: Bench) -> None:
         facts["build_seconds"] = time.perf_counter() - started
         log(f"  e2e inputs built in {facts['build_seconds']:.1f} s: {facts}")
         runs = {}
-        for device in ("cpu", "cpu" if bench.dry else "cuda"):
-            label = device if device not in runs else f"{device}-again"
+        for position, device in enumerate(("cpu",) + (("cpu", "cpu") if bench.dry else ("cuda", "cuda"))):
+            label = f"{device}-{position}"
             runs[label] = run_init(source, helper, work / f"out-{label}", device)
             log(f"  init --device {device}: {runs[label]['wall_seconds']:.1f} s wall, stages {runs[label]['stage_seconds']}, paths {runs[label]['paths']}")
-        first, second = list(runs)
+        first, second, third = list(runs)
         name = "transformer.word_embeddings.weight"
         with safe_open(work / f"out-{first}" / "model.safetensors", framework="pt") as a, safe_open(work / f"out-{second}" / "model.safetensors", framework="pt") as b:
             ta, tb = a.get_tensor(name), b.get_tensor(name)
         ulps = ulp_distance(ta, tb)
-        bench.report["end_to_end"] = {"inputs": facts, "runs": runs, "max_ulp": int(ulps.max()), "identical": float((ulps == 0).float().mean())}
-        bench.check(f"e2e: init --device {runs[second]['device']} = init --device cpu (bf16, within one rounding step)", int(ulps.max()) <= 1 and ta.shape == tb.shape, max_ulp=int(ulps.max()), identical=float((ulps == 0).float().mean()))
+        rows_differing = int((ulps > 0).any(dim=1).sum())
+        bench.report["end_to_end"] = {"inputs": facts, "runs": runs, "max_ulp": int(ulps.max()), "identical": float((ulps == 0).float().mean()), "rows_differing": rows_differing}
+        bench.check(f"e2e: init --device {runs[second]['device']} = init --device cpu (bf16, within one rounding step)", int(ulps.max()) <= 1 and ta.shape == tb.shape, max_ulp=int(ulps.max()), identical=float((ulps == 0).float().mean()), rows_differing=rows_differing)
+        hashes = {label: hashlib.sha256((work / f"out-{label}" / "model.safetensors").read_bytes()).hexdigest() for label in (second, third)}
+        bench.check(f"e2e: init --device {runs[third]['device']} twice gives the same file", hashes[second] == hashes[third], sha256=hashes[second][:16])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -497,6 +510,12 @@ def main() -> int:
         # In order of importance (the report is saved after each): BLOOM scale, search and dense,
         # end to end, then 190,000 missing rows.
         combine_at(0)
+        scale, n, m = scales[0]
+        for k in CHECK_ONLY_KS:
+            table, overlap_ids, source, positions, weights = make_inputs(bench, n, m, k, seed=7000 + k)
+            log(f"{scale}: n={n}, m={m}, k={k}: checks only")
+            check_combine(bench, f"{scale} k={k}", source, positions, weights)
+            del table, overlap_ids, source, positions, weights
         if not bench.skip("search and dense", 25):
             log("search and dense")
             search_and_dense(bench, copy_gbs)

@@ -21,12 +21,11 @@ Design (for Hopper; every choice below is a parameter the benchmark sweeps):
   H200). Each source row is referenced m * k / n times (30,000 x 64 / 20,000 = 96 at k = 64), so
   the gathers hit L2 and device memory sees the source about once. The price is that the indices
   and weights are read once per column block: m * k * (idx + 4) * ceil(h / BLOCK_H) bytes.
-* Two variants. `unrolled` (default): the slots of a k step unrolled, each a [BLOCK_M, BLOCK_H]
-  gather behind its own BLOCK_M index loads, summed in k order (bit-identical to torch's fp32
-  path in the interpreter tests). `tile3d`: a k step as a tensor axis, one [BLOCK_M, BLOCK_K]
-  index load and one [BLOCK_M, BLOCK_K, BLOCK_H] gather, summed over k as a tree, the k loop a
-  `tl.range` with NUM_STAGES so that the pipeliner may prefetch the next step's indices (the
-  unrolled kernel's index loads sit in front of its gathers on the critical path).
+* The slots of a k step are unrolled, each a [BLOCK_M, BLOCK_H] gather behind its own BLOCK_M
+  index loads, summed in k order (bit-identical to torch's fp32 path in the tests). A second
+  variant with the k step as a tensor axis ([BLOCK_M, BLOCK_K, BLOCK_H] gathers, a tree sum, a
+  pipelined k loop) was measured on an H200 and dropped: 1.06x to 6.5x slower, and wrong on the
+  GPU with triton 3.6 though right under the interpreter (kernels/NOTES.md).
 
 Bytes per output row (what a kernel must move at the least, if nothing is reused):
     k * h * elem (gathered source rows) + h * elem (the output row) + k * (idx bytes + 4)
@@ -121,58 +120,6 @@ def _combine_kernel(
 
 
 @triton.jit
-def _combine_kernel_tile3d(
-    src_ptr,
-    idx_ptr,
-    w_ptr,
-    out_ptr,
-    M,
-    H,
-    K,
-    stride_src,
-    stride_idx,
-    stride_w,
-    stride_out,
-    BLOCK_M: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    H_MAJOR: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
-):
-    """The same combine with the k step as a tensor axis: a [BLOCK_M, BLOCK_K] tile of indices
-    and weights in one load, a [BLOCK_M, BLOCK_K, BLOCK_H] gather, a sum over k. The k loop is a
-    tl.range, so Triton's pipeliner may fetch the next step's indices during this step's gather.
-    BLOCK_K must be a power of two; within a step the k terms are summed as a tree, not in order."""
-    pid = tl.program_id(0)
-    if H_MAJOR:
-        blocks_m = tl.cdiv(M, BLOCK_M)
-        pid_h = pid // blocks_m
-        pid_m = pid % blocks_m
-    else:
-        blocks_h = tl.cdiv(H, BLOCK_H)
-        pid_m = pid // blocks_h
-        pid_h = pid % blocks_h
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_ok = rows < M
-    col_ok = cols < H
-    acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        ok = (rows[:, None] < M) & (ks[None, :] < K)
-        j = tl.load(idx_ptr + rows[:, None] * stride_idx + ks[None, :], mask=ok, other=0).to(tl.int64)
-        wj = tl.load(w_ptr + rows[:, None] * stride_w + ks[None, :], mask=ok, other=0.0)
-        v = tl.load(
-            src_ptr + j[:, :, None] * stride_src + cols[None, None, :],
-            mask=ok[:, :, None] & col_ok[None, None, :],
-            other=0.0,
-            eviction_policy="evict_last",
-        )
-        acc += tl.sum(wj[:, :, None] * v.to(tl.float32), axis=1)
-    _store(out_ptr, acc, rows, cols, row_ok, col_ok, stride_out)
-
-
-@triton.jit
 def _store(out_ptr, acc, rows, cols, row_ok, col_ok, stride_out):
     out = out_ptr + rows[:, None] * stride_out + cols[None, :]
     if out_ptr.dtype.element_ty == tl.bfloat16:
@@ -186,20 +133,18 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def default_config(h: int, k: int, elem_size: int, variant: str = "unrolled") -> dict:
+def default_config(h: int, k: int, elem_size: int) -> dict:
     """Tile sizes for a source of width h and element size elem_size at k neighbours.
 
     256-byte row segments per program (128 bf16 or 64 fp32 columns) keep the resident column slice
     small enough for L2; 8 rows per program give each of 128 threads one 16-byte vector per gather;
-    the k loop unrolled up to 16 deep, in equal steps (k = 50: 4 steps of 13, not 4 of 16). The
-    tile3d variant takes 4 rows and a power-of-two k step of at most 8 (its tile lives in registers).
+    the k loop unrolled up to 16 deep, in equal steps (k = 50: 4 steps of 13, not 4 of 16). On an
+    H200 every tile shape swept within 4% of these at BLOOM-7b1 scale (kernels/NOTES.md).
     """
     block_h = min(max(1, 256 // elem_size), _next_pow2(max(1, h)))
-    if variant == "tile3d":
-        return {"variant": variant, "block_m": 4, "block_h": block_h, "block_k": min(8, _next_pow2(max(1, k))), "num_warps": 4, "h_major": True, "num_stages": 2}
     steps = max(1, -(-k // MAX_UNROLL))
     block_k = max(1, -(-k // steps))
-    return {"variant": variant, "block_m": 8, "block_h": block_h, "block_k": block_k, "num_warps": 4, "h_major": True, "num_stages": 1}
+    return {"block_m": 8, "block_h": block_h, "block_k": block_k, "num_warps": 4, "h_major": True, "num_stages": 1}
 
 
 def combine_rows(
@@ -215,18 +160,14 @@ def combine_rows(
     num_warps: int | None = None,
     h_major: bool | None = None,
     num_stages: int | None = None,
-    variant: str = "unrolled",
 ) -> torch.Tensor:
     """out[r] = sum_j weights[r, j] * source[positions[r, j]], fp32 accumulation, written as out_dtype.
 
     source [n, h] (bf16, fp16 or fp32; rows may be strided, columns contiguous), positions [m, k]
     int32 or int64 (each in [0, n): not checked here), weights [m, k] (used as fp32), all on one
     device (a CUDA device, or the CPU under TRITON_INTERPRET=1). out_dtype defaults to the
-    source's. Any m, k and h: edges are masked. `variant` is "unrolled" (default) or "tile3d";
-    the tile arguments override default_config's.
+    source's. Any m, k and h: edges are masked. The tile arguments override default_config's.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     if source.dim() != 2 or positions.dim() != 2 or positions.shape != weights.shape:
         raise ValueError(f"need source [n, h] and positions, weights [m, k]; got {tuple(source.shape)}, {tuple(positions.shape)}, {tuple(weights.shape)}")
     if source.dtype not in SUPPORTED_DTYPES:
@@ -251,15 +192,13 @@ def combine_rows(
     weights = weights.to(torch.float32)
     if weights.stride(1) != 1:
         weights = weights.contiguous()
-    config = default_config(h, k, source.element_size(), variant)
+    config = default_config(h, k, source.element_size())
     for name, value in (("block_m", block_m), ("block_h", block_h), ("block_k", block_k), ("num_warps", num_warps), ("h_major", h_major), ("num_stages", num_stages)):
         if value is not None:
             config[name] = value
-    if variant == "tile3d" and config["block_k"] & (config["block_k"] - 1):
-        raise ValueError(f"the tile3d variant needs a power-of-two block_k, not {config['block_k']}")
     grid = (triton.cdiv(m, config["block_m"]) * triton.cdiv(h, config["block_h"]),)
     global last_compiled
-    last_compiled = VARIANTS[variant][grid](
+    last_compiled = _combine_kernel[grid](
         source,
         positions,
         weights,
@@ -281,7 +220,6 @@ def combine_rows(
     return out
 
 
-VARIANTS = {"unrolled": _combine_kernel, "tile3d": _combine_kernel_tile3d}
 last_compiled = None  # the compiled kernel of the last launch (registers, spills, PTX), for the benchmark
 
 
