@@ -27,12 +27,14 @@ def normalise_rows(vectors: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 # FAISS (and the GPU's matrix products) score candidates in fp32 with a summation order that
 # depends on the thread count and the device; each query's best k + RESCORE_MARGIN are scored
-# again by `rescore` (in fp64, where the products of fp32 values are exact and any summation
-# order gives the same fp32 result but for a sum within ~1e-13 of an fp32 rounding boundary) and the best k kept, ties to
+# again by `rescore` (fp32 products, rounded the same way everywhere, summed in fp64: any
+# summation order gives the same fp32 result but for a sum within ~1e-13 of a rounding boundary) and the best k kept, ties to
 # the lower position. So the neighbours and similarities are the same whatever the thread count,
 # the CPU type or the device.
 RESCORE_MARGIN = 4
-RESCORE_BYTES = 32 * 1024 * 1024  # temporaries of one rescoring step
+# Gathered candidate rows per rescoring step: 2 MiB stays in a core's cache (one thread, 25,632
+# queries x 54 candidates x 768: 1.4 s a core at 2 MiB, 5.3 s at 32 MiB).
+RESCORE_BYTES = 2 * 1024 * 1024
 NO_CANDIDATE = torch.iinfo(torch.int64).max
 
 
@@ -69,18 +71,18 @@ def search_top_k(
 
 def rescore(base: torch.Tensor, queries: torch.Tensor, found: torch.Tensor, k: int, step_bytes: int = RESCORE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
     """The best k of each query's candidates `found` ([rows, c] positions into `base`; -1 for
-    none, as FAISS pads), each scored in fp64 (a batched matrix-vector product), ties to the
-    lower position: (similarities fp32, positions int64), [rows, k], on the inputs' device."""
+    none, as FAISS pads), each scored as fp32 products summed in fp64, ties to the lower
+    position: (similarities fp32, positions int64), [rows, k], on the inputs' device."""
     found = torch.where(found < 0, NO_CANDIDATE, found.to(torch.int64)).sort(dim=1).values
     valid = found != NO_CANDIDATE
     picked = torch.where(valid, found, 0)
     rows, width = queries.shape[0], base.shape[1]
     scores = torch.empty(found.shape, dtype=torch.float64, device=base.device)
-    step = max(1, step_bytes // max(1, found.shape[1] * width * 12))  # the gathered rows in fp32, and in fp64
+    step = max(1, step_bytes // max(1, found.shape[1] * width * 4))
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        candidates = base[picked[start:stop]].to(torch.float64)  # [step, c, width]
-        scores[start:stop] = torch.bmm(candidates, queries[start:stop, :, None].to(torch.float64))[:, :, 0]
+        products = base[picked[start:stop]] * queries[start:stop, None, :]  # [step, c, width] fp32
+        scores[start:stop] = torch.sum(products, dim=-1, dtype=torch.float64)
     scores.masked_fill_(~valid, -np.inf)
     order = torch.sort(-scores, dim=1, stable=True).indices[:, :k]  # stable: equal scores keep position order
     return scores.gather(1, order).to(torch.float32), found.gather(1, order)
