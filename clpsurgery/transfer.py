@@ -25,7 +25,7 @@ from .architecture import read_config
 from .combine import combine_dense, combine_top_k
 from .device import Engine, make_engine
 from .errors import SurgeryError
-from .manifest import build_manifest, file_sha256
+from .manifest import build_manifest, planned_sha256
 from .model_config import target_config, target_generation_config
 from .neighbours import Neighbours, dense_similarities, normalise_rows, search_top_k
 from .output_folder import MANIFEST_NAME, staged_output
@@ -259,11 +259,6 @@ def _output_bytes(plan: TransferPlan) -> int:
     return _tensor_bytes(plan) + whole_file_headers
 
 
-def _hash_when_copied(copier: BackgroundCopier, job: int, path: Path) -> str | None:
-    """SHA-256 of a rebuilt file once its byte copies are in; None if they never completed."""
-    return file_sha256(path) if copier.wait_for_job(job) else None
-
-
 @contextmanager
 def leave_a_core_for_copies() -> Iterator[None]:
     """Compute on one core fewer while the background copy runs.
@@ -305,7 +300,6 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
         # Lay out every output file first, so the byte copies can start at once, in the
         # background, while the neighbour search and the combine run here.
         layouts, copy_jobs, weight_map = [], [], {}
-        layout_job: dict[Path, int] = {}
         for out_name, planned, header in planned_shards(plan, make_producer):
             target = staging / out_name
             if planned is None:
@@ -314,7 +308,6 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
                 layout = lay_out(target, planned, header.metadata)
                 start_file(layout)
                 layouts.append(layout)
-                layout_job[layout.path] = len(copy_jobs)
                 copy_jobs.append(functools.partial(copy_tensors, layout))
             weight_map.update({name: out_name for name in header.tensors})
             result.files.append(out_name)
@@ -322,7 +315,8 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
         copy_started = time.perf_counter()
         copier.start()
         # Each rebuilt file is hashed (for the manifest and `verify`) as soon as its computed
-        # tensors are written and its copies are done, while the next file is still computed.
+        # tensors are written, from its parts (manifest.planned_sha256): beside the byte copies
+        # and the next file's compute, not after them.
         hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clpsurgery-hash")
         file_hashes: dict[str, Future] = {}
         try:
@@ -334,7 +328,7 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
                 with leave_a_core_for_copies():
                     for layout in layouts:
                         write_computed(layout, result.write_stats)
-                        file_hashes[layout.path.name] = hasher.submit(_hash_when_copied, copier, layout_job[layout.path], layout.path)
+                        file_hashes[layout.path.name] = hasher.submit(planned_sha256, layout)
                 inside = clock.seconds.get("read", 0.0) + clock.seconds.get("combine", 0.0)
                 clock.seconds["write"] = time.perf_counter() - write_started - inside
                 with clock.stage("wait for copies"):

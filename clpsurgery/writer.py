@@ -305,13 +305,6 @@ class BackgroundCopier(threading.Thread):
         self.stats = WriteStats(on_bytes=self._count, should_stop=self._stop_requested.is_set)
         self.error: BaseException | None = None
         self.seconds = 0.0
-        self._job_done = [threading.Event() for _ in jobs]
-        self._completed: set[int] = set()
-
-    def wait_for_job(self, index: int) -> bool:
-        """Block until copy job `index` has ended; True if it completed (not failed or stopped)."""
-        self._job_done[index].wait()
-        return index in self._completed
 
     def _count(self, n: int) -> None:
         with self._lock:
@@ -326,18 +319,14 @@ class BackgroundCopier(threading.Thread):
     def run(self) -> None:
         started = time.perf_counter()
         try:
-            for index, job in enumerate(self.jobs):
+            for job in self.jobs:
                 job(self.stats)
-                self._completed.add(index)
-                self._job_done[index].set()
         except CopyStopped:
             pass
         except BaseException as e:  # handed to the main thread by finish()
             self.error = e
         finally:
             self.seconds = time.perf_counter() - started
-            for done in self._job_done:
-                done.set()  # wake anyone waiting on a job that will never run
 
     def stop(self) -> None:
         self._stop_requested.set()

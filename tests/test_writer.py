@@ -149,6 +149,26 @@ def test_copy_and_compute_mixed(tmp_path):
     assert stats.computed_bytes == replacement.numel() * 4
 
 
+def test_planned_hash_is_the_file_hash_before_the_copies(tmp_path):
+    """manifest.planned_sha256 hashes a rebuilt file from its parts (header, source ranges,
+    computed tensors read back) once the computed tensors are written, before any byte copy:
+    the same digest as the finished file's, with chunks that cut across tensor edges."""
+    import hashlib
+
+    from clpsurgery.manifest import planned_sha256
+    from clpsurgery.writer import copy_tensors, lay_out, start_file, write_computed
+
+    src, tensors = _reference_file(tmp_path)
+    copies = [c for c in _copies_of(src) if c.spec.name != "big"]
+    replacement = torch.arange(64 * 33, dtype=torch.float32).reshape(64, 33)
+    layout = lay_out(tmp_path / "rebuilt.safetensors", copies + [planned_from_tensor("big", replacement, block_rows=10)])
+    start_file(layout)
+    write_computed(layout, WriteStats())
+    early = [planned_sha256(layout, chunk_bytes=chunk) for chunk in (1 << 20, 7)]
+    copy_tensors(layout, WriteStats())
+    assert early == [hashlib.sha256(layout.path.read_bytes()).hexdigest()] * 2
+
+
 def test_copy_without_copy_file_range_and_tiny_buffer(tmp_path, monkeypatch):
     src, tensors = _reference_file(tmp_path)
     copies = _copies_of(src)
