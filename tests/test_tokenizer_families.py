@@ -144,7 +144,7 @@ def test_wordpiece_vocab_txt_equals_tokenizer_json(bert_folder, tmp_path):
 def decoded_pairs_agree(overlap, decode_target, decode_source, target_vocab, source_vocab):
     """How many string pairs decode to the same text behind a fixed prefix, of those whose
     meaning is whole UTF-8 (a lone byte of a multi-byte character decodes to a replacement)."""
-    t_tokens, s_tokens = target_vocab.id_to_token(), source_vocab.id_to_token()
+    t_tokens = target_vocab.id_to_token()
     checked = agree = 0
     for t, s, kind in zip(overlap.target_ids.tolist(), overlap.source_ids.tolist(), overlap.kinds.tolist()):
         if kind == 0:

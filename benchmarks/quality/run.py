@@ -240,7 +240,7 @@ def stage_corpora(args, work: Path) -> dict[str, Path]:
     paths = {s: st.dir / f"{s}.jsonl" for s in SPLITS}
     if st.done:
         return paths
-    out = st.start()
+    st.start()
     debdir = work / "debs"
     debdir.mkdir(exist_ok=True)
     docs: list[tuple[str, str]] = []
