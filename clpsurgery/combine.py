@@ -5,17 +5,61 @@ The result is cast to the source dtype once, at the end; no float64 ever reaches
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+# Columns per block of ColumnBlocks: 64 fp32 columns of 6,368 to 20,000 rows (1.6-5 MiB) stay in
+# a core's cache while every output row of a block takes its slice.
+COLUMN_BLOCK = 64
 
-def combine_top_k(source_rows: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+
+@dataclass(frozen=True)
+class ColumnBlocks:
+    """Source rows in fp32, laid out as column blocks: blocks[b] is columns [64 b, 64 b + 64) of
+    every row, contiguous (the last block zero-padded). The top-k combine gathers from one block
+    at a time, so its random row reads hit the cache: on one core, 25,632 rows x k = 50 from
+    6,368 rows x 4,096 took 2.3x less time than from the plain [n, h] table, 1.6x less from
+    20,000 rows; the sums, each over k in the same order, are bit-identical."""
+
+    blocks: torch.Tensor  # [ceil(width / COLUMN_BLOCK), rows, COLUMN_BLOCK] fp32
+    width: int
+
+    @classmethod
+    def of(cls, rows: torch.Tensor) -> ColumnBlocks:
+        n, width = rows.shape
+        count = -(-width // COLUMN_BLOCK)
+        blocks = torch.zeros((count, n, COLUMN_BLOCK), dtype=torch.float32)
+        for b in range(count):
+            part = rows[:, b * COLUMN_BLOCK : (b + 1) * COLUMN_BLOCK]
+            blocks[b, :, : part.shape[1]] = part
+        return cls(blocks, width)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.blocks.shape[1], self.width
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.numel() * 4
+
+
+def combine_top_k(source_rows: torch.Tensor | ColumnBlocks, positions: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """out[r] = sum_j weights[r, j] * source_rows[positions[r, j]], accumulated in fp32.
 
-    Source rows not already in fp32 are converted for this block only, the distinct ones it uses.
+    Source rows not already in fp32 (or ColumnBlocks) are converted for this block only, the
+    distinct ones it uses.
     """
     if positions.shape[0] == 0:
         return torch.empty((0, source_rows.shape[1]), dtype=out_dtype)
+    if isinstance(source_rows, ColumnBlocks):
+        weights = weights.to(torch.float32)
+        blocks = source_rows.blocks
+        mixed = torch.empty((positions.shape[0], blocks.shape[0] * COLUMN_BLOCK), dtype=torch.float32)
+        for b in range(blocks.shape[0]):
+            mixed[:, b * COLUMN_BLOCK : (b + 1) * COLUMN_BLOCK] = F.embedding_bag(positions, blocks[b], mode="sum", per_sample_weights=weights)
+        return mixed[:, : source_rows.width].to(out_dtype)
     if source_rows.dtype == torch.float32:
         rows32, local = source_rows, positions
     else:

@@ -23,7 +23,7 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import torch
 
-from .combine import combine_dense, combine_top_k
+from .combine import ColumnBlocks, combine_dense, combine_top_k
 from .errors import SurgeryError
 from .neighbours import RESCORE_MARGIN, Neighbours, rescore, search_top_k
 from .options import DEVICES
@@ -231,9 +231,9 @@ class Engine:
             return source_rows
         return source_rows.to("cuda")
 
-    def combine_top_k(self, rows: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def combine_top_k(self, rows: torch.Tensor | ColumnBlocks, positions: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """out[r] = sum_j weights[r, j] * rows[positions[r, j]] on the rows' device, returned on the CPU."""
-        if not rows.is_cuda:
+        if isinstance(rows, ColumnBlocks) or not rows.is_cuda:
             self.record("combine", "torch-cpu")
             return combine_top_k(rows, positions, weights, out_dtype)
         if rows.shape[0] < 2**31:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .architecture import read_config
-from .combine import combine_dense, combine_top_k
+from .combine import ColumnBlocks, combine_dense, combine_top_k
 from .device import Engine, make_engine
 from .errors import SurgeryError
 from .manifest import build_manifest, planned_sha256
@@ -170,10 +170,13 @@ def rebuilt_rows(plan: TransferPlan, mixing: Mixing, name: str, record: bool, cl
     source_2d = source_overlap_rows.reshape(source_overlap_rows.shape[0], -1)
     width = source_2d.shape[1]
     budget = plan.block_budget
-    # The overlap rows in fp32 once, when that takes at most half the block budget: converting
-    # them per block costs more than the combine itself.
+    # The overlap rows in fp32 once (in column blocks for the top-k combine), when that takes at
+    # most half the block budget: converting them per block costs more than the combine itself.
     if engine is not None and engine.gpu:
         mixing_rows = engine.rows_for_combine(source_2d)  # on the GPU, in the source dtype
+    elif source_2d.numel() * 4 <= budget // 2 and plan.options.top_k is not None:
+        mixing_rows = ColumnBlocks.of(source_2d)
+        budget -= mixing_rows.nbytes
     elif source_2d.numel() * 4 <= budget // 2:
         mixing_rows = source_2d.to(torch.float32)
         budget -= mixing_rows.numel() * 4 if mixing_rows.dtype != source_2d.dtype else 0

@@ -161,7 +161,10 @@ def test_chunked_top_k_matches_exact_and_faiss(query_rows, overlap_rows):
     exact = (queries.double() @ overlap.double().T).numpy()
     expected = np.argsort(-exact, axis=1, kind="stable")[:, :7]
     assert np.array_equal(found.positions, expected)
-    assert np.array_equal(found.similarities, np.take_along_axis(exact, expected, 1).astype(np.float32))
+    assert np.allclose(found.similarities, np.take_along_axis(exact, expected, 1), rtol=0, atol=1e-6)
+    # The similarities are defined as fp32 products summed in fp64 (neighbours.rescore): exactly.
+    products = overlap[torch.from_numpy(expected)] * queries[:, None, :]
+    assert np.array_equal(found.similarities, products.double().sum(dim=-1).float().numpy())
     pytest.importorskip("faiss")
     cpu = search_top_k(overlap, queries, k=7)
     assert np.array_equal(found.positions, cpu.positions), "not the CPU FAISS path's neighbours"

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from clpsurgery.combine import combine_dense, combine_top_k
+from clpsurgery.combine import COLUMN_BLOCK, ColumnBlocks, combine_dense, combine_top_k
 from clpsurgery.neighbours import normalise_rows, search_top_k
 from clpsurgery.weights import SCHEMES, mixing_weights, sparsemax
 
@@ -94,3 +94,18 @@ def test_combine_against_float64(dtype):
     assert torch.allclose(out.double(), expected, rtol=eps, atol=eps * expected.abs().max())
     dense = torch.zeros(20, 50).scatter_add_(1, positions, weights)
     assert torch.allclose(combine_dense(source, dense, dtype).double(), expected, rtol=eps, atol=eps * expected.abs().max())
+
+
+@pytest.mark.parametrize("width", [1, 33, COLUMN_BLOCK, 2 * COLUMN_BLOCK + 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_blocks_give_the_same_bits(width, dtype):
+    """The column-blocked combine (transfer.py's CPU path) sums each element over k in the same
+    order as the plain one: the same bits, at widths below, at and across the block edge."""
+    g = torch.Generator().manual_seed(width)
+    source = torch.randn(70, width, generator=g).to(dtype)
+    positions = torch.randint(0, 70, (25, 7), generator=g)
+    weights = torch.randn(25, 7, generator=g)  # signed, as the clp scheme's can be
+    blocked = ColumnBlocks.of(source)
+    assert blocked.shape == (70, width) and blocked.nbytes == blocked.blocks.numel() * 4
+    assert torch.equal(combine_top_k(blocked, positions, weights, dtype), combine_top_k(source.float(), positions, weights, dtype))
+    assert combine_top_k(blocked, positions[:0], weights[:0], dtype).shape == (0, width)
