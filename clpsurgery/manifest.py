@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 from collections.abc import Callable
 import os
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -49,14 +50,20 @@ def file_sha256(path: Path, advance: Callable[[int], None] | None = None) -> str
     return digest.hexdigest()
 
 
-def planned_sha256(layout: FileLayout, chunk_bytes: int = 1 << 20) -> str:
-    """SHA-256 of a rebuilt file from the parts it is built of, in file order: its header, each
-    copied tensor read from its source file, each computed tensor read back from the file.
+class HashStopped(Exception):
+    """planned_sha256 was told to stop (the run failed or was interrupted)."""
 
-    Call it once the computed tensors are written; the byte copies need not be done, so the hash
-    runs beside them instead of after them (on 2 cores this took the hash off the end of a 7B
-    run). The result is the file's hash as long as the copies are faithful, which `verify`
-    checks against the file itself.
+
+def planned_sha256(layout: FileLayout, computed_written: threading.Event | None = None, stop: threading.Event | None = None, chunk_bytes: int = 1 << 20) -> str:
+    """SHA-256 of a rebuilt file from the parts it is built of, in file order: its header, each
+    copied tensor read from its source file, each computed tensor read back from the file once
+    `computed_written` is set (at once if None).
+
+    Neither the byte copies nor the computed tensors need be done when it starts: the copied
+    tensors come first in a rebuilt file (writer.lay_out), so the hash runs over them while the
+    search and the combine run, and only the rebuilt rows are left for the end. The result is
+    the file's hash as long as the copies are faithful, which `verify` checks against the file.
+    Setting `stop` makes it give up (HashStopped) at its next chunk or wait.
     """
     digest = hashlib.sha256(layout.header)
     position = len(layout.header)
@@ -67,12 +74,18 @@ def planned_sha256(layout: FileLayout, chunk_bytes: int = 1 << 20) -> str:
             if begin != position:
                 raise ValueError(f"{layout.path}: tensor {name!r} starts at {begin}, not at {position}")
             planned = layout.tensors[name]
+            if not isinstance(planned, CopiedTensor) and computed_written is not None:
+                while not computed_written.wait(0.1):
+                    if stop is not None and stop.is_set():
+                        raise HashStopped(str(layout.path))
             source = open(planned.source, "rb", buffering=0) if isinstance(planned, CopiedTensor) else None
             try:
                 fd = source.fileno() if source is not None else written.fileno()
                 offset = planned.offset if source is not None else begin
                 left = end - begin
                 while left:
+                    if stop is not None and stop.is_set():
+                        raise HashStopped(str(layout.path))
                     n = os.preadv(fd, [view[: min(chunk_bytes, left)]], offset)
                     if not n:
                         raise OSError(f"{source.name if source is not None else layout.path}: ended early at offset {offset}")

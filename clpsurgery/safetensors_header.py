@@ -198,16 +198,20 @@ class TensorSpec:
         return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
 
 
-def layout_order(specs: list[TensorSpec]) -> list[TensorSpec]:
-    """Data order of a new file: larger elements first, then by name.
+def layout_order(specs: list[TensorSpec], late: frozenset[str] = frozenset()) -> list[TensorSpec]:
+    """Data order of a new file: larger elements first, then the tensors not named in `late`,
+    then by name.
 
     Sorting makes the bytes independent of the order tensors were given in, and putting wide
     dtypes first keeps every tensor aligned to its element size (as the reference writer does).
+    `late` puts rebuilt tensors after the copied ones of their element size, so that a file's
+    hash can run over its copied bytes before the rebuilt ones exist (any data order is valid
+    safetensors as long as the ranges tile the buffer).
     """
-    return sorted(specs, key=lambda s: (-DTYPE_SIZES[s.dtype], s.name))
+    return sorted(specs, key=lambda s: (-DTYPE_SIZES[s.dtype], s.name in late, s.name))
 
 
-def encode_header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> tuple[bytes, dict[str, tuple[int, int]]]:
+def encode_header(specs: list[TensorSpec], metadata: dict[str, str] | None, late: frozenset[str] = frozenset()) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """Header bytes (length prefix and space-padded JSON) for tensors laid out in `layout_order`.
 
     Returns the bytes and each tensor's (begin, end) offsets in the data buffer.
@@ -222,7 +226,7 @@ def encode_header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> t
         doc[METADATA_KEY] = dict(metadata)
     offsets: dict[str, tuple[int, int]] = {}
     cursor = 0
-    for spec in layout_order(specs):
+    for spec in layout_order(specs, late):
         if spec.dtype not in DTYPE_SIZES:
             raise ValueError(f"unknown dtype {spec.dtype!r}")
         begin, cursor = cursor, cursor + spec.nbytes

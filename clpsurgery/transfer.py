@@ -12,6 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -317,11 +318,13 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
         copier = BackgroundCopier(copy_jobs)
         copy_started = time.perf_counter()
         copier.start()
-        # Each rebuilt file is hashed (for the manifest and `verify`) as soon as its computed
-        # tensors are written, from its parts (manifest.planned_sha256): beside the byte copies
-        # and the next file's compute, not after them.
+        # Each rebuilt file is hashed (for the manifest and `verify`) from its parts
+        # (manifest.planned_sha256), from the start: its copied tensors, laid out first, while
+        # the search runs; its rebuilt rows once they are written.
         hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clpsurgery-hash")
-        file_hashes: dict[str, Future] = {}
+        computed_written = {layout.path: threading.Event() for layout in layouts}
+        stop_hashing = threading.Event()
+        file_hashes: dict[str, Future] = {layout.path.name: hasher.submit(planned_sha256, layout, computed_written[layout.path], stop_hashing) for layout in layouts}
         try:
             with leave_a_core_for_copies(), clock.stage("search"):
                 mixing = find_mixing(plan, progress, result, engine)
@@ -331,7 +334,7 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
                 with leave_a_core_for_copies():
                     for layout in layouts:
                         write_computed(layout, result.write_stats)
-                        file_hashes[layout.path.name] = hasher.submit(planned_sha256, layout)
+                        computed_written[layout.path].set()
                 inside = clock.seconds.get("read", 0.0) + clock.seconds.get("combine", 0.0)
                 clock.seconds["write"] = time.perf_counter() - write_started - inside
                 with clock.stage("wait for copies"):
@@ -339,6 +342,7 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
             with clock.stage("hash"):
                 result.file_hashes = {name: future.result() for name, future in file_hashes.items()}
         except BaseException:
+            stop_hashing.set()
             copier.stop()
             hasher.shutdown(wait=True, cancel_futures=True)
             raise

@@ -104,12 +104,14 @@ class FileLayout:
 
 
 def lay_out(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None) -> FileLayout:
-    """The layout of a new safetensors file; the data order is `layout_order`."""
+    """The layout of a new safetensors file; the data order is `layout_order`, computed tensors
+    after the copied ones of their element size."""
     metadata = DEFAULT_METADATA if metadata is None else metadata
     by_name = {t.spec.name: t for t in tensors}
     if len(by_name) != len(tensors):
         raise ValueError(f"{path}: duplicate tensor names")
-    header, offsets = encode_header([t.spec for t in tensors], metadata)
+    computed = frozenset(t.spec.name for t in tensors if isinstance(t, ComputedTensor))
+    header, offsets = encode_header([t.spec for t in tensors], metadata, late=computed)
     absolute = {name: (len(header) + begin, len(header) + end) for name, (begin, end) in offsets.items()}
     return FileLayout(path, header, absolute, by_name)
 
