@@ -318,6 +318,10 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
         copier = BackgroundCopier(copy_jobs)
         copy_started = time.perf_counter()
         copier.start()
+        # The overlap rows of every rebuilt tensor are read into the page cache by the kernel
+        # while the search runs, so that the read stage finds them there.
+        for name in plan.source_tensors.names:
+            plan.source.prefetch_rows(name, plan.overlap.source_ids)
         # Each rebuilt file is hashed (for the manifest and `verify`) from its parts
         # (manifest.planned_sha256), from the start: its copied tensors, laid out first, while
         # the search runs; its rebuilt rows once they are written.

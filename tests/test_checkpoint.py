@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -150,6 +151,23 @@ def test_gather_rows_unsorted_repeated(tmp_path, dtype_name):
             ckpt.read_rows("m", 5, 24)
         with pytest.raises(IndexError):
             ckpt.read_rows("m", 6, 5)
+
+
+def test_prefetch_rows_one_call_per_run_of_rows(tmp_path):
+    """prefetch_rows asks the kernel for each run of adjacent rows once (unsorted, repeated ids
+    merged), checks bounds as gather_rows does, and changes nothing it reads."""
+    path = tmp_path / "p.safetensors"
+    original = random_tensor("BF16", (40, 9), 3)
+    save_file({"m": original}, str(path))
+    before = path.read_bytes()
+    with Checkpoint.open(path) as ckpt:
+        expected = 3 if hasattr(os, "posix_fadvise") else 0
+        assert ckpt.prefetch_rows("m", [8, 7, 0, 1, 2, 7, 39]) == expected  # [0, 3), [7, 9), [39, 40)
+        assert ckpt.prefetch_rows("m", []) == 0
+        with pytest.raises(IndexError):
+            ckpt.prefetch_rows("m", [40])
+        assert_same(ckpt.gather_rows("m", [39, 0]), original[[39, 0]])
+    assert path.read_bytes() == before
 
 
 def test_gather_rows_across_shards(tmp_path):
