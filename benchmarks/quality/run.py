@@ -684,45 +684,62 @@ def _has(p: str) -> bool:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Perplexity and bits per byte against continued-training tokens, one line per initialisation;
+    the third panel zooms in on the variants near the source's line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     src = results["source_reference_curve_text"]
-    for label, r in results["variants"].items():
+    colours = plt.get_cmap("tab20").colors
+    styles = ["-", "--", "-.", ":"]
+    for i, (label, r) in enumerate(results["variants"].items()):
         curve = r.get("curve") or []
         if not curve:
             continue
         xs = [c["train_tokens"] for c in curve]
-        axes[0].plot(xs, [c["ppl"] for c in curve], marker="o", ms=3, label=label)
-        axes[1].plot(xs, [c["bpb"] for c in curve], marker="o", ms=3, label=label)
-    axes[1].axhline(src["bpb"], color="k", ls="--", lw=1, label="source (SmolLM2), own tokenizer")
+        look = {"color": colours[i % len(colours)], "ls": styles[i % len(styles)], "marker": "o", "ms": 3, "label": label}
+        axes[0].plot(xs, [c["ppl"] for c in curve], **look)
+        axes[1].plot(xs, [c["bpb"] for c in curve], **look)
+        axes[2].plot(xs, [c["bpb"] for c in curve], **look)
+    for ax in axes[1:]:
+        ax.axhline(src["bpb"], color="k", ls="--", lw=1, label="source (SmolLM2), own tokenizer")
     axes[1].set_ylim(top=min(axes[1].get_ylim()[1], 12))
+    axes[2].set_ylim(src["bpb"] - 0.35, src["bpb"] + 1.1)
+    axes[2].set_title("zoom: near the source", fontsize=9)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("held-out perplexity (per target token)")
     axes[1].set_ylabel("held-out bits per UTF-8 byte")
     for ax in axes:
         ax.set_xlabel("continued-training tokens")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    axes[2].legend(fontsize=7, ncol=2)
     fig.suptitle(f"SmolLM2-135M to {results['options']['language']}: initialisations under continued training")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def table(results: dict) -> str:
+    """Markdown: zero-shot on --eval-bytes, and the curve's first and last points on
+    --train-eval-bytes, each against the source reading the same text through its own tokenizer."""
     src = results["source_reference"]
-    lines = ["| init | zero-shot ppl | zero-shot bits/byte | after training ppl | after training bits/byte |", "| --- | ---: | ---: | ---: | ---: |"]
     cur = results.get("source_reference_curve_text") or {}
-    lines.append(f"| source, own tokenizer (reference) | {src['ppl']:.2f} | {src['bpb']:.4f} | {cur.get('ppl', float('nan')):.2f} | {cur.get('bpb', float('nan')):.4f} |")
+    steps = max((c["step"] for r in results["variants"].values() for c in r.get("curve") or []), default=0)
+    lines = [
+        f"| init | zero-shot ppl | zero-shot bits/byte | vs source | step 0 bits/byte (curve text) | after {steps} steps | vs source |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| source, own tokenizer (reference) | {src['ppl']:.1f} | {src['bpb']:.3f} | | {cur.get('bpb', float('nan')):.3f} | | |",
+    ]
     for label, r in results["variants"].items():
         z = r["zero_shot"]
-        last = (r.get("curve") or [None])[-1]
-        after = f"{last['ppl']:.2f} | {last['bpb']:.4f}" if last and last["step"] > 0 else " | "
-        lines.append(f"| {label} | {z['ppl']:.2f} | {z['bpb']:.4f} | {after} |")
+        curve = r.get("curve") or []
+        first = f"{curve[0]['bpb']:.3f}" if curve else ""
+        last = curve[-1] if curve and curve[-1]["step"] > 0 else None
+        after = f"{last['bpb']:.3f} | {last['bpb'] - cur['bpb']:+.3f}" if last and cur else " | "
+        lines.append(f"| `{label}` | {z['ppl']:.4g} | {z['bpb']:.3f} | {z['bpb'] - src['bpb']:+.3f} | {first} | {after} |")
     return "\n".join(lines)
 
 
