@@ -10,8 +10,8 @@ An `Engine` does the two compute stages for `transfer.py` and records which path
            torch-cpu-matmul / torch-cuda-matmul (the dense form, chunked matrix products)
 
 Whatever the path, the arithmetic is the same: fp32 products, fp32 accumulation, one cast to
-the source dtype; every search path's candidates are rescored by neighbours.rescore (in
-fp64) and ties go to the lower position, so every path returns the same
+the source dtype; every search path's candidates are rescored by neighbours.rescore (fp32
+products summed in fp64) and ties go to the lower position, so every path returns the same
 neighbours and similarities, ties aside.
 """
 

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .checkpoint import Checkpoint
 from .safetensors_header import read_header
-from .writer import CopiedTensor, FileLayout
 
 if TYPE_CHECKING:
     from .plan import TransferPlan
+    from .writer import FileLayout
     from .transfer import TransferResult
 
 
@@ -65,36 +65,36 @@ def planned_sha256(layout: FileLayout, computed_written: threading.Event | None 
     the file's hash as long as the copies are faithful, which `verify` checks against the file.
     Setting `stop` makes it give up (HashStopped) at its next chunk or wait.
     """
+    from .writer import CopiedTensor  # imported late: the writer brings torch, which verify need not load
+
     digest = hashlib.sha256(layout.header)
     position = len(layout.header)
-    buffer = bytearray(chunk_bytes)
-    view = memoryview(buffer)
+    view = memoryview(bytearray(chunk_bytes))
+
+    def add_range(fd: int, offset: int, length: int, name: object) -> None:
+        while length:
+            if stop is not None and stop.is_set():
+                raise HashStopped(str(layout.path))
+            n = os.preadv(fd, [view[: min(chunk_bytes, length)]], offset)
+            if not n:
+                raise OSError(f"{name}: ended early at offset {offset}")
+            digest.update(view[:n])
+            offset += n
+            length -= n
+
     with open(layout.path, "rb", buffering=0) as written:
         for name, (begin, end) in sorted(layout.offsets.items(), key=lambda item: item[1]):
             if begin != position:
                 raise ValueError(f"{layout.path}: tensor {name!r} starts at {begin}, not at {position}")
             planned = layout.tensors[name]
-            if not isinstance(planned, CopiedTensor) and computed_written is not None:
-                while not computed_written.wait(0.1):
+            if isinstance(planned, CopiedTensor):
+                with open(planned.source, "rb", buffering=0) as source:
+                    add_range(source.fileno(), planned.offset, end - begin, planned.source)
+            else:
+                while computed_written is not None and not computed_written.wait(0.1):
                     if stop is not None and stop.is_set():
                         raise HashStopped(str(layout.path))
-            source = open(planned.source, "rb", buffering=0) if isinstance(planned, CopiedTensor) else None
-            try:
-                fd = source.fileno() if source is not None else written.fileno()
-                offset = planned.offset if source is not None else begin
-                left = end - begin
-                while left:
-                    if stop is not None and stop.is_set():
-                        raise HashStopped(str(layout.path))
-                    n = os.preadv(fd, [view[: min(chunk_bytes, left)]], offset)
-                    if not n:
-                        raise OSError(f"{source.name if source is not None else layout.path}: ended early at offset {offset}")
-                    digest.update(view[:n])
-                    offset += n
-                    left -= n
-            finally:
-                if source is not None:
-                    source.close()
+                add_range(written.fileno(), begin, end - begin, layout.path)
             position = end
     return digest.hexdigest()
 

@@ -28,12 +28,12 @@ def normalise_rows(vectors: torch.Tensor) -> tuple[torch.Tensor, int]:
 # FAISS (and the GPU's matrix products) score candidates in fp32 with a summation order that
 # depends on the thread count and the device; each query's best k + RESCORE_MARGIN are scored
 # again by `rescore` (fp32 products, rounded the same way everywhere, summed in fp64: any
-# summation order gives the same fp32 result but for a sum within ~1e-13 of a rounding boundary) and the best k kept, ties to
-# the lower position. So the neighbours and similarities are the same whatever the thread count,
-# the CPU type or the device.
+# summation order gives the same fp32 result but for a sum within ~1e-13 of a rounding
+# boundary) and the best k kept, ties to the lower position. So the neighbours and similarities
+# are the same whatever the thread count, the CPU type or the device.
 RESCORE_MARGIN = 4
 # Gathered candidate rows per rescoring step: 2 MiB stays in a core's cache (one thread, 25,632
-# queries x 54 candidates x 768: 1.4 s a core at 2 MiB, 5.3 s at 32 MiB).
+# queries x 54 candidates x 768: 1.4 s at 2 MiB, 5.3 s at 32 MiB).
 RESCORE_BYTES = 2 * 1024 * 1024
 NO_CANDIDATE = torch.iinfo(torch.int64).max
 

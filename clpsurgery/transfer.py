@@ -175,12 +175,13 @@ def rebuilt_rows(plan: TransferPlan, mixing: Mixing, name: str, record: bool, cl
     # most half the block budget: converting them per block costs more than the combine itself.
     if engine is not None and engine.gpu:
         mixing_rows = engine.rows_for_combine(source_2d)  # on the GPU, in the source dtype
-    elif source_2d.numel() * 4 <= budget // 2 and plan.options.top_k is not None:
-        mixing_rows = ColumnBlocks.of(source_2d)
-        budget -= mixing_rows.nbytes
     elif source_2d.numel() * 4 <= budget // 2:
-        mixing_rows = source_2d.to(torch.float32)
-        budget -= mixing_rows.numel() * 4 if mixing_rows.dtype != source_2d.dtype else 0
+        if plan.options.top_k is not None:
+            mixing_rows = ColumnBlocks.of(source_2d)
+            budget -= mixing_rows.nbytes
+        else:
+            mixing_rows = source_2d.to(torch.float32)
+            budget -= mixing_rows.numel() * 4 if mixing_rows.dtype != source_2d.dtype else 0
     else:
         mixing_rows = source_2d
     overlap_position = np.full(plan.target_size, -1, dtype=np.int64)

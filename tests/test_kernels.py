@@ -49,7 +49,7 @@ def kernel_cases() -> list[dict]:
         cases.append({"id": f"{dtype}-default-k{MAX_UNROLL + 1}", "dtype": dtype, "h": 100, "m": 17, "k": MAX_UNROLL + 1, "tiles": {}})
         # int32 positions, rows with a stride wider than h, row-major grid order, NaN-poisoned output.
         cases.append({"id": f"{dtype}-int32-strided-rowmajor", "dtype": dtype, "h": 33, "m": 17, "k": 6, "tiles": {**TILES, "h_major": False}, "int32": True, "strided": True})
-        # The default k (50: four unrolled steps of 13, the last two slots masked).
+        # k = 50: four unrolled steps of 13, the last two slots masked.
         cases.append({"id": f"{dtype}-default-k50", "dtype": dtype, "h": 100, "m": 9, "k": 50, "tiles": {}})
     # A bf16 source written as fp32 (out_dtype differs from the source's).
     cases.append({"id": "bf16-to-fp32", "dtype": "bf16", "out": "fp32", "h": 33, "m": 5, "k": 3, "tiles": TILES})
