@@ -204,9 +204,9 @@ def layout_order(specs: list[TensorSpec], late: frozenset[str] = frozenset()) ->
 
     Sorting makes the bytes independent of the order tensors were given in, and putting wide
     dtypes first keeps every tensor aligned to its element size (as the reference writer does).
-    `late` puts rebuilt tensors after the copied ones of their element size, so that a file's
-    hash can run over its copied bytes before the rebuilt ones exist (any data order is valid
-    safetensors as long as the ranges tile the buffer).
+    `late` puts rebuilt tensors after the copied ones of their element size, so the copied bytes
+    of a rebuilt file lie in long runs before the rebuilt ones (any data order is valid
+    safetensors as long as the ranges tile the buffer; outputs keep this layout across versions).
     """
     return sorted(specs, key=lambda s: (-DTYPE_SIZES[s.dtype], s.name in late, s.name))
 

@@ -8,11 +8,9 @@ then the side files and the manifest. Time is recorded per stage.
 from __future__ import annotations
 
 import functools
-from concurrent.futures import Future, ThreadPoolExecutor
 import json
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,7 +24,7 @@ from .architecture import read_config
 from .combine import ColumnBlocks, combine_dense, combine_top_k
 from .device import Engine, make_engine
 from .errors import SurgeryError
-from .manifest import build_manifest, planned_sha256
+from .manifest import build_manifest
 from .model_config import target_config, target_generation_config
 from .neighbours import Neighbours, dense_similarities, normalise_rows, search_top_k
 from .output_folder import MANIFEST_NAME, staged_output
@@ -69,7 +67,7 @@ class TransferResult:
     write_stats: WriteStats = field(default_factory=WriteStats)
     zero_helper_rows: int = 0
     config_changes: dict = field(default_factory=dict)
-    file_hashes: dict[str, str | None] = field(default_factory=dict)  # rebuilt files, hashed while writing
+    tensor_hashes: dict[str, dict[str, str]] = field(default_factory=dict)  # file -> rebuilt tensor -> SHA-256
     files: list[str] = field(default_factory=list)
     paths: dict = field(default_factory=dict)  # device, and which search and combine paths ran
 
@@ -323,13 +321,6 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
         # while the search runs, so that the read stage finds them there.
         for name in plan.source_tensors.names:
             plan.source.prefetch_rows(name, plan.overlap.source_ids)
-        # Each rebuilt file is hashed (for the manifest and `verify`) from its parts
-        # (manifest.planned_sha256), from the start: its copied tensors, laid out first, while
-        # the search runs; its rebuilt rows once they are written.
-        hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clpsurgery-hash")
-        computed_written = {layout.path: threading.Event() for layout in layouts}
-        stop_hashing = threading.Event()
-        file_hashes: dict[str, Future] = {layout.path.name: hasher.submit(planned_sha256, layout, computed_written[layout.path], stop_hashing) for layout in layouts}
         try:
             with leave_a_core_for_copies(), clock.stage("search"):
                 mixing = find_mixing(plan, progress, result, engine)
@@ -338,20 +329,14 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
                 write_started = time.perf_counter()
                 with leave_a_core_for_copies():
                     for layout in layouts:
-                        write_computed(layout, result.write_stats)
-                        computed_written[layout.path].set()
+                        result.tensor_hashes[layout.path.name] = write_computed(layout, result.write_stats)
                 inside = clock.seconds.get("read", 0.0) + clock.seconds.get("combine", 0.0)
                 clock.seconds["write"] = time.perf_counter() - write_started - inside
                 with clock.stage("wait for copies"):
                     copier.finish(advance)
-            with clock.stage("hash"):
-                result.file_hashes = {name: future.result() for name, future in file_hashes.items()}
         except BaseException:
-            stop_hashing.set()
             copier.stop()
-            hasher.shutdown(wait=True, cancel_futures=True)
             raise
-        hasher.shutdown()
         clock.seconds["copy (background)"] = copier.seconds or time.perf_counter() - copy_started
         with clock.stage("fsync"):
             for layout in layouts:

@@ -2,8 +2,9 @@
 
 Checks, each reported as one PASS, FAIL or SKIP line:
 
-- files: every file the manifest lists is there with its size and SHA-256 (header SHA-256 for
-  weights files copied whole, see manifest.output_files), and nothing else is in the folder;
+- files: every file the manifest lists is there with its size and SHA-256; for weights files,
+  their header's SHA-256 and that of every tensor init rebuilt (the bytes it copied are compared
+  with --source, see manifest.output_files); and nothing else is in the folder;
 - headers: every safetensors header and the index are valid (the checks `init` makes on input);
 - shapes: the rebuilt tensors agree with config.json (vocab_size, hidden size, token ids) and the
   tokenizer (every id has a row), the head and its bias with the embedding;
@@ -129,12 +130,17 @@ def _header_sha256(path: Path) -> str | None:
 
 
 def _check_files(out: Path, manifest: dict, progress, report: Callable[[Check], None]) -> dict[str, str]:
-    """Sizes and hashes against the manifest; returns the files copied whole (name -> source file)."""
+    """Sizes and hashes against the manifest: whole files, or the rebuilt tensors of a weights
+    file (the bytes init computed; its copied tensors are compared with SOURCE by
+    _check_unchanged). Returns the files copied whole (name -> source file)."""
+    from .safetensors_header import read_header
+
     entries = manifest["outputs"]
     listed = {MANIFEST_NAME}
     problems: dict[str, str] = {}
-    to_hash: list[tuple[dict, Path]] = []
+    to_hash: list[tuple[str, Path, str | None, int, int | None, str]] = []  # file, path, tensor, begin, end, expected
     copied_whole: dict[str, str] = {}
+    partly = 0
     for entry in entries:
         name = entry["file"]
         listed.add(name)
@@ -152,28 +158,44 @@ def _check_files(out: Path, manifest: dict, progress, report: Callable[[Check], 
         if "header_sha256" in entry and _header_sha256(path) != entry["header_sha256"]:
             problems[name] = "header differs from the one written (SHA-256)"
             continue
+        tensor_hashes = entry.get("tensor_sha256")
         if isinstance(entry.get("sha256"), str):
-            to_hash.append((entry, path))
+            to_hash.append((name, path, None, 0, None, entry["sha256"]))
+        elif isinstance(tensor_hashes, dict) and tensor_hashes and "header_sha256" in entry and all(isinstance(v, str) for v in tensor_hashes.values()):
+            header = read_header(path)
+            absent = [t for t in tensor_hashes if t not in header.tensors]
+            if absent:
+                problems[name] = f"the manifest hashes tensor {absent[0]!r}, which the file does not hold"
+                continue
+            partly += 1
+            for tensor, expected in tensor_hashes.items():
+                to_hash.append((name, path, tensor, *header.absolute_range(tensor), expected))
         elif isinstance(entry.get("copied_from"), str) and "header_sha256" in entry:
             copied_whole[name] = entry["copied_from"]
         else:
             problems[name] = "the manifest gives no hash for it"
-    total = sum(path.stat().st_size for _, path in to_hash)
+    total = sum((end if end is not None else path.stat().st_size) - begin for _, path, _, begin, end, _ in to_hash)
     with _bar(progress, "hashing", total) as advance, ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        digests = list(pool.map(lambda item: file_sha256(item[1], advance), to_hash))
-    for (entry, path), digest in zip(to_hash, digests):
-        if digest != entry["sha256"]:
-            problems[entry["file"]] = f"SHA-256 {digest[:16]}..., the manifest says {entry['sha256'][:16]}..."
+        digests = list(pool.map(lambda item: file_sha256(item[1], advance, item[3], item[4]), to_hash))
+    for (name, _, tensor, _, _, expected), digest in zip(to_hash, digests):
+        if digest != expected and name not in problems:
+            what = f"tensor {tensor!r}: " if tensor else ""
+            problems[name] = f"{what}SHA-256 {digest[:16]}..., the manifest says {expected[:16]}..."
     for name in sorted(os.listdir(out)):
         if name not in listed:
             problems[name] = "not written by clpsurgery (not in the manifest)"
     for name, problem in sorted(problems.items()):
         report(Check(False, f"file {name}", problem))
-    hashed = len(to_hash) - sum(1 for e, _ in to_hash if e["file"] in problems)
+    whole_files = {name for name, _, tensor, _, _, _ in to_hash if tensor is None}
+    detail = f"{len(whole_files - set(problems))} file(s) match their SHA-256"
+    if partly:
+        detail += f", the rebuilt tensors of {partly} weights file(s) theirs"
+    detail += f" ({total / 2**20:.1f} MiB read)"
     whole = sum(1 for n in copied_whole if n not in problems)
-    detail = f"{hashed} file(s) match their SHA-256 ({total / 2**20:.1f} MiB read)"
-    if whole:
-        detail += f"; {whole} copied whole from SOURCE match in size and header (their bytes are compared with --source)"
+    if whole or partly:
+        detail += "; copied tensors match in size and header"
+        detail += f" ({whole} file(s) copied whole)" if whole else ""
+        detail += ", their bytes are compared with --source"
     if not problems:
         report(Check(True, "files", detail))
     return {n: s for n, s in copied_whole.items() if n not in problems}

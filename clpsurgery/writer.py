@@ -8,6 +8,7 @@ producer yields row blocks in order; no tensor is ever held whole by the writer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -132,13 +133,18 @@ def copy_tensors(layout: FileLayout, stats: WriteStats, buffer_bytes: int = COPY
             stats.copied_bytes += planned.spec.nbytes
 
 
-def write_computed(layout: FileLayout, stats: WriteStats) -> None:
-    """Write every ComputedTensor of a started file to its place, block by block."""
+def write_computed(layout: FileLayout, stats: WriteStats) -> dict[str, str]:
+    """Write every ComputedTensor of a started file to its place, block by block; returns the
+    SHA-256 of each one's bytes (for the manifest and `verify`), taken as they are written."""
+    digests = {}
     with open(layout.path, "r+b") as out:
         for planned in layout.computed():
             begin, end = layout.offsets[planned.spec.name]
-            written = _write_blocks(out.fileno(), begin, planned.spec, planned.produce(), stats)
+            digest = hashlib.sha256()
+            written = _write_blocks(out.fileno(), begin, planned.spec, planned.produce(), stats, digest)
             stats.computed_bytes += written
+            digests[planned.spec.name] = digest.hexdigest()
+    return digests
 
 
 def finish_file(layout: FileLayout, stats: WriteStats) -> None:
@@ -168,8 +174,9 @@ def write_file(
     return stats
 
 
-def _write_blocks(fd: int, offset: int, spec: TensorSpec, blocks: Iterable[torch.Tensor], stats: WriteStats) -> int:
-    """Write row blocks of a computed tensor from `offset` on, checking dtype and the total size."""
+def _write_blocks(fd: int, offset: int, spec: TensorSpec, blocks: Iterable[torch.Tensor], stats: WriteStats, digest) -> int:
+    """Write row blocks of a computed tensor from `offset` on, checking dtype and the total size;
+    `digest` (a hashlib object) is fed every byte written."""
     written = 0
     for block in blocks:
         if DTYPE_NAMES.get(block.dtype) != spec.dtype:
@@ -180,6 +187,7 @@ def _write_blocks(fd: int, offset: int, spec: TensorSpec, blocks: Iterable[torch
         if written + data.nbytes > spec.nbytes:
             raise AssertionError(f"tensor {spec.name}: producer wrote more than the planned {spec.nbytes} bytes")
         _pwrite_all(fd, data, offset + written)
+        digest.update(data)
         written += data.nbytes
         stats.advance(data.nbytes)
     if written != spec.nbytes:

@@ -56,12 +56,21 @@ def failures(out: Path, source: Path | None = None) -> list[str]:
     return [c.line() for c in verify_output(out, source) if c.ok is False]
 
 
+def tensor_sha256(path: Path, tensor: str) -> str:
+    header, start = data_start(path)
+    begin, end = header[tensor]["data_offsets"]
+    return hashlib.sha256(path.read_bytes()[start + begin : start + end]).hexdigest()
+
+
 def rehash(out: Path, name: str) -> None:
-    """Record a file's new hash in the manifest: a consistent folder whose content is wrong."""
+    """Record a file's new hashes in the manifest: a consistent folder whose content is wrong."""
     manifest = json.loads((out / "clpsurgery.json").read_text())
     for entry in manifest["outputs"]:
         if entry["file"] == name:
-            entry["sha256"] = hashlib.sha256((out / name).read_bytes()).hexdigest()
+            if "tensor_sha256" in entry:
+                entry["tensor_sha256"] = {t: tensor_sha256(out / name, t) for t in entry["tensor_sha256"]}
+            else:
+                entry["sha256"] = hashlib.sha256((out / name).read_bytes()).hexdigest()
             entry["bytes"] = (out / name).stat().st_size
     (out / "clpsurgery.json").write_text(json.dumps(manifest))
 
@@ -79,18 +88,28 @@ def poke(path: Path, offset: int, data: bytes) -> None:
 
 
 def test_manifest_hashes_every_file(outputs):
-    """Every output file has the SHA-256 of its bytes, except weights copied whole from the source,
-    which name their source file and keep a header hash."""
+    """Every output file but the weights has the SHA-256 of its bytes; a weights file its header's,
+    the SHA-256 of each tensor init rebuilt (the bytes it computed) and the source file the rest
+    came from; a weights file copied whole its header's and its source file."""
     for name, out in outputs.items():
         manifest = json.loads((out / "clpsurgery.json").read_text())
         listed = {e["file"]: e for e in manifest["outputs"]}
         assert set(listed) | {"clpsurgery.json"} == {p.name for p in out.iterdir()}
+        rebuilt = set(manifest["tensors"]["rebuilt"])
         for file, entry in listed.items():
             data = (out / file).read_bytes()
             assert entry["bytes"] == len(data)
+            if file.endswith(".safetensors"):
+                header, start = data_start(out / file)
+                assert entry["header_sha256"] == hashlib.sha256(data[8:start]).hexdigest()
+                assert "sha256" not in entry
             if "copied_from" in entry:
                 assert name == "sharded" and file == "model-00002-of-00002.safetensors"
-                assert "sha256" not in entry and entry["copied_from"] == file
+                assert entry["copied_from"] == file and "tensor_sha256" not in entry
+            elif "tensor_sha256" in entry:
+                assert set(entry["tensor_sha256"]) == rebuilt & set(header)
+                assert entry["tensor_sha256"] == {t: tensor_sha256(out / file, t) for t in entry["tensor_sha256"]}
+                assert entry["other_tensors_from"] == (file if name == "sharded" else "model.safetensors")
             else:
                 assert entry["sha256"] == hashlib.sha256(data).hexdigest(), file
 
@@ -109,16 +128,26 @@ def test_real_outputs_pass(outputs, name, gpt2_source, sharded_source, capsys):
     assert "SKIP  against SOURCE" in capsys.readouterr().out
 
 
-def test_a_flipped_byte_in_a_copied_tensor(copy_of, gpt2_source, capsys):
+def test_a_flipped_byte_in_a_rebuilt_tensor(copy_of, capsys):
+    out = copy_of("single")
+    header, start = data_start(out / "model.safetensors")
+    begin, _ = header[EMBEDDING]["data_offsets"]
+    poke(out / "model.safetensors", start + begin + 5, b"\x7f")
+    assert failures(out) == [f"FAIL  file model.safetensors: tensor {EMBEDDING!r}: SHA-256 " + failures(out)[0].split(": SHA-256 ")[1]]
+    capsys.readouterr()
+    assert run(["verify", str(out)]) == 1
+    assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL")
+
+
+def test_a_flipped_byte_in_a_copied_tensor_is_found_against_the_source(copy_of, gpt2_source):
+    """Copied bytes are not hashed (manifest.output_files): without --source a change passes the
+    size and header checks; with --source it is caught, in a rebuilt file as in one copied whole."""
     out = copy_of("single")
     header, start = data_start(out / "model.safetensors")
     begin, _ = header["transformer.h.0.mlp.c_fc.weight"]["data_offsets"]
     poke(out / "model.safetensors", start + begin + 5, b"\x7f")
-    assert any("FAIL  file model.safetensors: SHA-256" in line for line in failures(out))
-    assert any("'transformer.h.0.mlp.c_fc.weight' differs from SOURCE" in line for line in failures(out, gpt2_source))
-    capsys.readouterr()
-    assert run(["verify", str(out)]) == 1
-    assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL")
+    assert failures(out) == []
+    assert failures(out, gpt2_source) == ["FAIL  unchanged tensors: 'transformer.h.0.mlp.c_fc.weight' differs from SOURCE"]
 
 
 def test_wrong_overlap_row_and_nan_row_with_consistent_hashes(copy_of, gpt2_source, german_helper):

@@ -149,38 +149,31 @@ def test_copy_and_compute_mixed(tmp_path):
     assert stats.computed_bytes == replacement.numel() * 4
 
 
-def test_planned_hash_is_the_file_hash_before_the_copies(tmp_path):
-    """manifest.planned_sha256 hashes a rebuilt file from its parts (header, source ranges,
-    computed tensors read back) before any byte copy, and before the computed tensor is written
-    (it waits for it): the same digest as the finished file's, with chunks that cut across
-    tensor edges. The computed tensor is laid out after the copied ones of its element size."""
+def test_computed_tensors_are_hashed_as_written(tmp_path):
+    """write_computed returns the SHA-256 of each computed tensor's bytes as they land in the file,
+    written before or after the copies; the computed tensor is laid out after the copied ones of
+    its element size."""
     import hashlib
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
 
-    from clpsurgery.manifest import HashStopped, planned_sha256
     from clpsurgery.writer import copy_tensors, lay_out, start_file, write_computed
 
     src, tensors = _reference_file(tmp_path)
     copies = [c for c in _copies_of(src) if c.spec.name != "big"]
     replacement = torch.arange(64 * 33, dtype=torch.float32).reshape(64, 33)
-    layout = lay_out(tmp_path / "rebuilt.safetensors", copies + [planned_from_tensor("big", replacement, block_rows=10)])
-    four_byte = [c.spec.name for c in copies if DTYPE_SIZES[c.spec.dtype] == 4]
-    assert four_byte and all(layout.offsets["big"][0] >= layout.offsets[name][1] for name in four_byte)
-    start_file(layout)
-    written = threading.Event()
-    with ThreadPoolExecutor(2) as pool:
-        early = [pool.submit(planned_sha256, layout, written, None, chunk) for chunk in (1 << 20, 7)]
-        write_computed(layout, WriteStats())
-        written.set()
-        digests = [future.result(timeout=60) for future in early]
-    copy_tensors(layout, WriteStats())
-    assert digests == [hashlib.sha256(layout.path.read_bytes()).hexdigest()] * 2
-    check_loads(layout.path, dict(tensors, big=replacement))
-    stop = threading.Event()
-    stop.set()
-    with pytest.raises(HashStopped):
-        planned_sha256(layout, threading.Event(), stop)
+    for first in ("computed", "copies"):
+        layout = lay_out(tmp_path / f"rebuilt-{first}.safetensors", copies + [planned_from_tensor("big", replacement, block_rows=10)])
+        four_byte = [c.spec.name for c in copies if DTYPE_SIZES[c.spec.dtype] == 4]
+        assert four_byte and all(layout.offsets["big"][0] >= layout.offsets[name][1] for name in four_byte)
+        start_file(layout)
+        if first == "copies":
+            copy_tensors(layout, WriteStats())
+        digests = write_computed(layout, WriteStats())
+        if first == "computed":
+            copy_tensors(layout, WriteStats())
+        begin, end = layout.offsets["big"]
+        assert digests == {"big": hashlib.sha256(layout.path.read_bytes()[begin:end]).hexdigest()}
+        assert digests["big"] == hashlib.sha256(replacement.numpy().tobytes()).hexdigest()
+        check_loads(layout.path, dict(tensors, big=replacement))
 
 
 def test_copy_without_copy_file_range_and_tiny_buffer(tmp_path, monkeypatch):
