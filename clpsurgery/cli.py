@@ -136,9 +136,10 @@ def init_command(source: Path, helper: Path, out: Path, top_k, weighting, temper
         pad_vocab_to_multiple=pad_vocab_to_multiple,
         device=device,
     )
-    from .device import resolve_device
+    if device == "cuda":
+        from .device import resolve_device
 
-    resolve_device(device)  # --device cuda without a GPU: one line, before any slow work
+        resolve_device(device)  # --device cuda without a GPU: one line, before any slow work
     plan = make_plan(source, helper, options, source_tokenizer, source_config)
     summary = plan.summary()
     if not quiet:

@@ -16,13 +16,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import SurgeryError
 from .safetensors_header import TensorSpec, encode_header
 from .stage_hooks import reached
-from .torch_dtypes import DTYPE_NAMES
+
+if TYPE_CHECKING:
+    import torch
 
 COPY_BUFFER_BYTES = 64 * 1024 * 1024
 KERNEL_COPY_CHUNK = 256 * 1024 * 1024
@@ -177,6 +178,7 @@ def write_file(
 def _write_blocks(fd: int, offset: int, spec: TensorSpec, blocks: Iterable[torch.Tensor], stats: WriteStats, digest) -> int:
     """Write row blocks of a computed tensor from `offset` on, checking dtype and the total size;
     `digest` (a hashlib object) is fed every byte written."""
+    from .torch_dtypes import DTYPE_NAMES  # torch, imported late: copies need none of it
     written = 0
     for block in blocks:
         if DTYPE_NAMES.get(block.dtype) != spec.dtype:
@@ -205,6 +207,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor, without a copy when it is contiguous on the CPU."""
+    import torch
     t = t.detach().to("cpu").contiguous()
     if t.numel() == 0:
         return memoryview(b"")
@@ -284,6 +287,7 @@ def write_index(folder: Path, weight_map: dict[str, str], total_size: int, extra
 
 def planned_from_tensor(name: str, tensor: torch.Tensor, block_rows: int = 4096) -> ComputedTensor:
     """A ComputedTensor over an in-memory tensor (for tests, small tensors and tools)."""
+    from .torch_dtypes import DTYPE_NAMES
     spec = TensorSpec(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape))
 
     def produce() -> Iterator[torch.Tensor]:
@@ -302,7 +306,7 @@ class BackgroundCopier(threading.Thread):
     """Runs the byte copies of a conversion in a thread, while the main thread searches and computes.
 
     Copies spend their time in the kernel (copy_file_range) or in preadv/pwrite, which release
-    the GIL, so they overlap with FAISS and torch work. Bytes done are counted for the progress
+    the GIL, so they overlap with FAISS and torch work (and with importing them). Bytes done are counted for the progress
     bar of the main thread; `stop()` makes the copy give up at its next chunk.
     """
 

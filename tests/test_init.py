@@ -299,3 +299,32 @@ def test_pad_vocab_to_multiple(llama_source, german_helper, tmp_path):
             assert torch.allclose(rows[size:].double(), expected.expand(padded - size, 32), rtol=2**-7, atol=1e-3)
     logits = finite_logits(transformers.LlamaForCausalLM, out)
     assert logits.shape[-1] == padded
+
+
+def test_copies_start_before_torch_is_imported(llama_source, german_helper, tmp_path):
+    """The CLI reads the plan and starts the byte copies before it imports torch (about 2 s on a
+    2-core machine, time the copies would otherwise lose): in a fresh interpreter, torch is not
+    loaded when the background copier starts, and the run still completes."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from clpsurgery import writer
+seen = []
+start = writer.BackgroundCopier.start
+def recording_start(self):
+    seen.append('torch' in sys.modules)
+    start(self)
+writer.BackgroundCopier.start = recording_start
+from clpsurgery.cli import main
+try:
+    main(['init', '--quiet', {str(llama_source)!r}, {str(german_helper)!r}, {str(tmp_path / 'out')!r}])
+except SystemExit as e:
+    assert not e.code, e.code
+print(seen)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[False]"
+    assert (tmp_path / "out" / "clpsurgery.json").is_file()

@@ -1,0 +1,190 @@
+"""The rebuilt tensors' rows: neighbours in the helper space, mixing weights, and row blocks with
+the overlap rows copied and the others combined. The compute of a transfer (torch, FAISS), kept
+apart from transfer.py, which imports it only once the byte copies are running.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .combine import ColumnBlocks, combine_dense, combine_top_k
+from .device import Engine
+from .errors import SurgeryError
+from .neighbours import Neighbours, dense_similarities, normalise_rows, search_top_k
+from .plan import TransferPlan
+from .stage_hooks import reached
+from .weights import WeightStats, mixing_weights
+from .writer import row_blocks
+
+if TYPE_CHECKING:
+    from .transfer import ProgressFactory, StageClock, TransferResult
+
+DENSE_CHUNK_ROWS = 4096  # overlap rows converted to fp32 at a time in the dense combine
+
+
+class Mixing:
+    """Neighbour positions and weights for the missing tokens, by position in the missing list."""
+
+    def __init__(self, plan: TransferPlan, overlap_vectors: torch.Tensor, missing_vectors: torch.Tensor, neighbours: Neighbours | None) -> None:
+        self.plan = plan
+        self.overlap_vectors = overlap_vectors
+        self.missing_vectors = missing_vectors
+        self.neighbours = neighbours
+        self.stats = WeightStats()
+        self._weights: torch.Tensor | None = None
+        if neighbours is not None:
+            weights, stats = mixing_weights(torch.from_numpy(neighbours.similarities), plan.options.weighting, plan.options.temperature)
+            self._weights = weights
+            self._positions = torch.from_numpy(neighbours.positions)
+            self.stats = stats
+
+    @property
+    def dense(self) -> bool:
+        return self.neighbours is None
+
+    def rows(self, start: int, stop: int, record: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(positions or None for dense, fp32 weights) of missing tokens [start, stop)."""
+        if self._weights is not None:
+            return self._positions[start:stop], self._weights[start:stop]
+        sims = dense_similarities(self.overlap_vectors, self.missing_vectors[start:stop])
+        weights, stats = mixing_weights(sims, self.plan.options.weighting, self.plan.options.temperature)
+        if record:
+            self.stats.add(stats)
+        return None, weights
+
+
+def find_mixing(plan: TransferPlan, progress: ProgressFactory, result: TransferResult, engine: Engine | None = None) -> Mixing:
+    """Helper vectors of every target token, normalised; FAISS top-k unless dense."""
+    overlap = plan.overlap
+    helper_rows = plan.helper.read_rows(plan.helper_embedding, 0, plan.target_size)
+    if not torch.isfinite(helper_rows.to(torch.float32)).all():
+        bad = int((~torch.isfinite(helper_rows.to(torch.float32))).any(dim=1).nonzero()[0])
+        raise SurgeryError(plan.helper_path, f"helper embedding {plan.helper_embedding!r} has NaN or Inf in row {bad}")
+    vectors, result.zero_helper_rows = normalise_rows(helper_rows)
+    overlap_vectors = vectors[torch.from_numpy(overlap.target_ids)]
+    missing_vectors = vectors[torch.from_numpy(overlap.missing_ids)]
+    neighbours = None
+    reached("search")  # test hook (stage_hooks.py): a no-op unless CLPSURGERY_PAUSE_AT names it
+    if plan.options.top_k is not None and overlap.missing_ids.size:
+        with progress("neighbour search", int(overlap.missing_ids.size)) as advance:
+            if engine is None:
+                neighbours = search_top_k(overlap_vectors, missing_vectors, plan.k, on_chunk=advance)
+            else:
+                neighbours = engine.search_top_k(overlap_vectors, missing_vectors, plan.k, on_chunk=advance)
+    return Mixing(plan, overlap_vectors, missing_vectors, neighbours)
+
+
+def block_rows_for(plan: TransferPlan, row_width: int, budget: int) -> int:
+    """Target rows per block so that one block's fp32 working set stays within `budget` bytes.
+
+    Top-k: the block, plus up to k distinct source rows per mixed row in fp32. Dense: the block,
+    its similarities and weights against the whole overlap, and one fp32 chunk of source rows.
+    """
+    if plan.options.top_k is None:
+        per_row = 4 * (row_width * 2 + plan.overlap.count * 3)
+        fixed = 4 * DENSE_CHUNK_ROWS * row_width
+    else:
+        per_row = 4 * (row_width * 2 + plan.k * (row_width + 4))
+        fixed = 0
+    return max(1, min(plan.target_size, (budget - fixed) // per_row))
+
+
+def rebuilt_rows(plan: TransferPlan, mixing: Mixing, name: str, record: bool, clock: StageClock, engine: Engine | None = None) -> Iterator[torch.Tensor]:
+    """Row blocks of one rebuilt tensor: overlap rows copied, the others mixed, in row order.
+
+    The source rows of the overlap are read when the first block is asked for and dropped after
+    the last, so only one rebuilt tensor's rows are held at a time.
+    """
+    overlap = plan.overlap
+    with clock.stage("read"):
+        source_overlap_rows = plan.source.gather_rows(name, overlap.source_ids)
+        _check_finite(plan, name, source_overlap_rows)
+    dtype = source_overlap_rows.dtype
+    row_shape = tuple(source_overlap_rows.shape[1:])
+    source_2d = source_overlap_rows.reshape(source_overlap_rows.shape[0], -1)
+    width = source_2d.shape[1]
+    budget = plan.block_budget
+    # The overlap rows in fp32 once (in column blocks for the top-k combine), when that takes at
+    # most half the block budget: converting them per block costs more than the combine itself.
+    if engine is not None and engine.gpu:
+        mixing_rows = engine.rows_for_combine(source_2d)  # on the GPU, in the source dtype
+    elif source_2d.numel() * 4 <= budget // 2:
+        if plan.options.top_k is not None:
+            mixing_rows = ColumnBlocks.of(source_2d)
+            budget -= mixing_rows.nbytes
+        else:
+            mixing_rows = source_2d.to(torch.float32)
+            budget -= mixing_rows.numel() * 4 if mixing_rows.dtype != source_2d.dtype else 0
+    else:
+        mixing_rows = source_2d
+    overlap_position = np.full(plan.target_size, -1, dtype=np.int64)
+    overlap_position[overlap.target_ids] = np.arange(overlap.count)
+    missing_position = np.full(plan.target_size, -1, dtype=np.int64)
+    missing_position[overlap.missing_ids] = np.arange(overlap.missing_ids.size)
+    mixed_sum = torch.zeros(width, dtype=torch.float64)
+    for start, stop in row_blocks(plan.target_size, block_rows_for(plan, width, budget)):
+        block = torch.empty((stop - start, width), dtype=dtype)
+        copied = overlap_position[start:stop]
+        is_copied = torch.from_numpy(copied >= 0)
+        block[is_copied] = source_2d[torch.from_numpy(copied[copied >= 0])]
+        mixed = missing_position[start:stop]
+        if (mixed >= 0).any():
+            first, last = int(mixed[mixed >= 0][0]), int(mixed[mixed >= 0][-1]) + 1
+            with clock.stage("combine"):
+                positions, weights = mixing.rows(first, last, record)
+                if engine is not None:
+                    rows = engine.combine_dense(mixing_rows, weights, dtype, DENSE_CHUNK_ROWS) if positions is None else engine.combine_top_k(mixing_rows, positions, weights, dtype)
+                elif positions is None:
+                    rows = combine_dense(mixing_rows, weights, dtype, DENSE_CHUNK_ROWS)
+                else:
+                    rows = combine_top_k(mixing_rows, positions, weights, dtype)
+            block[~is_copied] = rows
+            mixed_sum += rows.to(torch.float64).sum(dim=0)
+        yield block.reshape(stop - start, *row_shape)
+        reached("combine")  # test hook
+    padding = plan.output_rows - plan.target_size
+    if padding:
+        # Rows past the tokenizer's ids (vocab padded for speed) are never looked up as inputs,
+        # but a head scores them: the mean of the combined rows keeps them unremarkable.
+        fill = mixed_sum / max(1, overlap.missing_ids.size) if overlap.missing_ids.size else source_2d.to(torch.float64).mean(dim=0)
+        yield fill.to(dtype).expand(padding, width).reshape(padding, *row_shape).contiguous()
+
+
+def _check_finite(plan: TransferPlan, name: str, rows: torch.Tensor) -> None:
+    finite = torch.isfinite(rows.to(torch.float32).reshape(rows.shape[0], -1)).all(dim=1)
+    if not finite.all():
+        position = int((~finite).nonzero()[0])
+        source_id = int(plan.overlap.source_ids[position])
+        raise SurgeryError(plan.source_path, f"tensor {name!r} has NaN or Inf in row {source_id}, which the target copies")
+
+
+@contextmanager
+def leave_a_core_for_copies() -> Iterator[None]:
+    """Compute on one core fewer while the background copy runs.
+
+    The kernel's copy keeps a core busy; OpenMP threads (torch, FAISS) that spin on every core
+    beside it slow both down (measured on 2 cores: the search took 19 s instead of 4 s).
+    """
+    cores = os.cpu_count() or 1
+    torch_threads = torch.get_num_threads()
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    faiss_threads = faiss.omp_get_max_threads() if faiss is not None else None
+    compute = max(1, min(torch_threads, cores - 1))
+    torch.set_num_threads(compute)
+    if faiss is not None:
+        faiss.omp_set_num_threads(max(1, min(faiss_threads, cores - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        if faiss is not None:
+            faiss.omp_set_num_threads(faiss_threads)
