@@ -400,9 +400,14 @@ def segments(docs: list[str], max_bytes: int, seg_bytes: int = 1500) -> list[str
     return segs
 
 
-def evaluate(model_dir: Path | Any, docs: list[str], ctx: int, max_bytes: int, batch: int, tokenizer=None) -> dict:
+def evaluate(model_dir: Path | Any, docs: list[str], ctx: int, max_bytes: int, batch: int, tokenizer=None, new_ids=None) -> dict:
     """Summed NLL over every token of each text segment (each preceded by BOS), in nats; perplexity per
-    token and bits per UTF-8 byte of the segment text."""
+    token and bits per UTF-8 byte of the segment text.
+
+    With `new_ids` (the target ids CLP combines, i.e. not copied from the source), also the loss
+    split by whether the token to predict is new or shared, and the probability the model puts on
+    new tokens against their share of the text: where a zero-shot model loses its bits.
+    """
     import torch
 
     model = load_model(model_dir) if isinstance(model_dir, (str, Path)) else model_dir
@@ -420,6 +425,11 @@ def evaluate(model_dir: Path | Any, docs: list[str], ctx: int, max_bytes: int, b
     seqs.sort(key=len)
     nll = 0.0
     ntok = 0
+    is_new = None
+    if new_ids is not None:
+        is_new = torch.zeros(model.get_input_embeddings().weight.shape[0], dtype=torch.bool, device=device())
+        is_new[torch.as_tensor(new_ids, dtype=torch.long, device=device())] = True
+        split = {"new_tokens": 0, "new_nll_nats": 0.0, "shared_nll_nats": 0.0, "summed_probability_on_new": 0.0}
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -439,9 +449,15 @@ def evaluate(model_dir: Path | Any, docs: list[str], ctx: int, max_bytes: int, b
             m = mask[:, 1:].bool()
             nll -= float(lp[m].sum())
             ntok += int(m.sum())
+            if is_new is not None:
+                new = is_new[tgt] & m
+                split["new_tokens"] += int(new.sum())
+                split["new_nll_nats"] -= float(lp[new].sum())
+                split["shared_nll_nats"] -= float(lp[m & ~new].sum())
+                split["summed_probability_on_new"] += float(logp[m].exp()[:, is_new].sum())
     if was_training:
         model.train()
-    return {
+    result = {
         "nll_nats": nll,
         "tokens": ntok,
         "bytes": nbytes,
@@ -450,6 +466,16 @@ def evaluate(model_dir: Path | Any, docs: list[str], ctx: int, max_bytes: int, b
         "bpb": nll / math.log(2) / nbytes,
         "bytes_per_token": nbytes / ntok,
     }
+    if is_new is not None:
+        n_new = split["new_tokens"]
+        result["by_target"] = {
+            "new_share": n_new / ntok,
+            "mass_on_new": split["summed_probability_on_new"] / ntok,
+            "new_nll_per_token": split["new_nll_nats"] / max(1, n_new),
+            "shared_nll_per_token": split["shared_nll_nats"] / max(1, ntok - n_new),
+            **split,
+        }
+    return result
 
 
 # ------------------------------------------------------------------------------------ helper
@@ -565,63 +591,129 @@ def stage_helper(args, work: Path, corpus: dict[str, Path], tok_dir: Path) -> Pa
 # ------------------------------------------------------------------------------ initialisations
 
 
-def stage_init(args, work: Path, source: Path, helper: Path, variant: str) -> Path:
-    params = {"source": source.name, "helper": helper.name, "variant": variant, "seed": args.seed, "v": 1}
-    st = Stage(work, "init-" + variant.replace(":", "-"), params, args.force_stage)
-    if st.done:
-        return st.dir
-    out = st.start()
-    if variant == "random":
-        # Same shapes and other tensors as a CLP output; the embedding drawn per dimension from the
-        # source embedding's mean and standard deviation (the paper's baseline).
-        import torch
-        from safetensors.torch import load_file, save_file
+def stage_name(variant: str) -> str:
+    return variant.replace(":", "-").replace("*", "x")
 
-        ref = out / "clp-ref"
-        subprocess.run([sys.executable, "-m", "clpsurgery", "init", str(source), str(helper), str(ref), "--top-k", "10", "--quiet"],
-                       check=True, cwd=REPO)
-        tensors = load_file(str(ref / "model.safetensors"))
-        src = load_file(str(source / "model.safetensors"))["model.embed_tokens.weight"].float()
-        mean, std = src.mean(0), src.std(0)
-        g = torch.Generator().manual_seed(args.seed)
-        emb = tensors["model.embed_tokens.weight"]
-        new = mean + std * torch.randn(emb.shape, generator=g)
-        tensors["model.embed_tokens.weight"] = new.to(emb.dtype)
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-        for f in ref.iterdir():
-            if f.suffix != ".safetensors" and f.name != "clpsurgery.json":
-                shutil.copy(f, out / f.name)
-        shutil.rmtree(ref)
-        st.finish({"random": {"mean_of_mean": float(mean.mean()), "mean_of_std": float(std.mean())}})
-        return st.dir
-    weighting, k = variant.split(":")
+
+def new_token_ids(source: Path, helper: Path):
+    """The target ids CLP combines (no source row to copy), by the tool's own overlap rule."""
+    from safetensors import safe_open
+
+    from clpsurgery.vocabulary import load_vocabulary, match_overlap
+
+    with safe_open(str(source / "model.safetensors"), "np") as f:
+        rows = f.get_slice("model.embed_tokens.weight").get_shape()[0]
+    return match_overlap(load_vocabulary(source), load_vocabulary(helper), rows).missing_ids
+
+
+def run_init(source: Path, helper: Path, out: Path, options: list[str], max_memory: str) -> dict:
+    """`clpsurgery init` through the real CLI; the files land in `out`; returns the manifest."""
     target = out / "model"
-    cmd = [sys.executable, "-m", "clpsurgery", "init", str(source), str(helper), str(target), "--top-k", k,
-           "--weighting", weighting, "--quiet", "--max-memory", args.init_max_memory]
+    cmd = [sys.executable, "-m", "clpsurgery", "init", str(source), str(helper), str(target), *options, "--quiet", "--max-memory", max_memory]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()}")
     manifest = json.loads((target / "clpsurgery.json").read_text())
+    manifest["command"] = cmd
     for f in target.iterdir():
         shutil.move(str(f), out / f.name)
     target.rmdir()
-    summary = {k: manifest[k] for k in ("overlap", "missing", "weights", "timings", "stats") if k in manifest}
-    st.finish({"command": " ".join(cmd), "manifest": summary})
+    return manifest
+
+
+def rewrite_embedding(out: Path, change) -> None:
+    """Replace the embedding of the model in `out` by change(embedding as fp32 torch tensor)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = out / "model.safetensors"
+    tensors = load_file(str(path))
+    emb = tensors["model.embed_tokens.weight"]
+    tensors["model.embed_tokens.weight"] = change(emb.float()).to(emb.dtype)
+    with torch.no_grad():
+        save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def stage_init(args, work: Path, source: Path, helper: Path, variant: str) -> Path:
+    """One initialisation. Variants: `WEIGHTING:K[:TEMPERATURE]` through the CLI; `random` (the
+    paper's baseline) and `fvt` (a non-CLP reference: each new token the mean of the source rows
+    of its pieces under the source tokenizer, Fast Vocabulary Transfer) written by this script;
+    any of them followed by `*S` has its new rows scaled by S (a calibration probe)."""
+    params = {"source": source.name, "helper": helper.name, "variant": variant, "seed": args.seed, "v": 1}
+    st = Stage(work, "init-" + stage_name(variant), params, args.force_stage)
+    if st.done:
+        return st.dir
+    out = st.start()
+    base, _, scale = variant.partition("*")
+    import torch
+
+    if base in ("random", "fvt"):
+        # Same shapes and other tensors as a CLP output, then the embedding rewritten.
+        manifest = run_init(source, helper, out, ["--top-k", "10"], args.init_max_memory)
+        (out / "clpsurgery.json").unlink()
+        if base == "random":
+            # Every row drawn per dimension from the source embedding's mean and standard deviation.
+            from safetensors.torch import load_file
+
+            src = load_file(str(source / "model.safetensors"))["model.embed_tokens.weight"].float()
+            mean, std = src.mean(0), src.std(0)
+            g = torch.Generator().manual_seed(args.seed)
+            rewrite_embedding(out, lambda emb: mean + std * torch.randn(emb.shape, generator=g))
+            info = {"random": {"mean_of_mean": float(mean.mean()), "mean_of_std": float(std.mean())}}
+        else:
+            src_tok, tgt_tok = load_tokenizer(source), load_tokenizer(helper)
+            new_ids = new_token_ids(source, helper)
+            pieces = {int(t): src_tok(tgt_tok.decode([int(t)]), add_special_tokens=False)["input_ids"] for t in new_ids}
+            empty = [t for t, p in pieces.items() if not p]
+
+            def fvt(emb):
+                from safetensors.torch import load_file
+
+                src = load_file(str(source / "model.safetensors"))["model.embed_tokens.weight"].float()
+                for t, p in pieces.items():
+                    emb[t] = src[p].mean(0) if p else src.mean(0)
+                return emb
+
+            rewrite_embedding(out, fvt)
+            info = {"fvt": {"rows": len(pieces), "mean_pieces": sum(map(len, pieces.values())) / len(pieces), "no_pieces": len(empty)}}
+    else:
+        weighting, k, *temperature = base.split(":")
+        options = ["--top-k", k, "--weighting", weighting] + (["--temperature", temperature[0]] if temperature else [])
+        manifest = run_init(source, helper, out, options, args.init_max_memory)
+        info = {k2: manifest[k2] for k2 in ("overlap", "missing", "weights", "timings", "stats") if k2 in manifest}
+        info = {"manifest": info}
+    info["command"] = " ".join(manifest["command"])
+    if scale:
+        new_ids = torch.as_tensor(new_token_ids(source, helper), dtype=torch.long)
+
+        def scaled(emb):
+            emb[new_ids] *= float(scale)
+            return emb
+
+        rewrite_embedding(out, scaled)
+        info["scaled_new_rows_by"] = float(scale)
+    st.finish(info)
     return st.dir
 
 
 # ------------------------------------------------------------------------------- evaluation
 
 
-def stage_eval(args, work: Path, model_dir: Path, eval_path: Path, label: str, max_bytes: int | None = None) -> dict:
+def stage_eval(args, work: Path, model_dir: Path, eval_path: Path, label: str, max_bytes: int | None = None, new_ids=None) -> dict:
     max_bytes = max_bytes or args.eval_bytes
     params = {"model": model_dir.name, "eval": eval_path.parent.name, "bytes": max_bytes, "ctx": args.ctx, "v": 1}
-    st = Stage(work, "eval-" + label.replace(":", "-"), params, args.force_stage)
+    if new_ids is not None:
+        params["split_new"] = True
+    st = Stage(work, "eval-" + stage_name(label), params, args.force_stage)
     if st.done:
         return st.info()["result"]
     st.start()
-    res = evaluate(model_dir, read_docs(eval_path), ctx=args.ctx, max_bytes=max_bytes, batch=args.eval_batch)
+    res = evaluate(model_dir, read_docs(eval_path), ctx=args.ctx, max_bytes=max_bytes, batch=args.eval_batch, new_ids=new_ids)
     log(f"zero-shot {label}: ppl {res['ppl']:.2f}, {res['bpb']:.4f} bits/byte ({res['tokens']} tokens, {res['bytes']} bytes)")
+    if "by_target" in res:
+        b = res["by_target"]
+        log(f"  new tokens: {b['new_share']:.3f} of the text, {b['mass_on_new']:.3f} of the model's probability; "
+            f"NLL per token new {b['new_nll_per_token']:.2f}, shared {b['shared_nll_per_token']:.2f} nats")
     st.finish({"result": res})
     return res
 
@@ -632,7 +724,7 @@ def stage_train(args, work: Path, model_dir: Path, corpus: dict[str, Path], labe
         "seq": args.train_seq, "lr": args.train_lr, "eval_every": args.eval_every, "eval_bytes": args.train_eval_bytes,
         "seed": args.seed, "v": 2,
     }
-    st = Stage(work, "train-" + label.replace(":", "-"), params, args.force_stage)
+    st = Stage(work, "train-" + stage_name(label), params, args.force_stage)
     if st.done:
         return st.info()
     st.start()
@@ -728,18 +820,23 @@ def table(results: dict) -> str:
     src = results["source_reference"]
     cur = results.get("source_reference_curve_text") or {}
     steps = max((c["step"] for r in results["variants"].values() for c in r.get("curve") or []), default=0)
+    shares = {round(r["zero_shot"]["by_target"]["new_share"], 3) for r in results["variants"].values() if "by_target" in r["zero_shot"]}
+    share = f" (their share {shares.pop():.2f})" if len(shares) == 1 else ""
     lines = [
-        f"| init | zero-shot ppl | zero-shot bits/byte | vs source | step 0 bits/byte (curve text) | after {steps} steps | vs source |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| source, own tokenizer (reference) | {src['ppl']:.1f} | {src['bpb']:.3f} | | {cur.get('bpb', float('nan')):.3f} | | |",
+        f"| init | zero-shot ppl | zero-shot bits/byte | vs source | probability on new tokens{share} | NLL per new / shared token |"
+        f" step 0 bits/byte (curve text) | after {steps} steps | vs source |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| source, own tokenizer (reference) | {src['ppl']:.1f} | {src['bpb']:.3f} | | | | {cur.get('bpb', float('nan')):.3f} | | |",
     ]
     for label, r in results["variants"].items():
         z = r["zero_shot"]
+        b = z.get("by_target")
+        split = f"{b['mass_on_new']:.3f} | {b['new_nll_per_token']:.2f} / {b['shared_nll_per_token']:.2f}" if b else " | "
         curve = r.get("curve") or []
         first = f"{curve[0]['bpb']:.3f}" if curve else ""
         last = curve[-1] if curve and curve[-1]["step"] > 0 else None
         after = f"{last['bpb']:.3f} | {last['bpb'] - cur['bpb']:+.3f}" if last and cur else " | "
-        lines.append(f"| `{label}` | {z['ppl']:.4g} | {z['bpb']:.3f} | {z['bpb'] - src['bpb']:+.3f} | {first} | {after} |")
+        lines.append(f"| `{label}` | {z['ppl']:.4g} | {z['bpb']:.3f} | {z['bpb'] - src['bpb']:+.3f} | {split} | {first} | {after} |")
     return "\n".join(lines)
 
 
@@ -764,7 +861,8 @@ def parse(argv=None):
     p.add_argument("--helper-lr", type=float, default=2e-3)
     p.add_argument("--helper-tokens", type=int, default=2_500_000, help="token budget (the LR schedule); ~2.4k tok/s on 2 cores")
     p.add_argument("--helper-minutes", type=float, default=20.0, help="time cap for helper training")
-    p.add_argument("--variants", nargs="+", default=None, help="random, WEIGHTING:K (K a number or all)")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="random, fvt, WEIGHTING:K[:TEMPERATURE] (K a number or all), each optionally *SCALE (new rows scaled)")
     p.add_argument("--init-max-memory", default="2GiB")
     p.add_argument("--eval-bytes", type=int, default=200_000, help="held-out text for zero-shot scores")
     p.add_argument("--eval-batch", type=int, default=4)
@@ -815,9 +913,10 @@ def main(argv=None) -> int:
     # The curve is scored on the first --train-eval-bytes only: the source's line on the same text.
     src_curve_ref = stage_eval(args, work, source, corpus["eval"], "source", args.train_eval_bytes) if args.train_steps > 0 else None
     variants: dict[str, dict] = {}
+    new_ids = new_token_ids(source, helper)
     for v in args.variants:
         d = stage_init(args, work, source, helper, v)
-        z = stage_eval(args, work, d, corpus["eval"], v)
+        z = stage_eval(args, work, d, corpus["eval"], v, new_ids=new_ids)
         entry: dict[str, Any] = {"dir": d.name, "zero_shot": z, "init": json.loads((d / "done.json").read_text())}
         if args.train_steps > 0:
             tr = stage_train(args, work, d, corpus, v)
