@@ -8,7 +8,9 @@ then, in one run and on the same disk:
   init    `clpsurgery init SOURCE HELPER OUT --quiet` with the default options
   dense   the same with `--top-k all` (the paper's dense form)
 
-Each is a child process whose peak RSS is its own VmHWM, polled. Shapes:
+Each is a child process whose peak RSS is its own VmHWM, polled; before each, the source is
+evicted from the page cache (--source-cache cold, the default), so that each reads it from disk.
+Shapes:
 
   bloom-7b1   vocab 250,880 x 4,096, 30 layers, tied (source tokenizer: the real GPT-2 one, its
               50,257 ids padded to BLOOM's 250,880 rows)
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -170,6 +173,19 @@ def build_helper(folder: Path) -> dict:
     return {"tokenizer_tokens": tokenizer.get_vocab_size(), "hidden": 768}
 
 
+def evict(folder: Path) -> None:
+    """Drop a folder's files from the page cache (after `sync`, so that every page is clean):
+    `cp` and `init` each start with the source on disk, not in memory. Without this the second
+    of the two finds what the first read still cached (13-14 GB of source in 24 GB of RAM)."""
+    subprocess.run(["sync"], check=True)
+    for path in folder.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def run_cp(source: Path, target: Path) -> dict:
     result = run_polled(["cp", "-r", "--", str(source), str(target)])
     result["seconds"] += _sync_seconds()
@@ -206,6 +222,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "tmp-seven-b")
     parser.add_argument("--skip-dense", action="store_true")
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--source-cache", choices=("cold", "as-is"), default="cold",
+                        help="cold: evict the source from the page cache before each cp and init (default); as-is: leave it")
     args = parser.parse_args()
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -222,13 +240,17 @@ def main() -> int:
             runs: dict[str, list[dict]] = {"cp": [], "init": []}
             if not args.skip_dense:
                 runs["dense"] = []
+            cold = (lambda: evict(source)) if args.source_cache == "cold" else (lambda: None)
             for _ in range(args.repeats):
+                cold()
                 runs["cp"].append(run_cp(source, work / "copy"))
                 print(f"  cp -r    {runs['cp'][-1]['seconds']:7.1f} s  peak {runs['cp'][-1]['peak_rss_kib'] / 1024:7.0f} MiB", flush=True)
+                cold()
                 runs["init"].append(run_init(source, helper, work / "out", []))
                 r = runs["init"][-1]
                 print(f"  init     {r['seconds']:7.1f} s  peak {r['peak_rss_kib'] / 1024:7.0f} MiB  {r['stage_seconds']}", flush=True)
                 if not args.skip_dense:
+                    cold()
                     runs["dense"].append(run_init(source, helper, work / "out", ["--top-k", "all"]))
                     r = runs["dense"][-1]
                     print(f"  top-k all{r['seconds']:7.1f} s  peak {r['peak_rss_kib'] / 1024:7.0f} MiB  {r['stage_seconds']}", flush=True)
