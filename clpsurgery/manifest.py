@@ -189,6 +189,7 @@ def build_manifest(plan: TransferPlan, staging: Path, result: TransferResult, co
             "computed": result.write_stats.computed_bytes,
             "kernel_copies": result.write_stats.kernel_copies,
             "buffered_copies": result.write_stats.buffered_copies,
+            "direct_copies": result.write_stats.direct_copies,
         },
         "seconds": {stage: round(s, 3) for stage, s in result.stage_seconds.items()},
         "paths": result.paths,  # device, and which search and combine paths ran (clpsurgery/device.py)

@@ -287,3 +287,59 @@ def test_property_write_load_and_read_rows(tmp_path_factory, plans, seed, block_
             expected = t[torch.tensor(idx, dtype=torch.int64)] if idx else t[:0]
             assert_same(ckpt.gather_rows(name, idx), expected)
             assert_same(ckpt.gather_rows(name, np.asarray(idx, dtype=np.int64)), expected)
+
+
+@pytest.mark.parametrize("src_offset,dst_offset", [(8 * 4096, 4096), (12_345, 4096), (12_345, 70_001), (4096 + 17, 17)])
+def test_direct_copy_of_unaligned_ranges(tmp_path, src_offset, dst_offset):
+    """Ranges larger than DIRECT_MIN_BYTES are copied with O_DIRECT in whole destination blocks
+    (moved in memory where source and destination differ modulo the block size), the edges the
+    regular way: the bytes land exactly, neighbours untouched."""
+    from clpsurgery.writer import DIRECT_CHUNK, DIRECT_MIN_BYTES, DirectCopier, copy_range
+
+    rng = np.random.default_rng(src_offset + dst_offset)
+    length = DIRECT_CHUNK + 3 * DIRECT_MIN_BYTES + 1234  # more than one chunk, ragged end
+    source = tmp_path / "source.bin"
+    source.write_bytes(rng.integers(0, 256, src_offset + length + 5000, dtype=np.uint8).tobytes())
+    target = tmp_path / "target.bin"
+    before = rng.integers(0, 256, dst_offset + length + 3000, dtype=np.uint8).tobytes()
+    target.write_bytes(before)
+    stats = WriteStats()
+    with open(target, "r+b") as out, DirectCopier.open(target) as direct:
+        assert direct is not None  # the test folder is on a filesystem with O_DIRECT (ext4 here and in CI)
+        copy_range(source, src_offset, length, out.fileno(), dst_offset, stats, direct=direct)
+    data = target.read_bytes()
+    assert data[dst_offset : dst_offset + length] == source.read_bytes()[src_offset : src_offset + length]
+    assert data[:dst_offset] == before[:dst_offset] and data[dst_offset + length :] == before[dst_offset + length :]
+    assert stats.direct_copies == 1
+
+
+def test_direct_copy_refused_falls_back(tmp_path, monkeypatch):
+    """Where O_DIRECT is refused mid-way (EINVAL), the regular copy does the rest, the same bytes."""
+    import errno
+
+    from clpsurgery import writer
+    from clpsurgery.writer import DIRECT_CHUNK, DirectCopier, copy_range
+
+    rng = np.random.default_rng(5)
+    length = 3 * DIRECT_CHUNK
+    source = tmp_path / "source.bin"
+    source.write_bytes(rng.integers(0, 256, length + 8192, dtype=np.uint8).tobytes())
+    target = tmp_path / "target.bin"
+    target.write_bytes(bytes(length + 8192))
+    real_pwrite_all, calls = writer._pwrite_all, []
+
+    def refuse_second(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 2:
+            raise OSError(errno.EINVAL, "refused")
+        real_pwrite_all(fd, data, offset)
+
+    monkeypatch.setattr(writer, "_pwrite_all", refuse_second)
+    stats = WriteStats()
+    with open(target, "r+b") as out, DirectCopier.open(target) as direct:
+        copy_range(source, 100, length, out.fileno(), 4096, stats, direct=direct)
+    assert target.read_bytes()[4096 : 4096 + length] == source.read_bytes()[100 : 100 + length]
+    assert stats.direct_copies == 1 and stats.kernel_copies + stats.buffered_copies >= 1
+    monkeypatch.delattr(os, "O_DIRECT")
+    with DirectCopier.open(target) as direct:
+        assert direct is None
