@@ -8,8 +8,10 @@ The parent process generates a source file of at least --size-gib (header from
 every measured operation in a fresh child process, repeats interleaved round-robin:
 
   cp_sync          `cp SRC DST && sync DST`: the physical floor (the writer fsyncs, so cp does too)
-  writer_kernel    write_file with every tensor a CopiedTensor, default path (os.copy_file_range)
-  writer_buffered  the same with os.copy_file_range deleted, so the bounded 64 MiB buffer is used
+  writer_direct    write_file with every tensor a CopiedTensor, the default path (O_DIRECT for
+                   whole 4 KiB blocks, os.copy_file_range for the edges)
+  writer_kernel    the same with os.O_DIRECT deleted, so os.copy_file_range copies everything
+  writer_buffered  the same with os.copy_file_range deleted too, so the bounded 64 MiB buffer is used
   writer_rows      every tensor a ComputedTensor whose producer yields Checkpoint.read_rows
                    blocks of ~32 MiB (the streaming path for changed tensors)
   writer_rows_dontneed
@@ -67,8 +69,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_TMP_PARENT = HERE / "tmp-copy-rss"
 
-OPERATIONS = ["cp_sync", "writer_kernel", "writer_buffered", "writer_rows", "writer_rows_dontneed", "load_save"]
-IDENTICAL_REQUIRED = {"cp_sync", "writer_kernel", "writer_buffered", "writer_rows", "writer_rows_dontneed"}
+OPERATIONS = ["cp_sync", "writer_direct", "writer_kernel", "writer_buffered", "writer_rows", "writer_rows_dontneed", "load_save"]
+IDENTICAL_REQUIRED = {"cp_sync", "writer_direct", "writer_kernel", "writer_buffered", "writer_rows", "writer_rows_dontneed"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,6 +115,8 @@ class _Sampler(threading.Thread):
 
 
 def child_main(op: str, src: Path, dst: Path) -> None:
+    if op in ("writer_kernel", "writer_buffered") and hasattr(os, "O_DIRECT"):
+        del os.O_DIRECT  # the writer looks it up when it copies: without it, no direct I/O
     if op == "writer_buffered" and hasattr(os, "copy_file_range"):
         del os.copy_file_range  # before clpsurgery is imported: the writer takes the buffer path
     import numpy  # noqa: F401
@@ -131,12 +135,12 @@ def child_main(op: str, src: Path, dst: Path) -> None:
     sampler.start()
     extra: dict = {}
     t0 = time.perf_counter()
-    if op in ("writer_kernel", "writer_buffered"):
+    if op in ("writer_direct", "writer_kernel", "writer_buffered"):
         with Checkpoint.open(src) as ckpt:
             header = ckpt.headers[0]
             planned = [CopiedTensor(_spec(ref.info), ref.path, ref.absolute_range()[0]) for ref in ckpt.tensors.values()]
             stats = write_file(dst, planned, metadata=header.metadata, stats=WriteStats())
-        extra["stats"] = {"kernel_copies": stats.kernel_copies, "buffered_copies": stats.buffered_copies, "copied_bytes": stats.copied_bytes}
+        extra["stats"] = {"direct_copies": stats.direct_copies, "kernel_copies": stats.kernel_copies, "buffered_copies": stats.buffered_copies, "copied_bytes": stats.copied_bytes}
         extra["copy_buffer_bytes"] = COPY_BUFFER_BYTES
     elif op in ("writer_rows", "writer_rows_dontneed"):
         import mmap
