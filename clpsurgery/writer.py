@@ -236,7 +236,7 @@ def copy_range(
     if length == 0:
         return
     reached("copy", stats.should_stop)  # test hook (stage_hooks.py): a no-op unless CLPSURGERY_PAUSE_AT names it
-    if direct is not None:
+    if direct is not None and not in_page_cache(source, offset, length):
         head = min(length, -dst_offset % DIRECT_BLOCK)
         body = (length - head) // DIRECT_BLOCK * DIRECT_BLOCK
         if body >= DIRECT_MIN_BYTES:
@@ -245,6 +245,29 @@ def copy_range(
             _copy_regular(source, offset + done, length - done, dst_fd, dst_offset + done, stats, buffer_bytes)
             return
     _copy_regular(source, offset, length, dst_fd, dst_offset, stats, buffer_bytes)
+
+
+def in_page_cache(source: Path, offset: int, length: int, probes: int = 5) -> bool:
+    """Whether a range of a file looks cached: a 4 KiB read with RWF_NOWAIT (which fails instead
+    of going to the disk) at `probes` places across it all succeed. A cached source is copied
+    from memory faster than direct I/O reads it again from the disk (LLaMA-2-7B, source cached:
+    a cp 11.3 s, init with direct copies 18.5-21.1 s); where the probe is not available, False."""
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None or length <= 0:
+        return False
+    buffer = bytearray(DIRECT_BLOCK)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        for i in range(probes):
+            at = offset + (length - 1) * i // max(1, probes - 1)
+            try:
+                if os.preadv(fd, [buffer], at - at % DIRECT_BLOCK, flag) <= 0:
+                    return False
+            except OSError:  # EAGAIN: not cached; EOPNOTSUPP: no way to tell
+                return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _copy_regular(source: Path, offset: int, length: int, dst_fd: int, dst_offset: int, stats: WriteStats, buffer_bytes: int) -> None:
@@ -287,7 +310,8 @@ class DirectCopier:
     offsets differ modulo the block size, the chunk is moved to the second buffer to align it.
     Edges of a range that do not fill a destination block are left to the regular copy (they
     share a block with a neighbouring tensor). Where the OS or filesystem refuses O_DIRECT (no
-    flag, or EINVAL on open or on a transfer), the regular copy does the rest.
+    flag, or EINVAL on open or on a transfer), the regular copy does the rest; a range whose
+    source is already in the page cache (in_page_cache) is copied the regular way from memory.
     """
 
     def __init__(self, fd: int) -> None:

@@ -289,6 +289,16 @@ def test_property_write_load_and_read_rows(tmp_path_factory, plans, seed, block_
             assert_same(ckpt.gather_rows(name, np.asarray(idx, dtype=np.int64)), expected)
 
 
+def evict(path) -> None:
+    """Write a file back and drop it from the page cache: the next read goes to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("src_offset,dst_offset", [(8 * 4096, 4096), (12_345, 4096), (12_345, 70_001), (4096 + 17, 17)])
 def test_direct_copy_of_unaligned_ranges(tmp_path, src_offset, dst_offset):
     """Ranges larger than DIRECT_MIN_BYTES are copied with O_DIRECT in whole destination blocks
@@ -303,6 +313,7 @@ def test_direct_copy_of_unaligned_ranges(tmp_path, src_offset, dst_offset):
     target = tmp_path / "target.bin"
     before = rng.integers(0, 256, dst_offset + length + 3000, dtype=np.uint8).tobytes()
     target.write_bytes(before)
+    evict(source)  # a cached source is copied from memory instead (test_cached_source_is_not_read_again)
     stats = WriteStats()
     with open(target, "r+b") as out, DirectCopier.open(target) as direct:
         assert direct is not None  # the test folder is on a filesystem with O_DIRECT (ext4 here and in CI)
@@ -326,6 +337,7 @@ def test_direct_copy_refused_falls_back(tmp_path, monkeypatch):
     source.write_bytes(rng.integers(0, 256, length + 8192, dtype=np.uint8).tobytes())
     target = tmp_path / "target.bin"
     target.write_bytes(bytes(length + 8192))
+    evict(source)
     real_pwrite_all, calls = writer._pwrite_all, []
 
     def refuse_second(fd, data, offset):
@@ -343,3 +355,26 @@ def test_direct_copy_refused_falls_back(tmp_path, monkeypatch):
     monkeypatch.delattr(os, "O_DIRECT")
     with DirectCopier.open(target) as direct:
         assert direct is None
+
+
+def test_cached_source_is_not_read_again(tmp_path):
+    """A source range found in the page cache (RWF_NOWAIT probes) is copied from memory, not with
+    O_DIRECT from the disk; once evicted, the same range goes direct. The bytes are the same."""
+    from clpsurgery.writer import DIRECT_CHUNK, DirectCopier, copy_range, in_page_cache
+
+    rng = np.random.default_rng(9)
+    source = tmp_path / "source.bin"
+    source.write_bytes(rng.integers(0, 256, 2 * DIRECT_CHUNK, dtype=np.uint8).tobytes())
+    source.read_bytes()
+    assert in_page_cache(source, 0, 2 * DIRECT_CHUNK)
+    for cached in (True, False):
+        if not cached:
+            evict(source)
+            assert not in_page_cache(source, 0, 2 * DIRECT_CHUNK)
+        target = tmp_path / f"target-{cached}.bin"
+        target.write_bytes(bytes(2 * DIRECT_CHUNK))
+        stats = WriteStats()
+        with open(target, "r+b") as out, DirectCopier.open(target) as direct:
+            copy_range(source, 0, 2 * DIRECT_CHUNK, out.fileno(), 0, stats, direct=direct)
+        assert target.read_bytes() == source.read_bytes()
+        assert stats.direct_copies == (0 if cached else 1)
