@@ -236,10 +236,10 @@ def copy_range(
     if length == 0:
         return
     reached("copy", stats.should_stop)  # test hook (stage_hooks.py): a no-op unless CLPSURGERY_PAUSE_AT names it
-    if direct is not None and not in_page_cache(source, offset, length):
+    if direct is not None:
         head = min(length, -dst_offset % DIRECT_BLOCK)
         body = (length - head) // DIRECT_BLOCK * DIRECT_BLOCK
-        if body >= DIRECT_MIN_BYTES:
+        if body >= DIRECT_MIN_BYTES and not in_page_cache(source, offset, length):
             _copy_regular(source, offset, head, dst_fd, dst_offset, stats, buffer_bytes)
             done = head + direct.copy(source, offset + head, body, dst_offset + head, stats)
             _copy_regular(source, offset + done, length - done, dst_fd, dst_offset + done, stats, buffer_bytes)
