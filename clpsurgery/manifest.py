@@ -67,9 +67,10 @@ def output_files(
     (`copied_whole`: output name -> source file name) its header's and its source file. Copied
     bytes never pass through this process (the kernel copies them), and reading them back only
     to hash them would cost about as much as the copy itself (SHA-256: 1.2 GB/s on one core of
-    the 2-core development machine, which `cp` fills at 0.9-1.6 GB/s); `verify` checks sizes and header hashes, the rebuilt
-    tensors' hashes, and with `--source` compares every copied tensor with the source byte for
-    byte. Every other file (config, tokenizer, index) gets the SHA-256 of its bytes.
+    the 2-core development machine, which `cp` fills at 0.9-1.6 GB/s); `verify` checks sizes
+    and header hashes, the rebuilt tensors' hashes, and with `--source` compares every copied
+    tensor with the source byte for byte. Every other file (config, tokenizer, index) gets the
+    SHA-256 of its bytes.
     """
     copied_whole = copied_whole or {}
     rebuilt = rebuilt or {}
@@ -95,17 +96,14 @@ def output_files(
 
 
 def source_file_names(plan: TransferPlan) -> dict[str, str]:
-    """Output weights file name -> the source file it is made from (the naming of
-    transfer.planned_shards)."""
-    return {(h.path.name if plan.source.is_sharded else "model.safetensors"): h.path.name for h in plan.source.headers}
+    """Output weights file name -> the source file it is made from."""
+    return {plan.output_file_name(h.path): h.path.name for h in plan.source.headers}
 
 
 def files_copied_whole(plan: TransferPlan) -> dict[str, str]:
-    """Output file name -> source file name, for source files without a rebuilt tensor
-    (the naming follows transfer.planned_shards)."""
+    """Output file name -> source file name, for source files without a rebuilt tensor."""
     rebuilt = set(plan.source_tensors.names)
-    names = source_file_names(plan)
-    return {out: names[out] for out, h in zip(names, plan.source.headers) if not rebuilt & set(h.tensors)}
+    return {plan.output_file_name(h.path): h.path.name for h in plan.source.headers if not rebuilt & set(h.tensors)}
 
 
 PAIRS_ENCODING = "zlib(int64 little-endian), base64"

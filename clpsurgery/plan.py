@@ -63,6 +63,11 @@ class TransferPlan:
         multiple = self.options.pad_vocab_to_multiple or 1
         return -(-self.target_size // multiple) * multiple
 
+    def output_file_name(self, source_file: Path) -> str:
+        """The output weights file made from a source file: a sharded source keeps its shard
+        names, a single file becomes model.safetensors."""
+        return source_file.name if self.source.is_sharded else "model.safetensors"
+
     @property
     def k(self) -> int:
         """Neighbours per missing token (the whole overlap in the dense form)."""

@@ -90,7 +90,7 @@ def planned_shards(
     shards = []
     rebuilt = set(plan.source_tensors.names)
     for header in plan.source.headers:
-        out_name = header.path.name if plan.source.is_sharded else "model.safetensors"
+        out_name = plan.output_file_name(header.path)
         if not rebuilt & set(header.tensors):
             shards.append((out_name, None, header))
             continue

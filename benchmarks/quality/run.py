@@ -634,11 +634,12 @@ def rewrite_embedding(out: Path, change) -> None:
         save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def stage_init(args, work: Path, source: Path, helper: Path, variant: str) -> Path:
+def stage_init(args, work: Path, source: Path, helper: Path, variant: str, new_ids) -> Path:
     """One initialisation. Variants: `WEIGHTING:K[:TEMPERATURE]` through the CLI; `random` (the
     paper's baseline) and `fvt` (a non-CLP reference: each new token the mean of the source rows
     of its pieces under the source tokenizer, Fast Vocabulary Transfer) written by this script;
-    any of them followed by `*S` has its new rows scaled by S (a calibration probe)."""
+    any of them followed by `*S` has its new rows scaled by S (a calibration probe). `new_ids`:
+    new_token_ids(source, helper)."""
     params = {"source": source.name, "helper": helper.name, "variant": variant, "seed": args.seed, "v": 1}
     st = Stage(work, "init-" + stage_name(variant), params, args.force_stage)
     if st.done:
@@ -651,25 +652,21 @@ def stage_init(args, work: Path, source: Path, helper: Path, variant: str) -> Pa
         # Same shapes and other tensors as a CLP output, then the embedding rewritten.
         manifest = run_init(source, helper, out, ["--top-k", "10"], args.init_max_memory)
         (out / "clpsurgery.json").unlink()
+        from safetensors.torch import load_file
+
+        src = load_file(str(source / "model.safetensors"))["model.embed_tokens.weight"].float()
         if base == "random":
             # Every row drawn per dimension from the source embedding's mean and standard deviation.
-            from safetensors.torch import load_file
-
-            src = load_file(str(source / "model.safetensors"))["model.embed_tokens.weight"].float()
             mean, std = src.mean(0), src.std(0)
             g = torch.Generator().manual_seed(args.seed)
             rewrite_embedding(out, lambda emb: mean + std * torch.randn(emb.shape, generator=g))
             info = {"random": {"mean_of_mean": float(mean.mean()), "mean_of_std": float(std.mean())}}
         else:
             src_tok, tgt_tok = load_tokenizer(source), load_tokenizer(helper)
-            new_ids = new_token_ids(source, helper)
             pieces = {int(t): src_tok(tgt_tok.decode([int(t)]), add_special_tokens=False)["input_ids"] for t in new_ids}
             empty = [t for t, p in pieces.items() if not p]
 
             def fvt(emb):
-                from safetensors.torch import load_file
-
-                src = load_file(str(source / "model.safetensors"))["model.embed_tokens.weight"].float()
                 for t, p in pieces.items():
                     emb[t] = src[p].mean(0) if p else src.mean(0)
                 return emb
@@ -684,10 +681,10 @@ def stage_init(args, work: Path, source: Path, helper: Path, variant: str) -> Pa
         info = {"manifest": info}
     info["command"] = " ".join(manifest["command"])
     if scale:
-        new_ids = torch.as_tensor(new_token_ids(source, helper), dtype=torch.long)
+        new_rows = torch.as_tensor(new_ids, dtype=torch.long)
 
         def scaled(emb):
-            emb[new_ids] *= float(scale)
+            emb[new_rows] *= float(scale)
             return emb
 
         rewrite_embedding(out, scaled)
@@ -915,7 +912,7 @@ def main(argv=None) -> int:
     variants: dict[str, dict] = {}
     new_ids = new_token_ids(source, helper)
     for v in args.variants:
-        d = stage_init(args, work, source, helper, v)
+        d = stage_init(args, work, source, helper, v, new_ids)
         z = stage_eval(args, work, d, corpus["eval"], v, new_ids=new_ids)
         entry: dict[str, Any] = {"dir": d.name, "zero_shot": z, "init": json.loads((d / "done.json").read_text())}
         if args.train_steps > 0:
