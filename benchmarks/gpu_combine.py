@@ -201,7 +201,7 @@ def check_combine(bench: Bench, label: str, source, positions, weights):
     torch = bench.torch
     from clpsurgery.combine import combine_top_k
     from clpsurgery.device import Engine
-    from kernels.combine import combine_rows
+    from clpsurgery_kernels.combine import combine_rows
 
     m = positions.shape[0]
     out = torch.full((m, source.shape[1]), float("nan"), dtype=torch.bfloat16, device=bench.device)  # poisoned
@@ -241,7 +241,7 @@ def time_combine(bench: Bench, scale: str, n: int, m: int, k: int, source, posit
     import triton
     from torch.nn.functional import embedding_bag
 
-    from kernels.combine import combine_rows, compiled_facts, default_config
+    from clpsurgery_kernels.combine import combine_rows, compiled_facts, default_config
 
     h, elem = source.shape[1], source.element_size()
     logical = m * k * h * elem + m * h * elem

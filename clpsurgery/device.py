@@ -5,7 +5,7 @@ An `Engine` does the two compute stages for `transfer.py` and records which path
   search   faiss-cpu (the CPU default), faiss-gpu (when the installed faiss has GPU support),
            torch-topk-cuda (exact top-k by chunked matrix product on the GPU, when it has not),
            torch-topk-cpu (the same on the CPU, where faiss is not installed at all)
-  combine  torch-cpu (embedding_bag over fp32 rows, combine.py), triton (kernels/combine.py),
+  combine  torch-cpu (embedding_bag over fp32 rows, combine.py), triton (kernels/clpsurgery_kernels/combine.py),
            torch-cuda (the CPU code on CUDA tensors, when triton is missing or fails),
            torch-cpu-matmul / torch-cuda-matmul (the dense form, chunked matrix products)
 
@@ -32,7 +32,7 @@ from .options import DEVICES
 FAISS_GPU_MAX_K = 2048
 # Part of the memory budget a search chunk's score matrix (and its top-k workspace) may take.
 SEARCH_SHARE = 4
-# What the Triton kernel reads and writes (kernels.combine.SUPPORTED_DTYPES; not imported: triton may be missing).
+# What the Triton kernel reads and writes (clpsurgery_kernels.combine.SUPPORTED_DTYPES; not imported: triton may be missing).
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -244,7 +244,7 @@ class Engine:
             self.note(f"combine: {rows.dtype} rows are combined by torch on the GPU (the Triton kernel takes bf16, fp16 and fp32)")
         elif not self._kernel_failed:
             try:
-                from kernels.combine import combine_rows
+                from clpsurgery_kernels.combine import combine_rows
 
                 out = combine_rows(rows, positions, weights, out_dtype)
                 self.record("combine", "triton")

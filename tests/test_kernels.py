@@ -1,6 +1,6 @@
 """The GPU paths, tested on the CPU.
 
-* The Triton combine kernel (kernels/combine.py) under Triton's interpreter (TRITON_INTERPRET=1,
+* The Triton combine kernel (kernels/clpsurgery_kernels/combine.py) under Triton's interpreter (TRITON_INTERPRET=1,
   which runs kernels on CPU tensors) against the float64 reference: odd sizes, every supported
   dtype, k = 1 and k above the unrolled block, masked edges on every axis. The interpreter is
   chosen when a kernel is decorated, so the kernel runs in a child process started with the
@@ -32,7 +32,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Small tiles so that the test shapes cover several programs on both axes and a k loop with a
 # masked tail: BLOCK_K + 1 = 5 neighbours take two steps of the unrolled k loop.
 TILES = {"block_m": 4, "block_h": 32, "block_k": 4}
-MAX_UNROLL = 16  # kernels.combine.MAX_UNROLL, the default BLOCK_K ceiling (not imported: no triton here)
+MAX_UNROLL = 16  # clpsurgery_kernels.combine.MAX_UNROLL, the default BLOCK_K ceiling (not imported: no triton here)
 # Where the kernel and the device-agnostic GPU paths run: the CPU (the kernel under Triton's
 # interpreter), or `CLPSURGERY_KERNEL_DEVICE=cuda` on a machine with a GPU.
 KERNEL_DEVICE = os.environ.get("CLPSURGERY_KERNEL_DEVICE", "cpu")
@@ -74,7 +74,7 @@ def run_worker(device: str) -> None:
     """Child process (TRITON_INTERPRET=1 on the CPU): run every case, print one JSON line of results."""
     if device == "cpu":
         assert os.environ.get("TRITON_INTERPRET") == "1", "the worker needs TRITON_INTERPRET=1 before triton is imported"
-    from kernels.combine import combine_rows, reference_combine
+    from clpsurgery_kernels.combine import combine_rows, reference_combine
 
     results = {}
     for case in CASES:

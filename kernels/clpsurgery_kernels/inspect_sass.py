@@ -2,7 +2,7 @@
 registers, stack, shared and local memory (spills), and the instruction mix of the SASS (load and
 store widths, FFMA, shuffles, barriers). Uses the ptxas and cuobjdump that Triton's wheel carries.
 
-    python kernels/inspect_sass.py            # the default configs and a few of the sweep's
+    python kernels/clpsurgery_kernels/inspect_sass.py            # the default configs and a few of the sweep's
 
 Checked with triton 3.9 (ASTSource's signature and attrs formats have moved between versions).
 """
@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.combine import _combine_kernel, default_config
+from clpsurgery_kernels.combine import _combine_kernel, default_config
 
 POINTERS = ("src_ptr", "idx_ptr", "w_ptr", "out_ptr")
 # Arguments Triton sees divisible by 16 in the BLOOM-scale launch (k = 64; with k = 10, K and the
