@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -267,83 +268,160 @@ def _merge_tokenizer_config_added(folder: Path, data: TokenizerData) -> None:
 
 GGUF_STYLES = {"gpt2": "byte-level", "llama": "metaspace", "t5": "metaspace", "bert": "metaspace", "plamo2": "plain", "rwkv": "plain"}
 
-
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+# Value types of the GGUF format (ggml's gguf.GGUFValueType): scalars by struct code, then the two
+# variable-length types. A string is a u64 length and UTF-8 bytes; an array is an element type, a
+# u64 count and the elements.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 GGUF_STRING, GGUF_ARRAY = 8, 9
+GGUF_HEADER = struct.Struct("<4sIQQ")  # magic, version, tensor count, key-value count
+GGUF_MAX_NESTING = 8  # arrays of arrays, deeper than any file needs
+# The fewest bytes a value of each type takes: what a declared count is checked against.
+_GGUF_LEAST = {**{k: struct.calcsize("<" + c) for k, c in _GGUF_SCALARS.items()}, GGUF_STRING: 8, GGUF_ARRAY: 12}
+_GGUF_LEAST_KV = 8 + 4 + 1  # key length, value type, a one-byte value
+
+GGUF_TOKENS = "tokenizer.ggml.tokens"
+GGUF_TOKEN_TYPE = "tokenizer.ggml.token_type"
+GGUF_MODEL = "tokenizer.ggml.model"
+# The role ids as llama.cpp's converter names them (gguf.Keys.Tokenizer; "seperator" is its spelling;
+# cls_token_id is written by older converters only).
+GGUF_ROLE_KEYS = {
+    "eos": "tokenizer.ggml.eos_token_id",
+    "bos": "tokenizer.ggml.bos_token_id",
+    "unk": "tokenizer.ggml.unknown_token_id",
+    "pad": "tokenizer.ggml.padding_token_id",
+    "sep": "tokenizer.ggml.seperator_token_id",
+    "cls": "tokenizer.ggml.cls_token_id",
+    "mask": "tokenizer.ggml.mask_token_id",
+}
 
 
-def read_gguf_metadata(path: Path, wanted: str = "tokenizer.") -> dict[str, object]:
-    """The key-value metadata of a GGUF file (version 2 or 3) whose keys start with `wanted`.
+def read_gguf_metadata(path: Path, wanted: str | Collection[str] = "tokenizer.") -> dict[str, object]:
+    """The key-value metadata of a GGUF file (version 2 or 3): the keys that start with `wanted`
+    (a prefix), or the keys named in it (a collection).
 
-    Read by hand from the file's header (no tensor data is touched): strings are u64 length plus
-    UTF-8 bytes, arrays are an element type, a u64 count and the elements.
+    Read from the file's header only (tensor infos and data are not touched), every length and
+    count checked against the bytes left before anything is read or allocated: a damaged or
+    hostile file is a SurgeryError. Strings are decoded as UTF-8 (bad bytes replaced).
     """
     import mmap
 
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise SurgeryError(path, "is not a GGUF file")
-        version, _tensors, count = struct.unpack_from("<IQQ", buf, 4)
-        if version not in (2, 3):
-            raise SurgeryError(path, f"GGUF version {version} is not supported (2 or 3)")
-        pos = 24
-        out: dict[str, object] = {}
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(GGUF_HEADER.size)
+            if head[:4] != b"GGUF":
+                raise SurgeryError(path, "is not a GGUF file (no GGUF magic)")
+            if len(head) < GGUF_HEADER.size:
+                raise SurgeryError(path, f"truncated GGUF header ({len(head)} bytes of {GGUF_HEADER.size})")
+            _, version, _tensors, count = GGUF_HEADER.unpack(head)
+            if version not in (2, 3):
+                if version and not version & 0xFFFF:
+                    raise SurgeryError(path, "GGUF file is big-endian; only little-endian files are supported")
+                raise SurgeryError(path, f"GGUF version {version} is not supported (2 or 3)")
+            try:
+                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError as e:  # something that is not a regular file
+                raise SurgeryError(path, f"cannot read the GGUF file: {e}") from e
+            with buf:
+                return _gguf_key_values(path, buf, count, wanted)
+    except OSError as e:
+        raise SurgeryError(path, f"cannot read the GGUF file: {e.strerror or e}") from e
 
-        def string(at: int) -> tuple[str, int]:
-            (n,) = struct.unpack_from("<Q", buf, at)
-            return buf[at + 8 : at + 8 + n].decode("utf-8", errors="replace"), at + 8 + n
 
-        def value(kind: int, at: int, keep: bool) -> tuple[object, int]:
-            if kind == GGUF_STRING:
-                return string(at)
-            if kind == GGUF_ARRAY:
-                inner, n = struct.unpack_from("<IQ", buf, at)
-                at += 12
-                if inner == GGUF_STRING:
-                    items = []
-                    for _ in range(n):
-                        (length,) = struct.unpack_from("<Q", buf, at)
-                        if keep:
-                            items.append(buf[at + 8 : at + 8 + length].decode("utf-8", errors="replace"))
-                        at += 8 + length
-                    return items, at
-                if inner in _GGUF_SCALARS:
-                    size = struct.calcsize(_GGUF_SCALARS[inner])
-                    items = list(struct.unpack_from(f"<{n}{_GGUF_SCALARS[inner][1]}", buf, at)) if keep else []
-                    return items, at + n * size
-                items = []
-                for _ in range(n):
-                    item, at = value(inner, at, keep)
-                    items.append(item)
-                return items, at
-            if kind in _GGUF_SCALARS:
-                fmt = _GGUF_SCALARS[kind]
-                return struct.unpack_from(fmt, buf, at)[0], at + struct.calcsize(fmt)
-            raise SurgeryError(path, f"unknown GGUF value type {kind}")
+def _gguf_key_values(path: Path, buf, count: int, wanted: str | Collection[str]) -> dict[str, object]:
+    end = len(buf)
 
-        try:
-            for _ in range(count):
-                key, pos = string(pos)
-                (kind,) = struct.unpack_from("<I", buf, pos)
-                keep = key.startswith(wanted)
-                item, pos = value(kind, pos + 4, keep)
-                if keep:
-                    out[key] = item
-        except struct.error as e:
-            raise SurgeryError(path, f"truncated GGUF metadata ({e})") from e
-        return out
+    def need(at: int, n: int, what: str) -> None:
+        if n > end - at:
+            raise SurgeryError(path, f"truncated GGUF metadata: {what} at byte {at} needs {n} bytes, {max(end - at, 0)} left")
+
+    def string(at: int, what: str, keep: bool) -> tuple[str | None, int]:
+        need(at, 8, what)
+        (n,) = struct.unpack_from("<Q", buf, at)
+        need(at + 8, n, what)
+        text = buf[at + 8 : at + 8 + n].decode("utf-8", errors="replace") if keep else None
+        return text, at + 8 + n
+
+    def value(kind: int, at: int, key: str, keep: bool, depth: int = 0) -> tuple[object, int]:
+        if kind in _GGUF_SCALARS:
+            code = "<" + _GGUF_SCALARS[kind]
+            need(at, _GGUF_LEAST[kind], f"the value of {key!r}")
+            return (struct.unpack_from(code, buf, at)[0] if keep else None), at + _GGUF_LEAST[kind]
+        if kind == GGUF_STRING:
+            return string(at, f"the value of {key!r}", keep)
+        if kind != GGUF_ARRAY:
+            raise SurgeryError(path, f"GGUF key {key!r} has unknown value type {kind}")
+        if depth >= GGUF_MAX_NESTING:
+            raise SurgeryError(path, f"GGUF key {key!r} nests arrays more than {GGUF_MAX_NESTING} deep")
+        need(at, 12, f"the array header of {key!r}")
+        inner, n = struct.unpack_from("<IQ", buf, at)
+        at += 12
+        if inner not in _GGUF_LEAST:
+            raise SurgeryError(path, f"GGUF key {key!r} is an array of unknown value type {inner}")
+        if n > (end - at) // _GGUF_LEAST[inner]:
+            raise SurgeryError(path, f"GGUF key {key!r} declares {n} elements, more than the {end - at} bytes left can hold")
+        if inner in _GGUF_SCALARS:
+            items = list(struct.unpack_from(f"<{n}{_GGUF_SCALARS[inner]}", buf, at)) if keep else None
+            return items, at + n * _GGUF_LEAST[inner]
+        items = [] if keep else None
+        for _ in range(n):
+            item, at = value(inner, at, key, keep, depth + 1)
+            if keep:
+                items.append(item)
+        return items, at
+
+    pos = GGUF_HEADER.size
+    if count > (end - pos) // _GGUF_LEAST_KV:
+        raise SurgeryError(path, f"GGUF header declares {count} metadata keys, more than the file's {end} bytes can hold")
+    out: dict[str, object] = {}
+    seen: set[str] = set()
+    for index in range(count):
+        key, pos = string(pos, f"metadata key {index}", True)
+        if key in seen:
+            raise SurgeryError(path, f"GGUF key {key!r} appears twice")
+        seen.add(key)
+        need(pos, 4, f"the value type of {key!r}")
+        (kind,) = struct.unpack_from("<I", buf, pos)
+        keep = key.startswith(wanted) if isinstance(wanted, str) else key in wanted
+        item, pos = value(kind, pos + 4, key, keep)
+        if keep:
+            out[key] = item
+    return out
+
+
+_KIND_NAMES = {bool: "bool", int: "integer", float: "float", str: "string", list: "array"}
+
+
+def _kind_of(value: object, element: type | None = None) -> str:
+    """How a metadata value reads in a message: "a string", "an array of integers" (an array is
+    named by its first element that is not of type `element`)."""
+    name = _KIND_NAMES.get(type(value), type(value).__name__)
+    if isinstance(value, list):
+        odd = next((v for v in value if type(v) is not element), None)
+        if odd is not None:
+            name += f" of {_KIND_NAMES.get(type(odd), type(odd).__name__)}s"
+    return ("an " if name[0] in "aeiou" else "a ") + name
 
 
 def read_gguf_vocabulary(path: Path) -> TokenizerData:
-    """The tokenizer stored in a GGUF file's metadata (`tokenizer.ggml.*`)."""
-    meta = read_gguf_metadata(path)
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list) or not tokens:
-        raise SurgeryError(path, "GGUF file holds no tokenizer (tokenizer.ggml.tokens)")
-    types = meta.get("tokenizer.ggml.token_type")
-    if not isinstance(types, list) or len(types) != len(tokens):
+    """The tokenizer stored in a GGUF file's metadata (`tokenizer.ggml.*`); a key the reader uses
+    with the wrong type is an error, a role id outside the vocabulary is ignored (as llama.cpp does)."""
+    meta = read_gguf_metadata(path, {GGUF_TOKENS, GGUF_TOKEN_TYPE, GGUF_MODEL, *GGUF_ROLE_KEYS.values()})
+    tokens = meta.get(GGUF_TOKENS)
+    if tokens is None or tokens == []:
+        raise SurgeryError(path, f"GGUF file holds no tokenizer ({GGUF_TOKENS})")
+    if not isinstance(tokens, list) or any(type(t) is not str for t in tokens):
+        raise SurgeryError(path, f"GGUF key {GGUF_TOKENS!r} is {_kind_of(tokens, str)}, not an array of strings")
+    types = meta.get(GGUF_TOKEN_TYPE)
+    if types is None:
         types = [SP_NORMAL] * len(tokens)
-    model = meta.get("tokenizer.ggml.model") if isinstance(meta.get("tokenizer.ggml.model"), str) else ""
+    elif not isinstance(types, list) or any(type(k) is not int for k in types):
+        raise SurgeryError(path, f"GGUF key {GGUF_TOKEN_TYPE!r} is {_kind_of(types, int)}, not an array of integers")
+    elif len(types) != len(tokens):
+        raise SurgeryError(path, f"GGUF key {GGUF_TOKEN_TYPE!r} has {len(types)} entries for {len(tokens)} tokens")
+    model = meta.get(GGUF_MODEL, "")
+    if not isinstance(model, str):
+        raise SurgeryError(path, f"GGUF key {GGUF_MODEL!r} is {_kind_of(model)}, not a string")
     token_to_id: dict[str, int] = {}
     for i, t in enumerate(tokens):
         token_to_id.setdefault(t, i)
@@ -352,9 +430,13 @@ def read_gguf_vocabulary(path: Path) -> TokenizerData:
     data.special_ids = {i for i, k in enumerate(types) if k in (SP_CONTROL, SP_UNKNOWN)}
     data.added_ids = {i for i, k in enumerate(types) if k == SP_USER_DEFINED}
     data.byte_ids = {i for i, k in enumerate(types) if k == SP_BYTE}
-    for role in ROLES:
-        value = meta.get(f"tokenizer.ggml.{role}_token_id")
-        if isinstance(value, int) and 0 <= value < len(tokens):
+    for role, key in GGUF_ROLE_KEYS.items():
+        value = meta.get(key)
+        if value is None:
+            continue
+        if type(value) is not int:
+            raise SurgeryError(path, f"GGUF key {key!r} is {_kind_of(value)}, not a token id")
+        if 0 <= value < len(tokens):
             data.roles[role] = value
     return data
 
