@@ -6,15 +6,22 @@ Checks, each reported as one PASS, FAIL or SKIP line:
   their header's SHA-256 and that of every tensor init rebuilt (the bytes it copied are compared
   with --source, see manifest.output_files); and nothing else is in the folder;
 - headers: every safetensors header and the index are valid (the checks `init` makes on input);
-- shapes: the rebuilt tensors agree with config.json (vocab_size, hidden size, token ids) and the
-  tokenizer (every id has a row), the head and its bias with the embedding;
+- rebuilt tensors: the tensors init rebuilt are those the manifest lists (`tensors.rebuilt`: the
+  embedding, an untied head, a vocab-sized bias and the copies some checkpoints store beside
+  them, such as T5's `encoder.embed_tokens.weight` or BERT's `cls.predictions.decoder.bias`), the
+  same its weights files hash as rebuilt, all in the output;
+- shapes: the embedding agrees with config.json (vocab_size, hidden size, token ids) and the
+  tokenizer (every id has a row); every other rebuilt tensor has the embedding's rows (a 2-D one
+  its width too: a head, a copy of the embedding; a 1-D bias [vocab]) and the shape the manifest
+  records for it;
 - finite: every row of every rebuilt tensor is finite;
 
 and with `--source`:
 
 - source: SOURCE's headers are those the manifest recorded (it is the checkpoint init read);
 - unchanged tensors: every tensor init did not rebuild is byte-identical to SOURCE's;
-- overlap rows: every target row of a shared token equals the SOURCE row it copies.
+- overlap rows: in every rebuilt tensor, copies included, every target row of a shared token
+  equals the SOURCE row it copies, in SOURCE's tensor of the same name.
 
 Unreadable or missing input (no OUT, no manifest, a SOURCE that does not open) is an error, one
 line, as everywhere else; a check that fails is a FAIL line and exit code 1.
@@ -204,37 +211,74 @@ def _check_files(out: Path, manifest: dict, progress, report: Callable[[Check], 
 # --- what init rebuilt --------------------------------------------------------------------------
 
 
-def _rebuilt_tensors(manifest: dict, target: Checkpoint, report: Callable[[Check], None]) -> list[str]:
+def _rebuilt_tensors(manifest: dict, target: Checkpoint, report: Callable[[Check], None]) -> dict[str, tuple[int, ...] | None]:
+    """Every tensor init rebuilt, the embedding first, with the shape the manifest records for it
+    (None where it records none). One the output lacks is a FAIL here and skipped by the checks.
+
+    The list is the manifest's `tensors.rebuilt` (name -> shape): the embedding, an untied head, a
+    vocab-sized bias and the copies some checkpoints store beside them (T5's
+    `encoder.embed_tokens.weight`, BERT's `cls.predictions.decoder.bias`: architecture.VocabTensors).
+    The weights files' entries hash the same tensors as rebuilt (`tensor_sha256`), and the two
+    records must agree. A manifest without `tensors.rebuilt` falls back to the embedding, head and
+    head bias it names, then every tensor it hashes as rebuilt.
+    """
     tensors = manifest.get("tensors") if isinstance(manifest.get("tensors"), dict) else {}
-    names = [tensors.get(k) for k in ("embedding", "head", "head_bias")]
-    names = [n for n in names if isinstance(n, str)]
-    if not names:
+    embedding = tensors.get("embedding")
+    if not isinstance(embedding, str):
         report(Check(False, "rebuilt tensors", "the manifest does not name the embedding"))
-        return []
-    missing = [n for n in names if n not in target]
-    if missing:
-        report(Check(False, "rebuilt tensors", f"{missing[0]!r} is not in the output"))
-        return [n for n in names if n in target]
-    return names
+        return {}
+    hashed = list(dict.fromkeys(
+        t for entry in manifest["outputs"] if isinstance(entry.get("tensor_sha256"), dict) for t in entry["tensor_sha256"]
+    ))
+    listed = tensors.get("rebuilt")
+    problems = []
+    if isinstance(listed, dict) and listed and all(isinstance(n, str) for n in listed):
+        shapes = {
+            name: tuple(shape) if isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in shape) else None
+            for name, shape in listed.items()
+        }
+        if embedding not in shapes:
+            problems.append(f"the manifest names the embedding {embedding!r}, its list of rebuilt tensors does not")
+        problems += [f"the manifest hashes {n!r} as rebuilt, its list of rebuilt tensors does not name it" for n in hashed if n not in shapes]
+        if hashed:
+            problems += [f"the manifest lists {n!r} as rebuilt, but hashes no such rebuilt tensor" for n in shapes if n not in hashed]
+    else:
+        fields = [tensors.get(k) for k in ("embedding", "head", "head_bias")]
+        shapes = dict.fromkeys(n for n in [*fields, *hashed] if isinstance(n, str))
+    rebuilt = {embedding: shapes.get(embedding), **{n: s for n, s in shapes.items() if n != embedding}}
+    problems += [f"{n!r} is not in the output" for n in rebuilt if n not in target]
+    for problem in problems:
+        report(Check(False, "rebuilt tensors", problem))
+    if not problems:
+        source = "listed and hashed" if isinstance(listed, dict) else "named and hashed (no list of rebuilt tensors)"
+        report(Check(True, "rebuilt tensors", f"{len(rebuilt)} tensor(s) {source} by the manifest, all in the output: {', '.join(rebuilt)}"))
+    return rebuilt
 
 
-def _check_shapes(out: Path, target: Checkpoint, rebuilt: list[str], report: Callable[[Check], None]) -> None:
+def _check_shapes(out: Path, target: Checkpoint, rebuilt: dict[str, tuple[int, ...] | None], report: Callable[[Check], None]) -> None:
+    """The embedding [vocab, hidden] against config.json and the tokenizer; every other rebuilt
+    tensor (head, bias, copies) with the embedding's rows, a 2-D one with its width too, and each
+    of the shape the manifest records for it."""
     from .architecture import config_vocab_size, read_config, text_config
     from .model_config import TOKEN_ID_KEYS
     from .vocabulary import load_vocabulary
 
-    if not rebuilt:
-        return
-    embedding = target.info(rebuilt[0])
+    names = [n for n in rebuilt if n in target]
+    if not names or names[0] != next(iter(rebuilt)):
+        return  # no embedding: reported by _rebuilt_tensors
+    embedding = target.info(names[0])
     problems = []
     if len(embedding.shape) != 2:
         report(Check(False, "shapes", f"embedding {embedding.name!r} has shape {list(embedding.shape)}, not [vocab, hidden]"))
         return
     rows, width = embedding.shape
-    for name in rebuilt[1:]:
+    for name in names:
         shape = target.info(name).shape
-        if shape[:1] != (rows,) or len(shape) > 2 or (len(shape) == 2 and shape[1] != width):
+        recorded = rebuilt[name]
+        if name != names[0] and (shape[:1] != (rows,) or len(shape) > 2 or (len(shape) == 2 and shape[1] != width)):
             problems.append(f"{name!r} has shape {list(shape)}, the embedding {[rows, width]}")
+        elif recorded is not None and shape != recorded:
+            problems.append(f"{name!r} has shape {list(shape)}, the manifest says {list(recorded)}")
     try:
         config = read_config(out / "config.json")
         section = text_config(config)
@@ -262,7 +306,7 @@ def _check_shapes(out: Path, target: Checkpoint, rebuilt: list[str], report: Cal
         for problem in problems:
             report(Check(False, "shapes", problem))
     else:
-        report(Check(True, "shapes", f"embedding [{rows}, {width}] agrees with config.json and the tokenizer" + (f"; {', '.join(rebuilt[1:])} too" if rebuilt[1:] else "")))
+        report(Check(True, "shapes", f"embedding {names[0]} [{rows}, {width}] agrees with config.json and the tokenizer" + (f"; {', '.join(names[1:])} too" if names[1:] else "")))
 
 
 def _row_ranges(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
@@ -271,10 +315,10 @@ def _row_ranges(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
         yield start, min(rows, start + step)
 
 
-def _check_finite(target: Checkpoint, rebuilt: list[str], progress, report: Callable[[Check], None]) -> None:
+def _check_finite(target: Checkpoint, rebuilt: dict[str, tuple[int, ...] | None], progress, report: Callable[[Check], None]) -> None:
     import torch
 
-    for name in rebuilt:
+    for name in (n for n in rebuilt if n in target):
         info = target.info(name)
         if info.dtype not in FLOAT_DTYPES:
             report(Check(False, f"finite {name}", f"dtype {info.dtype} is not a float"))
@@ -320,7 +364,7 @@ def _same_bytes(a: memoryview, b: memoryview) -> bool:
     return True
 
 
-def _check_unchanged(target: Checkpoint, source: Checkpoint, rebuilt: list[str], copied_whole: dict[str, str], progress, report: Callable[[Check], None]) -> None:
+def _check_unchanged(target: Checkpoint, source: Checkpoint, rebuilt: dict[str, tuple[int, ...] | None], copied_whole: dict[str, str], progress, report: Callable[[Check], None]) -> None:
     names = [n for n in target.tensors if n not in rebuilt]
     problems = []
     total = sum(target.info(n).nbytes for n in names if n in source)
@@ -367,7 +411,7 @@ def _row_bytes(t):
     return t.reshape(-1).view(torch.uint8).numpy().reshape(t.shape[0], -1)
 
 
-def _check_overlap_rows(manifest: dict, target: Checkpoint, source: Checkpoint, rebuilt: list[str], report: Callable[[Check], None]) -> None:
+def _check_overlap_rows(manifest: dict, target: Checkpoint, source: Checkpoint, rebuilt: dict[str, tuple[int, ...] | None], report: Callable[[Check], None]) -> None:
     import numpy as np
 
     try:
@@ -375,7 +419,7 @@ def _check_overlap_rows(manifest: dict, target: Checkpoint, source: Checkpoint, 
     except (KeyError, TypeError, ValueError) as e:
         report(Check(None, "overlap rows", f"the manifest holds no readable overlap pairs ({type(e).__name__})"))
         return
-    for name in rebuilt:
+    for name in (n for n in rebuilt if n in target):
         if name not in source:
             report(Check(False, f"overlap rows {name}", "not in SOURCE"))
             continue

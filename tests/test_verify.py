@@ -122,7 +122,7 @@ def test_real_outputs_pass(outputs, name, gpt2_source, sharded_source, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert all(line.startswith("PASS") for line in lines), lines
     checks = " ".join(lines)
-    for what in ("files", "headers", "shapes", "finite", "source", "unchanged tensors", "overlap rows"):
+    for what in ("files", "headers", "rebuilt tensors", "shapes", "finite", "source", "unchanged tensors", "overlap rows"):
         assert what in checks, what
     assert run(["verify", str(out)]) == 0
     assert "SKIP  against SOURCE" in capsys.readouterr().out
@@ -224,3 +224,154 @@ def test_not_an_output_is_one_error_line(gpt2_source, tmp_path, capsys):
     (tmp_path / "bad" / "clpsurgery.json").write_text("{")
     assert run(["verify", str(tmp_path / "bad")]) == 1
     assert "not valid JSON" in capsys.readouterr().err
+
+
+# --- checkpoints that store copies of vocab-sized tensors (issue 13) ------------------------------
+#
+# Older T5/mT5 exports store encoder.embed_tokens.weight and decoder.embed_tokens.weight beside
+# shared.weight; older BERT masked-LM files store cls.predictions.decoder.weight and
+# cls.predictions.decoder.bias beside cls.predictions.bias. init rebuilds every one of them
+# (clpsurgery/architecture.py), so verify must take them as rebuilt too: from the manifest.
+
+# kind: (the copies the source file stores: name -> the tensor it copies, the tensors init rebuilds)
+STORED_COPIES = {
+    "t5": (
+        {"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight"},
+        {"shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"},
+    ),
+    "bert": (
+        {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.bias": "cls.predictions.bias"},
+        {"bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight", "cls.predictions.bias", "cls.predictions.decoder.bias"},
+    ),
+}
+
+
+def source_with_copies(kind: str, folder: Path, tokenizer) -> Path:
+    """A small model of the family built from the model library's own config class (real GPT-2
+    vocabulary), saved with safetensors, then re-saved with the copies older savers wrote."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from conftest import save_model
+
+    transformers = pytest.importorskip("transformers")
+    vocab = tokenizer.get_vocab_size()
+    torch.manual_seed(11)
+    if kind == "t5":
+        config = transformers.T5Config(vocab_size=vocab, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2, decoder_start_token_id=0)
+        model = transformers.T5ForConditionalGeneration(config).eval()
+    else:
+        config = transformers.BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)
+        model = transformers.BertForMaskedLM(config).eval()
+        with torch.no_grad():  # the library zeroes the bias: give it values, so its rows can be told apart
+            model.cls.predictions.bias.copy_(torch.randn(vocab, generator=torch.Generator().manual_seed(12)))
+    save_model(model, folder, tokenizer, bos="<|endoftext|>", eos="<|endoftext|>")
+    tensors = load_file(folder / "model.safetensors")
+    copies, _ = STORED_COPIES[kind]
+    for new, existing in copies.items():
+        assert new not in tensors, new
+        tensors[new] = tensors[existing].clone()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def with_copies(gpt2_tokenizer, german_helper, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """kind -> (source, output of init with the German helper)."""
+    made = {}
+    for kind in STORED_COPIES:
+        base = tmp_path_factory.mktemp(f"copies-{kind}")
+        source = source_with_copies(kind, base / "source", gpt2_tokenizer)
+        assert run(["init", "--quiet", "--top-k", "4", str(source), str(german_helper), str(base / "out")]) == 0
+        made[kind] = (source, base / "out")
+    return made
+
+
+def copy_folder(folder: Path, tmp_path: Path) -> Path:
+    target = tmp_path / folder.name
+    shutil.copytree(folder, target)
+    return target
+
+
+@pytest.mark.parametrize("kind", list(STORED_COPIES))
+def test_stored_copies_pass_against_the_source(with_copies, kind, capsys):
+    source, out = with_copies[kind]
+    _, rebuilt = STORED_COPIES[kind]
+    manifest = json.loads((out / "clpsurgery.json").read_text())
+    assert set(manifest["tensors"]["rebuilt"]) == rebuilt
+    capsys.readouterr()
+    assert run(["verify", str(out), "--source", str(source)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(line.startswith("PASS") for line in lines), lines
+    listed = next(line for line in lines if line.startswith("PASS  rebuilt tensors:"))
+    assert all(name in listed for name in rebuilt), listed
+    for name in rebuilt:
+        assert any(line.startswith(f"PASS  finite {name}:") for line in lines), name
+        assert any(line.startswith(f"PASS  overlap rows {name}:") for line in lines), name
+    shapes = next(line for line in lines if line.startswith("PASS  shapes:"))
+    assert all(name in shapes for name in rebuilt), shapes
+    assert any(line.startswith("PASS  unchanged tensors:") for line in lines), lines
+
+
+def overlap_row_offset(out: Path, tensor: str) -> tuple[int, int, int]:
+    """(byte offset in model.safetensors of an overlap row of `tensor`, its target id, its source id)."""
+    from clpsurgery.manifest import decode_pairs
+
+    target_ids, source_ids = decode_pairs(json.loads((out / "clpsurgery.json").read_text())["overlap_pairs"])
+    i = len(target_ids) // 2
+    header, start = data_start(out / "model.safetensors")
+    entry = header[tensor]
+    row_bytes = (entry["data_offsets"][1] - entry["data_offsets"][0]) // entry["shape"][0]
+    return start + entry["data_offsets"][0] + int(target_ids[i]) * row_bytes, int(target_ids[i]), int(source_ids[i])
+
+
+@pytest.mark.parametrize("kind, tensor", [("t5", "decoder.embed_tokens.weight"), ("t5", "encoder.embed_tokens.weight"), ("bert", "cls.predictions.decoder.bias")])
+def test_a_flipped_byte_in_an_overlap_row_of_a_copy(with_copies, kind, tensor, tmp_path):
+    """A copy is hashed as rebuilt (files) and its overlap rows compared with the SOURCE's own copy."""
+    source, original = with_copies[kind]
+    out = copy_folder(original, tmp_path)
+    offset, target_id, source_id = overlap_row_offset(out, tensor)
+    byte = (out / "model.safetensors").read_bytes()[offset]
+    poke(out / "model.safetensors", offset, bytes([byte ^ 0xFF]))  # the lowest mantissa byte: still finite
+    found = failures(out)
+    assert len(found) == 1 and found[0].startswith(f"FAIL  file model.safetensors: tensor {tensor!r}: SHA-256 "), found
+    overlap = f"FAIL  overlap rows {tensor}: row {target_id} differs from SOURCE row {source_id}"
+    assert failures(out, source) == [found[0], overlap]
+    rehash(out, "model.safetensors")  # consistent with its manifest: only the comparison with SOURCE finds it
+    assert failures(out) == []
+    assert failures(out, source) == [overlap]
+
+
+def test_the_rebuilt_list_and_the_tensor_hashes_must_agree(with_copies, tmp_path):
+    source, original = with_copies["t5"]
+    out = copy_folder(original, tmp_path)
+    manifest = json.loads((out / "clpsurgery.json").read_text())
+    del manifest["tensors"]["rebuilt"]["decoder.embed_tokens.weight"]
+    (out / "clpsurgery.json").write_text(json.dumps(manifest))
+    found = failures(out)
+    assert "FAIL  rebuilt tensors: the manifest hashes 'decoder.embed_tokens.weight' as rebuilt, its list of rebuilt tensors does not name it" in found, found
+
+
+def test_a_copy_of_another_shape_than_the_manifest_records(with_copies, tmp_path):
+    source, original = with_copies["bert"]
+    out = copy_folder(original, tmp_path)
+    manifest = json.loads((out / "clpsurgery.json").read_text())
+    rows = manifest["tensors"]["rebuilt"]["cls.predictions.decoder.bias"][0]
+    manifest["tensors"]["rebuilt"]["cls.predictions.decoder.bias"] = [rows, 1]
+    (out / "clpsurgery.json").write_text(json.dumps(manifest))
+    assert failures(out) == [f"FAIL  shapes: 'cls.predictions.decoder.bias' has shape [{rows}], the manifest says [{rows}, 1]"]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+def test_a_manifest_without_the_rebuilt_list_still_verifies(kind, outputs, gpt2_source, with_copies, tmp_path):
+    """Without tensors.rebuilt verify falls back to the embedding, head and bias the manifest
+    names, and every tensor whose bytes it hashes as rebuilt (the copies among them)."""
+    source, original = (gpt2_source, outputs["single"]) if kind == "gpt2" else with_copies["t5"]
+    out = copy_folder(original, tmp_path)
+    manifest = json.loads((out / "clpsurgery.json").read_text())
+    del manifest["tensors"]["rebuilt"]
+    (out / "clpsurgery.json").write_text(json.dumps(manifest))
+    checks = verify_output(out, source)
+    assert all(c.ok for c in checks), [c.line() for c in checks]
+    if kind == "t5":
+        assert {c.what for c in checks} >= {f"overlap rows {n}" for n in STORED_COPIES["t5"][1]}
