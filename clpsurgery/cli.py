@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from .errors import SurgeryError
-from .options import DEFAULT_DEVICE, DEFAULT_MATCH, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_WEIGHTING, DEVICES, MATCH_RULES, SCHEMES, TransferOptions
+from .options import OptionSpec, TransferOptions
 
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
@@ -75,6 +75,36 @@ def common_options(command: Callable) -> Callable:
     return wrapper
 
 
+def _click_type(spec: OptionSpec) -> click.ParamType | type:
+    return {
+        "text": click.STRING,
+        "float": click.FLOAT,
+        "top_k": TopK(),
+        "size": ByteSize(),
+        "positive_int": click.IntRange(min=1),
+        "choice": click.Choice(spec.choices),
+    }[spec.kind]
+
+
+def transfer_options(command: Callable) -> Callable:
+    """Every TransferOptions field as a click option, collected into `options=TransferOptions(...)`,
+    plus the source's side files: one definition for every command that plans a transfer."""
+    names = TransferOptions.specs()
+    defaults = TransferOptions()
+
+    @click.option("--source-tokenizer", type=click.Path(), help="The source's tokenizer.json (default: beside SOURCE).")
+    @click.option("--source-config", type=click.Path(), help="The source's config.json (default: beside SOURCE).")
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        options = TransferOptions(**{name: kwargs.pop(name) for name in names})
+        return command(*args, options=options, **kwargs)
+
+    for name, spec in reversed(names.items()):
+        default = spec.shown_default or getattr(defaults, name)  # a shown default is parsed by the option's type
+        wrapper = click.option(spec.flag, name, type=_click_type(spec), default=default, show_default=default is not None, help=spec.help)(wrapper)
+    return wrapper
+
+
 def progress_factory(quiet: bool) -> Callable[[str, int], object]:
     @contextmanager
     def progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
@@ -97,21 +127,10 @@ def cli() -> None:
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("helper", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--top-k", "top_k", type=TopK(), default=DEFAULT_TOP_K, show_default=True, help="Neighbours per new token, or 'all' for the paper's dense form.")
-@click.option("--weighting", type=click.Choice(SCHEMES), default=DEFAULT_WEIGHTING, show_default=True, help="How similarities become mixing weights.")
-@click.option("--temperature", type=float, default=DEFAULT_TEMPERATURE, show_default=True, help="Softmax temperature (softmax weighting only).")
-@click.option("--source-tokenizer", type=click.Path(), help="The source's tokenizer.json (default: beside SOURCE).")
-@click.option("--source-config", type=click.Path(), help="The source's config.json (default: beside SOURCE).")
-@click.option("--embedding-tensor", help="Name of the source's input-embedding tensor, if not found by itself.")
-@click.option("--head-tensor", help="Name of the source's untied output-head tensor, if not found by itself.")
-@click.option("--head-bias-tensor", help="Name of the source's vocab-sized head bias, if not found by itself.")
-@click.option("--match", type=click.Choice(MATCH_RULES), default=DEFAULT_MATCH, show_default=True, help="Token overlap: identical strings (the paper), or identical meaning across tokenizer families.")
-@click.option("--pad-vocab-to-multiple", "pad_vocab_to_multiple", type=click.IntRange(min=1), help="Pad the written vocab_size up to a multiple of N (extra rows: the mean of the combined rows).")
-@click.option("--max-memory", "max_memory", type=ByteSize(), default="1GiB", show_default=True, help="Budget for tensors and buffers: row blocks, search chunks, copy buffers.")
-@click.option("--device", type=click.Choice(DEVICES), default=DEFAULT_DEVICE, show_default=True, help="Where search and combine run: auto takes the GPU when there is one.")
+@transfer_options
 @click.option("--force", is_flag=True, help="Replace OUT if it is a previous clpsurgery output.")
 @common_options
-def init_command(source: Path, helper: Path, out: Path, top_k, weighting, temperature, source_tokenizer, source_config, embedding_tensor, head_tensor, head_bias_tensor, match, pad_vocab_to_multiple, max_memory, device, force, quiet) -> None:
+def init_command(source: Path, helper: Path, out: Path, options: TransferOptions, source_tokenizer, source_config, force, quiet) -> None:
     """Write OUT: SOURCE's weights with embeddings rebuilt for HELPER's tokenizer.
 
     SOURCE is a .safetensors file or a model folder; HELPER is a model folder that already speaks
@@ -124,29 +143,17 @@ def init_command(source: Path, helper: Path, out: Path, top_k, weighting, temper
 
     _check_out_apart(out, source, helper, source_tokenizer, source_config)
     check_out_path(out, force)  # before any slow work; checked again when OUT is written
-    options = TransferOptions(
-        top_k=top_k,
-        weighting=weighting,
-        temperature=temperature,
-        max_memory=max_memory,
-        embedding_tensor=embedding_tensor,
-        head_tensor=head_tensor,
-        head_bias_tensor=head_bias_tensor,
-        match=match,
-        pad_vocab_to_multiple=pad_vocab_to_multiple,
-        device=device,
-    )
-    if device == "cuda":
+    if options.device == "cuda":
         from .device import resolve_device
 
-        resolve_device(device)  # --device cuda without a GPU: one line, before any slow work
+        resolve_device(options.device)  # --device cuda without a GPU: one line, before any slow work
     plan = make_plan(source, helper, options, source_tokenizer, source_config)
     summary = plan.summary()
     if not quiet:
         click.echo(
             f"vocabulary {summary['source_vocab_size']} -> {summary['target_vocab_size']}: "
             f"{summary['overlap']} tokens shared, {summary['missing']} to combine from "
-            f"{plan.k} neighbours ({weighting}); rebuilding {', '.join(plan.source_tensors.names)}",
+            f"{plan.k} neighbours ({options.weighting}); rebuilding {', '.join(plan.source_tensors.names)}",
             err=True,
         )
     result = run_transfer(plan, out, force=force, progress=progress_factory(quiet), command=["clpsurgery", *sys.argv[1:]])
@@ -180,22 +187,16 @@ def _check_out_apart(out: Path, source: Path, helper: Path, source_tokenizer: st
 @cli.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--against", "helper", type=click.Path(path_type=Path), help="A helper folder: print what init PATH HELPER would do, writing nothing.")
-@click.option("--match", type=click.Choice(MATCH_RULES), default=DEFAULT_MATCH, show_default=True, help="With --against: the match rule init would use.")
-@click.option("--top-k", "top_k", type=TopK(), default=DEFAULT_TOP_K, show_default=True, help="With --against: neighbours per new token.")
-@click.option("--source-tokenizer", type=click.Path(), help="With --against: the source's tokenizer (default: beside PATH).")
-@click.option("--source-config", type=click.Path(), help="With --against: the source's config.json (default: beside PATH).")
-@click.option("--embedding-tensor", help="With --against: the source's input-embedding tensor.")
-@click.option("--head-tensor", help="With --against: the source's untied output-head tensor.")
-@click.option("--head-bias-tensor", help="With --against: the source's vocab-sized head bias.")
+@click.option("--against", "helper", type=click.Path(path_type=Path), help="A helper folder: print what init PATH HELPER would do with the same options, writing nothing.")
+@transfer_options
 @common_options
-def inspect_command(path: Path, as_json: bool, helper, match, top_k, source_tokenizer, source_config, embedding_tensor, head_tensor, head_bias_tensor, quiet: bool) -> None:
+def inspect_command(path: Path, as_json: bool, helper, options: TransferOptions, source_tokenizer, source_config, quiet: bool) -> None:
     """What is in a checkpoint (headers only), and what init did to it; with --against HELPER,
-    what init would do (overlap, special tokens, tensors, bytes, memory) before anything is written."""
+    what init would do (overlap, special tokens, tensors, bytes, memory) before anything is written.
+    The transfer options are init's and only apply with --against."""
     from .inspection import format_report, format_transfer_report, inspect_checkpoint, inspect_transfer
 
     if helper is not None:
-        options = TransferOptions(top_k=top_k, match=match, embedding_tensor=embedding_tensor, head_tensor=head_tensor, head_bias_tensor=head_bias_tensor)
         report = inspect_transfer(path, helper, options, source_tokenizer, source_config)
         click.echo(json.dumps(report, indent=2, ensure_ascii=False) if as_json else format_transfer_report(report))
         return

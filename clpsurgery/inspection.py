@@ -188,6 +188,7 @@ def inspect_transfer(source: str | Path, helper: str | Path, options, source_tok
                 role: {"path": str(v.path), "format": v.format, "style": v.style, "tokens": len(v.token_to_id), "id_space": v.size, "roles": v.roles}
                 for role, v in (("source", plan.source_vocab), ("target", plan.target_vocab))
             },
+            "options": options.as_dict(),
             "match": options.match,
             "overlap": {rule: _overlap_section(plan, rule) for rule in ("exact", "canonical")},
             "special_tokens": special_mapping(plan.source_vocab, plan.target_vocab, plan.overlap),
@@ -197,7 +198,7 @@ def inspect_transfer(source: str | Path, helper: str | Path, options, source_tok
                 "bytes_to_copy": summary["bytes_to_copy"],
                 "neighbours_per_token": summary["neighbours_per_token"],
                 "weighting": options.weighting,
-                "vocab_size": summary.get("output_vocab_size", summary["target_vocab_size"]),
+                "vocab_size": plan.output_rows,
             },
         }
         if "memory_estimate" in summary:

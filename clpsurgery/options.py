@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from .errors import SurgeryError
 
@@ -24,19 +25,35 @@ DEFAULT_MAX_MEMORY = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
+class OptionSpec:
+    """How one option is spelled on the command line: every command that takes it builds it from
+    this (cli.transfer_options), so `inspect --against` can never drift from `init`."""
+
+    flag: str
+    help: str
+    kind: str = "text"  # text, float, top_k (an integer or 'all'), size (256MiB), positive_int, or choice
+    choices: tuple[str, ...] = ()
+    shown_default: str | None = None  # the default as typed on the command line, where its value reads worse (1GiB)
+
+
+def _option(default, flag: str, help: str, **spec) -> Any:
+    return field(default=default, metadata={"cli": OptionSpec(flag, help, **spec)})
+
+
+@dataclass(frozen=True)
 class TransferOptions:
     """Every option of a transfer; `top_k=None` is the paper's dense form over the whole overlap."""
 
-    top_k: int | None = DEFAULT_TOP_K
-    weighting: str = DEFAULT_WEIGHTING
-    temperature: float = DEFAULT_TEMPERATURE
-    max_memory: int = DEFAULT_MAX_MEMORY
-    embedding_tensor: str | None = None
-    head_tensor: str | None = None
-    head_bias_tensor: str | None = None
-    match: str = DEFAULT_MATCH
-    pad_vocab_to_multiple: int | None = None
-    device: str = DEFAULT_DEVICE
+    top_k: int | None = _option(DEFAULT_TOP_K, "--top-k", "Neighbours per new token, or 'all' for the paper's dense form.", kind="top_k")
+    weighting: str = _option(DEFAULT_WEIGHTING, "--weighting", "How similarities become mixing weights.", kind="choice", choices=SCHEMES)
+    temperature: float = _option(DEFAULT_TEMPERATURE, "--temperature", "Softmax temperature (softmax weighting only).", kind="float")
+    max_memory: int = _option(DEFAULT_MAX_MEMORY, "--max-memory", "Budget for tensors and buffers: row blocks, search chunks, copy buffers.", kind="size", shown_default="1GiB")
+    embedding_tensor: str | None = _option(None, "--embedding-tensor", "Name of the source's input-embedding tensor, if not found by itself.")
+    head_tensor: str | None = _option(None, "--head-tensor", "Name of the source's untied output-head tensor, if not found by itself.")
+    head_bias_tensor: str | None = _option(None, "--head-bias-tensor", "Name of the source's vocab-sized head bias, if not found by itself.")
+    match: str = _option(DEFAULT_MATCH, "--match", "Token overlap: identical strings (the paper), or identical meaning across tokenizer families.", kind="choice", choices=MATCH_RULES)
+    pad_vocab_to_multiple: int | None = _option(None, "--pad-vocab-to-multiple", "Pad the written vocab_size up to a multiple of N (extra rows: the mean of the combined rows).", kind="positive_int")
+    device: str = _option(DEFAULT_DEVICE, "--device", "Where search and combine run: auto takes the GPU when there is one.", kind="choice", choices=DEVICES)
 
     def __post_init__(self) -> None:
         if self.weighting not in SCHEMES:
@@ -53,17 +70,10 @@ class TransferOptions:
             raise SurgeryError("--device", f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
 
     def as_dict(self) -> dict:
-        return {
-            "top_k": "all" if self.top_k is None else self.top_k,
-            "weighting": self.weighting,
-            "temperature": self.temperature,
-            "max_memory": self.max_memory,
-            "embedding_tensor": self.embedding_tensor,
-            "head_tensor": self.head_tensor,
-            "head_bias_tensor": self.head_bias_tensor,
-            "match": self.match,
-            "pad_vocab_to_multiple": self.pad_vocab_to_multiple,
-            "device": self.device,
-        }
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**values, "top_k": "all" if self.top_k is None else self.top_k}
 
-
+    @classmethod
+    def specs(cls) -> dict[str, OptionSpec]:
+        """Each option's name and how the command line spells it, in declaration order."""
+        return {f.name: f.metadata["cli"] for f in fields(cls)}

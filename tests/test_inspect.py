@@ -57,3 +57,41 @@ def test_init_output_and_corrupt_manifest(gpt2_source, german_helper, tmp_path):
     result = run_inspect(out)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "clpsurgery.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def _transfer_params(command) -> dict[str, tuple]:
+    import click
+
+    shared = [p for p in command.params if isinstance(p, click.Option) and p.name not in ("force", "as_json", "helper", "quiet", "debug")]
+    return {p.name: (p.opts, type(p.type).__name__, p.type.name, p.default, p.show_default, p.help) for p in shared}
+
+
+def test_inspect_against_takes_exactly_inits_options():
+    """One definition: every transfer option of init is an option of inspect, spelled, typed and
+    defaulted the same (cli.transfer_options builds both from TransferOptions)."""
+    from clpsurgery.cli import cli
+    from clpsurgery.options import TransferOptions
+
+    init, inspect = cli.commands["init"], cli.commands["inspect"]
+    assert _transfer_params(init) == _transfer_params(inspect)
+    flags = {spec.flag for spec in TransferOptions.specs().values()}
+    assert flags | {"--source-tokenizer", "--source-config"} == {p.opts[0] for p in init.params if p.name in _transfer_params(init)}
+
+
+def test_inspect_against_plans_what_init_runs(gpt2_source, german_helper, tmp_path):
+    """The same flags give inspect the plan init runs: its options and vocab size are the manifest's."""
+    from clpsurgery.cli import main
+
+    flags = ["--top-k", "3", "--weighting", "clp", "--temperature", "0.2", "--max-memory", "512MiB",
+             "--match", "canonical", "--pad-vocab-to-multiple", "64", "--device", "cpu"]
+    result = run_inspect(gpt2_source, "--against", german_helper, "--json", *flags)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    out = tmp_path / "out"
+    main(["init", "--quiet", *flags, str(gpt2_source), str(german_helper), str(out)])
+    manifest = json.loads((out / "clpsurgery.json").read_text())
+    assert report["options"] == manifest["options"]
+    assert report["options"]["top_k"] == 3 and report["options"]["max_memory"] == 512 * 2**20
+    assert report["would_write"]["vocab_size"] == manifest["vocabulary"]["written_vocab_size"]
+    assert report["would_write"]["vocab_size"] % 64 == 0
+    assert report["would_write"]["neighbours_per_token"] == 3
