@@ -567,7 +567,7 @@ def test_unreadable_file(which, gpt2_source, german_helper, tmp_path):
             preexec_fn=without_root_read_override if os.geteuid() == 0 else None,
         )
     except subprocess.SubprocessError as e:
-        pytest.skip(f"cannot drop root's read override here: {e}")
+        pytest.skip(f"environment: cannot drop root's read override here: {e}")
     finally:
         os.chmod(target, 0o644)
     assert proc.returncode == 1, proc.stderr
@@ -588,7 +588,7 @@ def small_disk(tmp_path):
     mount_point.mkdir()
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount_point)], capture_output=True, text=True)
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); the RLIMIT_FSIZE test covers the error path")
+        pytest.skip(f"environment: cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); the RLIMIT_FSIZE test covers the error path")
     try:
         yield mount_point
     finally:

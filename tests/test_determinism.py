@@ -76,7 +76,7 @@ def test_same_bytes_with_one_or_two_threads(options, gpt2_source, wide_helper, t
     assert one == two
 
 
-@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL_CBWR is an MKL setting")
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="environment: torch has no MKL here, and MKL_CBWR is an MKL setting")
 def test_small_matrix_products_do_not_depend_on_the_thread_count():
     assert "MKL_CBWR" in os.environ
     g = torch.Generator().manual_seed(0)

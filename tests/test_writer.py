@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -299,12 +300,56 @@ def evict(path) -> None:
         os.close(fd)
 
 
-@pytest.mark.parametrize("src_offset,dst_offset", [(8 * 4096, 4096), (12_345, 4096), (12_345, 70_001), (4096 + 17, 17)])
-def test_direct_copy_of_unaligned_ranges(tmp_path, src_offset, dst_offset):
-    """Ranges larger than DIRECT_MIN_BYTES are copied with O_DIRECT in whole destination blocks
-    (moved in memory where source and destination differ modulo the block size), the edges the
-    regular way: the bytes land exactly, neighbours untouched."""
-    from clpsurgery.writer import DIRECT_CHUNK, DIRECT_MIN_BYTES, DirectCopier, copy_range
+def filesystem_of(folder: Path) -> str:
+    """The type of the filesystem holding `folder` (its longest mount point in /proc/mounts)."""
+    best, kind = "", "an unknown filesystem"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    resolved = str(folder.resolve())
+    for line in mounts:
+        fields = line.split()
+        if len(fields) >= 3 and (resolved == fields[1] or resolved.startswith(fields[1].rstrip("/") + "/")) and len(fields[1]) >= len(best):
+            best, kind = fields[1], fields[2]
+    return kind
+
+
+def without_direct_io(folder: Path) -> str | None:
+    """Why `folder` offers no direct I/O (tmpfs before Linux 6.6, many network filesystems), or None."""
+    from clpsurgery.writer import DIRECT_BLOCK, DirectCopier
+
+    probe = folder / "direct-io-probe"
+    probe.write_bytes(bytes(DIRECT_BLOCK))
+    try:
+        with DirectCopier.open(probe) as direct:
+            return None if direct is not None else f"{filesystem_of(folder)} at {folder} offers no O_DIRECT"
+    finally:
+        probe.unlink()
+
+
+def without_page_cache_probe(folder: Path) -> str | None:
+    """Why init cannot tell cached from uncached ranges in `folder`, or None: a file just read must
+    probe as cached (RWF_NOWAIT reads) and, once evicted, as not cached."""
+    from clpsurgery.writer import DIRECT_CHUNK, in_page_cache
+
+    probe = folder / "page-cache-probe"
+    probe.write_bytes(bytes(DIRECT_CHUNK))
+    try:
+        probe.read_bytes()
+        if not in_page_cache(probe, 0, DIRECT_CHUNK):
+            return f"{filesystem_of(folder)} at {folder} answers no RWF_NOWAIT read, so every range counts as uncached"
+        evict(probe)
+        if in_page_cache(probe, 0, DIRECT_CHUNK):
+            return f"{filesystem_of(folder)} at {folder} keeps files in memory (no eviction to the disk)"
+        return None
+    finally:
+        probe.unlink()
+
+
+def unaligned_files(tmp_path: Path, src_offset: int, dst_offset: int) -> tuple[Path, Path, int, bytes]:
+    """A random source and a random target, a range to copy that spans more than one direct chunk."""
+    from clpsurgery.writer import DIRECT_CHUNK, DIRECT_MIN_BYTES
 
     rng = np.random.default_rng(src_offset + dst_offset)
     length = DIRECT_CHUNK + 3 * DIRECT_MIN_BYTES + 1234  # more than one chunk, ragged end
@@ -314,14 +359,51 @@ def test_direct_copy_of_unaligned_ranges(tmp_path, src_offset, dst_offset):
     before = rng.integers(0, 256, dst_offset + length + 3000, dtype=np.uint8).tobytes()
     target.write_bytes(before)
     evict(source)  # a cached source is copied from memory instead (test_cached_source_is_not_read_again)
-    stats = WriteStats()
-    with open(target, "r+b") as out, DirectCopier.open(target) as direct:
-        assert direct is not None  # the test folder is on a filesystem with O_DIRECT (ext4 here and in CI)
-        copy_range(source, src_offset, length, out.fileno(), dst_offset, stats, direct=direct)
+    return source, target, length, before
+
+
+def assert_copied(source: Path, target: Path, src_offset: int, dst_offset: int, length: int, before: bytes) -> None:
     data = target.read_bytes()
     assert data[dst_offset : dst_offset + length] == source.read_bytes()[src_offset : src_offset + length]
     assert data[:dst_offset] == before[:dst_offset] and data[dst_offset + length :] == before[dst_offset + length :]
+
+
+UNALIGNED = [(8 * 4096, 4096), (12_345, 4096), (12_345, 70_001), (4096 + 17, 17)]
+
+
+@pytest.mark.parametrize("src_offset,dst_offset", UNALIGNED)
+def test_direct_copy_of_unaligned_ranges(tmp_path, src_offset, dst_offset):
+    """Ranges larger than DIRECT_MIN_BYTES are copied with O_DIRECT in whole destination blocks
+    (moved in memory where source and destination differ modulo the block size), the edges the
+    regular way: the bytes land exactly, neighbours untouched."""
+    from clpsurgery.writer import DirectCopier, copy_range
+
+    reason = without_direct_io(tmp_path)
+    if reason:
+        pytest.skip(f"environment: {reason}; test_copy_where_there_is_no_direct_io tests the copy used there")
+    source, target, length, before = unaligned_files(tmp_path, src_offset, dst_offset)
+    stats = WriteStats()
+    with open(target, "r+b") as out, DirectCopier.open(target) as direct:
+        assert direct is not None
+        copy_range(source, src_offset, length, out.fileno(), dst_offset, stats, direct=direct)
+    assert_copied(source, target, src_offset, dst_offset, length, before)
     assert stats.direct_copies == 1
+
+
+@pytest.mark.parametrize("src_offset,dst_offset", UNALIGNED)
+def test_copy_where_there_is_no_direct_io(tmp_path, src_offset, dst_offset):
+    """Without direct I/O (the folder offers none: DirectCopier.open gives None) the same ranges go
+    through copy_file_range or a buffer, exactly."""
+    from clpsurgery.writer import DirectCopier, copy_range
+
+    source, target, length, before = unaligned_files(tmp_path, src_offset, dst_offset)
+    offered = without_direct_io(tmp_path) is None
+    stats = WriteStats()
+    with open(target, "r+b") as out, DirectCopier.open(target) as direct:
+        assert (direct is not None) == offered
+        copy_range(source, src_offset, length, out.fileno(), dst_offset, stats, direct=None)  # what init passes where none is offered
+    assert_copied(source, target, src_offset, dst_offset, length, before)
+    assert stats.direct_copies == 0 and stats.kernel_copies + stats.buffered_copies >= 1
 
 
 def test_direct_copy_refused_falls_back(tmp_path, monkeypatch):
@@ -331,6 +413,9 @@ def test_direct_copy_refused_falls_back(tmp_path, monkeypatch):
     from clpsurgery import writer
     from clpsurgery.writer import DIRECT_CHUNK, DirectCopier, copy_range
 
+    reason = without_direct_io(tmp_path)
+    if reason:
+        pytest.skip(f"environment: {reason}; nothing to refuse mid-way there")
     rng = np.random.default_rng(5)
     length = 3 * DIRECT_CHUNK
     source = tmp_path / "source.bin"
@@ -362,6 +447,9 @@ def test_cached_source_is_not_read_again(tmp_path):
     O_DIRECT from the disk; once evicted, the same range goes direct. The bytes are the same."""
     from clpsurgery.writer import DIRECT_CHUNK, DirectCopier, copy_range, in_page_cache
 
+    reason = without_direct_io(tmp_path) or without_page_cache_probe(tmp_path)
+    if reason:
+        pytest.skip(f"environment: {reason}; there every range is copied as uncached, as test_direct_copy_of_unaligned_ranges and test_copy_where_there_is_no_direct_io test")
     rng = np.random.default_rng(9)
     source = tmp_path / "source.bin"
     source.write_bytes(rng.integers(0, 256, 2 * DIRECT_CHUNK, dtype=np.uint8).tobytes())
