@@ -43,6 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "kernels"))  # clpsurgery_kernels, where the project is not installed
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 # (name, overlap rows n, missing rows m); h = 4096, bf16, the table 250,880 rows.
