@@ -16,23 +16,23 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 # Public names and the module each lives in; imported on first use, so that header-only
 # commands (inspect) start without loading torch.
 _EXPORTS = {
-    "Checkpoint": "checkpoint",
-    "ComputedTensor": "writer",
-    "CopiedTensor": "writer",
-    "Header": "safetensors_header",
+    "Checkpoint": "formats.checkpoint",
+    "ComputedTensor": "formats.writer",
+    "CopiedTensor": "formats.writer",
+    "Header": "formats.safetensors_header",
     "SurgeryError": "errors",
-    "TensorInfo": "safetensors_header",
-    "TensorSpec": "safetensors_header",
-    "TransferOptions": "options",
-    "make_plan": "plan",
-    "read_header": "safetensors_header",
-    "run_transfer": "transfer",
-    "write_file": "writer",
+    "TensorInfo": "formats.safetensors_header",
+    "TensorSpec": "formats.safetensors_header",
+    "TransferOptions": "pipeline.options",
+    "make_plan": "pipeline.plan",
+    "read_header": "formats.safetensors_header",
+    "run_transfer": "pipeline.transfer",
+    "write_file": "formats.writer",
 }
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        return getattr(importlib.import_module(f"clpsurgery.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'clpsurgery' has no attribute {name!r}")

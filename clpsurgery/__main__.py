@@ -1,3 +1,3 @@
-from .cli import main
+from clpsurgery.cli import main
 
 main()

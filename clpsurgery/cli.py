@@ -16,8 +16,8 @@ from pathlib import Path
 
 import click
 
-from .errors import SurgeryError
-from .options import OptionSpec, TransferOptions
+from clpsurgery.errors import SurgeryError
+from clpsurgery.pipeline.options import OptionSpec, TransferOptions
 
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
@@ -136,15 +136,15 @@ def init_command(source: Path, helper: Path, out: Path, options: TransferOptions
     SOURCE is a .safetensors file or a model folder; HELPER is a model folder that already speaks
     the target language with the target tokenizer.
     """
-    from .plan import make_plan
-    from .transfer import run_transfer
+    from clpsurgery.pipeline.plan import make_plan
+    from clpsurgery.pipeline.transfer import run_transfer
 
-    from .output_folder import check_out_path
+    from clpsurgery.formats.output_folder import check_out_path
 
     _check_out_apart(out, source, helper, source_tokenizer, source_config)
     check_out_path(out, force)  # before any slow work; checked again when OUT is written
     if options.device == "cuda":
-        from .device import resolve_device
+        from clpsurgery.mixing.backend import resolve_device
 
         resolve_device(options.device)  # --device cuda without a GPU: one line, before any slow work
     plan = make_plan(source, helper, options, source_tokenizer, source_config)
@@ -194,7 +194,7 @@ def inspect_command(path: Path, as_json: bool, helper, options: TransferOptions,
     """What is in a checkpoint (headers only), and what init did to it; with --against HELPER,
     what init would do (overlap, special tokens, tensors, bytes, memory) before anything is written.
     The transfer options are init's and only apply with --against."""
-    from .inspection import format_report, format_transfer_report, inspect_checkpoint, inspect_transfer
+    from clpsurgery.pipeline.inspection import format_report, format_transfer_report, inspect_checkpoint, inspect_transfer
 
     if helper is not None:
         report = inspect_transfer(path, helper, options, source_tokenizer, source_config)
@@ -213,7 +213,7 @@ def verify_command(out: Path, source: Path | None, quiet: bool) -> None:
 
     Prints one PASS/FAIL line per check; the exit code is 0 when every check passes, 1 otherwise.
     """
-    from .verify import verify_output
+    from clpsurgery.pipeline.verify import verify_output
 
     checks = verify_output(out, source, progress=progress_factory(quiet), echo=lambda line: click.echo(line))
     failed = [c for c in checks if c.ok is False]
@@ -230,8 +230,8 @@ def verify_command(out: Path, source: Path | None, quiet: bool) -> None:
 @common_options
 def demo_command(workdir: Path, force: bool, quiet: bool) -> None:
     """Convert a small GPT-2-vocabulary model to a real German vocabulary, then inspect it."""
-    from .demo import run_demo
-    from .inspection import format_report, inspect_checkpoint
+    from clpsurgery.pipeline.demo import run_demo
+    from clpsurgery.pipeline.inspection import format_report, inspect_checkpoint
 
     out = run_demo(workdir, force=force, progress=progress_factory(quiet), echo=lambda s: click.echo(s, err=True))
     click.echo(format_report(inspect_checkpoint(out)))

@@ -46,6 +46,8 @@ def test_wheel_top_level_import_names_are_ours(wheel: Path) -> None:
     assert "clpsurgery_kernels/combine.py" in names
     assert "clpsurgery_kernels/__init__.py" in names
     assert not any(name.startswith("kernels/") for name in names)
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "clpsurgery").rglob("*.py")}
+    assert sources <= set(names), f"modules missing from the wheel: {sorted(sources - set(names))}"
 
 
 def test_wheel_entry_point_is_the_cli(wheel: Path) -> None:

@@ -5,14 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import SurgeryError
+from clpsurgery.errors import SurgeryError
+from clpsurgery.mixing.choices import DEFAULT_TEMPERATURE, DEVICES, SCHEMES
 
-SCHEMES = ("clp", "clp-clipped", "softmax", "sparsemax")
 MATCH_RULES = ("exact", "canonical")
-DEVICES = ("auto", "cpu", "cuda")  # where search and combine run; auto takes the GPU when there is one
 DEFAULT_DEVICE = "auto"
 DEFAULT_MATCH = "exact"
-DEFAULT_TEMPERATURE = 0.1  # WECHSEL's tau
 # Chosen by benchmarks/quality (SmolLM2-135M to German, bits per byte of held-out text): softmax
 # over few neighbours at WECHSEL's temperature won zero-shot and after continued training; k = 5
 # tied k = 3 after training and the reconstruction proxy (benchmarks/choose_defaults) favours it

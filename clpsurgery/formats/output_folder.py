@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import SurgeryError
+from clpsurgery.errors import SurgeryError
 
 MANIFEST_NAME = "clpsurgery.json"
 PARTIAL_TAG = ".clpsurgery-partial-"

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SurgeryError
-from .tokenizer_files import (
+from clpsurgery.errors import SurgeryError
+from clpsurgery.vocab.tokenizer_files import (
     BYTE_TOKEN,
     ROLES,
     SENTENCEPIECE_FILES,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 
-from .architecture import text_config
-from .vocabulary import Vocabulary
+from clpsurgery.vocab.architecture import text_config
+from clpsurgery.vocab.vocabulary import Vocabulary
 
 TOKEN_ID_KEYS = (
     "bos_token_id",

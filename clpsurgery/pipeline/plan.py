@@ -10,13 +10,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .architecture import FAMILY_BY_MODEL_TYPE, VocabTensors, config_model_type, find_vocab_tensors, read_config
-from .checkpoint import GATHER_WINDOW_BYTES, Checkpoint
-from .errors import SurgeryError
-from .safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
-from .vocabulary import Overlap, Vocabulary, find_tokenizer_file, load_vocabulary, match_overlap
-from .options import TransferOptions
-from .writer import COPY_BUFFER_BYTES
+from clpsurgery.vocab.architecture import FAMILY_BY_MODEL_TYPE, VocabTensors, config_model_type, find_vocab_tensors, read_config
+from clpsurgery.formats.checkpoint import GATHER_WINDOW_BYTES, Checkpoint
+from clpsurgery.errors import SurgeryError
+from clpsurgery.formats.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
+from clpsurgery.vocab.vocabulary import Overlap, Vocabulary, find_tokenizer_file, load_vocabulary, match_overlap
+from clpsurgery.pipeline.options import TransferOptions
+from clpsurgery.formats.writer import COPY_BUFFER_BYTES
 
 MIN_BLOCK_BYTES = 16 * 1024 * 1024
 

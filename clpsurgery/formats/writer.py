@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import SurgeryError
-from .safetensors_header import TensorSpec, encode_header
-from .stage_hooks import reached
+from clpsurgery.errors import SurgeryError
+from clpsurgery.formats.safetensors_header import TensorSpec, encode_header
+from clpsurgery.stage_hooks import reached
 
 if TYPE_CHECKING:
     import torch
@@ -188,7 +188,7 @@ def write_file(
 def _write_blocks(fd: int, offset: int, spec: TensorSpec, blocks: Iterable[torch.Tensor], stats: WriteStats, digest) -> int:
     """Write row blocks of a computed tensor from `offset` on, checking dtype and the total size;
     `digest` (a hashlib object) is fed every byte written."""
-    from .torch_dtypes import DTYPE_NAMES  # torch, imported late: copies need none of it
+    from clpsurgery.formats.torch_dtypes import DTYPE_NAMES  # torch, imported late: copies need none of it
     written = 0
     for block in blocks:
         if DTYPE_NAMES.get(block.dtype) != spec.dtype:
@@ -438,7 +438,7 @@ def write_index(folder: Path, weight_map: dict[str, str], total_size: int, extra
 
 def planned_from_tensor(name: str, tensor: torch.Tensor, block_rows: int = 4096) -> ComputedTensor:
     """A ComputedTensor over an in-memory tensor (for tests, small tensors and tools)."""
-    from .torch_dtypes import DTYPE_NAMES
+    from clpsurgery.formats.torch_dtypes import DTYPE_NAMES
     spec = TensorSpec(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape))
 
     def produce() -> Iterator[torch.Tensor]:

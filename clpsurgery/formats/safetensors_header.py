@@ -15,8 +15,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SurgeryError
-from .json_input import parse_json
+from clpsurgery.errors import SurgeryError
+from clpsurgery.formats.json_input import parse_json
 
 # Bytes per element of every dtype the format names.
 DTYPE_SIZES: dict[str, int] = {

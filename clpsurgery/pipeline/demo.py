@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import SurgeryError
-from .output_folder import MANIFEST_NAME
-from .plan import TransferOptions, make_plan
-from .transfer import no_progress, run_transfer
-from .writer import planned_from_tensor, write_file
+from clpsurgery.errors import SurgeryError
+from clpsurgery.formats.output_folder import MANIFEST_NAME
+from clpsurgery.pipeline.plan import TransferOptions, make_plan
+from clpsurgery.pipeline.result import no_progress
+from clpsurgery.pipeline.transfer import run_transfer
+from clpsurgery.formats.writer import planned_from_tensor, write_file
 
 DEMO_MARKER = "clpsurgery-demo.json"
 
@@ -82,7 +83,7 @@ def write_model_folder(folder: Path, config: dict, tensors: dict[str, torch.Tens
 
 def build_demo_inputs(workdir: Path) -> tuple[Path, Path]:
     """Source (GPT-2 vocabulary, bf16) and helper (German BPE, fp32) folders under workdir."""
-    from .vocab_assets import GPT2_EOS, gpt2_tokenizer, save_tokenizer_folder, train_german_bpe
+    from clpsurgery.vocab.vocab_assets import GPT2_EOS, gpt2_tokenizer, save_tokenizer_folder, train_german_bpe
 
     source, helper = workdir / "source-en", workdir / "helper-de"
     english = gpt2_tokenizer()

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import SurgeryError
+from clpsurgery.errors import SurgeryError
 
 
 def parse_json(place: str | os.PathLike[str], data: bytes, what: str = "JSON", unique_keys: bool = False) -> object:

@@ -12,24 +12,21 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .architecture import read_config
-from .manifest import build_manifest
-from .model_config import target_config, target_generation_config
-from .output_folder import MANIFEST_NAME, staged_output
-from .plan import TransferPlan
-from .safetensors_header import TensorSpec
-from .vocabulary import TOKENIZER_FILES
-from .writer import (
+from clpsurgery.vocab.architecture import read_config
+from clpsurgery.pipeline.manifest import build_manifest
+from clpsurgery.vocab.model_config import target_config, target_generation_config
+from clpsurgery.formats.output_folder import MANIFEST_NAME, staged_output
+from clpsurgery.pipeline.plan import TransferPlan
+from clpsurgery.formats.safetensors_header import TensorSpec
+from clpsurgery.vocab.vocabulary import TOKENIZER_FILES
+from clpsurgery.formats.writer import (
     BackgroundCopier,
     ComputedTensor,
     CopiedTensor,
     PlannedTensor,
-    WriteStats,
     copy_tensors,
     copy_whole_file,
     finish_file,
@@ -39,48 +36,12 @@ from .writer import (
     write_index,
 )
 
+from clpsurgery.pipeline.result import ProgressFactory, StageClock, TransferResult, no_progress
+
 if TYPE_CHECKING:
     import torch
 
-    from .rebuild import Mixing
-    from .weights import WeightStats
-
-ProgressFactory = Callable[[str, int], "contextmanager"]
-
-
-@contextmanager
-def no_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
-    yield lambda n: None
-
-
-@dataclass
-class TransferResult:
-    """What a transfer did, for the report and the manifest."""
-
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    weight_stats: WeightStats | None = None  # set when the rows are written
-    write_stats: WriteStats = field(default_factory=WriteStats)
-    zero_helper_rows: int = 0
-    config_changes: dict = field(default_factory=dict)
-    tensor_hashes: dict[str, dict[str, str]] = field(default_factory=dict)  # file -> rebuilt tensor -> SHA-256
-    files: list[str] = field(default_factory=list)
-    paths: dict = field(default_factory=dict)  # device, and which search and combine paths ran
-
-
-class StageClock:
-    """Seconds per stage, where stages may be timed in pieces (reads and combines inside writing)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
+    from clpsurgery.pipeline.rebuild import Mixing
 
 def planned_shards(
     plan: TransferPlan,
@@ -159,7 +120,7 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
             # machine the import alone takes about 2 s, which used to delay the first copy.
             with clock.stage("imports"):
                 from . import rebuild
-                from .device import make_engine
+                from clpsurgery.mixing.backend import make_engine
 
                 engine = make_engine(plan.options.device, plan.options.max_memory)  # --device cuda without a GPU fails here
             with rebuild.leave_a_core_for_copies(), clock.stage("search"):

@@ -13,17 +13,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .combine import ColumnBlocks, combine_dense, combine_top_k
-from .device import Engine
-from .errors import SurgeryError
-from .neighbours import Neighbours, dense_similarities, normalise_rows, search_top_k
-from .plan import TransferPlan
-from .stage_hooks import reached
-from .weights import WeightStats, mixing_weights
-from .writer import row_blocks
+from clpsurgery.mixing.combine import ColumnBlocks, combine_dense, combine_top_k
+from clpsurgery.mixing.backend import Engine
+from clpsurgery.errors import SurgeryError
+from clpsurgery.mixing.neighbours import Neighbours, dense_similarities, normalise_rows, search_top_k
+from clpsurgery.pipeline.plan import TransferPlan
+from clpsurgery.stage_hooks import reached
+from clpsurgery.mixing.weights import WeightStats, mixing_weights
+from clpsurgery.formats.writer import row_blocks
 
 if TYPE_CHECKING:
-    from .transfer import ProgressFactory, StageClock, TransferResult
+    from clpsurgery.pipeline.result import ProgressFactory, StageClock, TransferResult
 
 DENSE_CHUNK_ROWS = 4096  # overlap rows converted to fp32 at a time in the dense combine
 

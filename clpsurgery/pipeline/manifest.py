@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 from typing import TYPE_CHECKING
 
-from . import __version__
-from .checkpoint import Checkpoint
-from .safetensors_header import read_header
+from clpsurgery import __version__
+from clpsurgery.formats.checkpoint import Checkpoint
+from clpsurgery.formats.safetensors_header import read_header
 
 if TYPE_CHECKING:
-    from .plan import TransferPlan
-    from .transfer import TransferResult
+    from clpsurgery.pipeline.plan import TransferPlan
+    from clpsurgery.pipeline.result import TransferResult
 
 
 def checkpoint_files(checkpoint: Checkpoint) -> list[dict]:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SurgeryError
-from .json_input import read_json_file
+from clpsurgery.errors import SurgeryError
+from clpsurgery.formats.json_input import read_json_file
 from typing import TYPE_CHECKING
 
-from .safetensors_header import Header, TensorInfo, read_header
+from clpsurgery.formats.safetensors_header import Header, TensorInfo, read_header
 
 if TYPE_CHECKING:
     import torch
@@ -256,7 +256,7 @@ def _to_tensor(owned_bytes: np.ndarray, info: TensorInfo, rows: int) -> torch.Te
     """View an owned uint8 array as a tensor of the stored dtype and shape."""
     import torch
 
-    from .torch_dtypes import TORCH_DTYPES
+    from clpsurgery.formats.torch_dtypes import TORCH_DTYPES
 
     shape = (rows, *info.shape[1:]) if info.shape else ()
     dtype = TORCH_DTYPES[info.dtype]

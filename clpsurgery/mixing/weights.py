@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .options import DEFAULT_TEMPERATURE, SCHEMES
+from clpsurgery.mixing.choices import DEFAULT_TEMPERATURE, SCHEMES
 
 
 # A row whose similarity sum is at most this fraction of its absolute sum is degenerate: the

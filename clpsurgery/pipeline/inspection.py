@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .architecture import config_vocab_size, find_vocab_tensors, read_config
-from .checkpoint import Checkpoint
-from .errors import SurgeryError
-from .json_input import read_json_file
-from .model_config import TOKEN_ID_KEYS
-from .output_folder import MANIFEST_NAME
-from .vocabulary import load_vocabulary, tokenizer_path
+from clpsurgery.vocab.architecture import config_vocab_size, find_vocab_tensors, read_config
+from clpsurgery.formats.checkpoint import Checkpoint
+from clpsurgery.errors import SurgeryError
+from clpsurgery.formats.json_input import read_json_file
+from clpsurgery.vocab.model_config import TOKEN_ID_KEYS
+from clpsurgery.formats.output_folder import MANIFEST_NAME
+from clpsurgery.vocab.vocabulary import load_vocabulary, tokenizer_path
 
 
 def inspect_checkpoint(path: str | Path) -> dict:
@@ -138,7 +138,7 @@ EXAMPLES = 5
 
 
 def _overlap_section(plan, match: str) -> dict:
-    from .vocabulary import match_overlap
+    from clpsurgery.vocab.vocabulary import match_overlap
 
     source_rows = plan.source.info(plan.source_tensors.embedding).shape[0]
     overlap = plan.overlap if plan.overlap.match == match else match_overlap(plan.source_vocab, plan.target_vocab, source_rows, match)
@@ -166,8 +166,8 @@ def _overlap_section(plan, match: str) -> dict:
 def inspect_transfer(source: str | Path, helper: str | Path, options, source_tokenizer: str | None = None, source_config: str | None = None) -> dict:
     """What `init SOURCE HELPER` would do with these options: overlap under each match rule,
     the special-token mapping, and the tensors, bytes and memory it would write and use."""
-    from .plan import make_plan
-    from .vocabulary import special_mapping
+    from clpsurgery.pipeline.plan import make_plan
+    from clpsurgery.vocab.vocabulary import special_mapping
 
     plan = make_plan(source, helper, options, source_tokenizer, source_config)
     try:

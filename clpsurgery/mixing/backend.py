@@ -23,10 +23,10 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import torch
 
-from .combine import ColumnBlocks, combine_dense, combine_top_k
-from .errors import SurgeryError
-from .neighbours import RESCORE_MARGIN, Neighbours, rescore, search_top_k
-from .options import DEVICES
+from clpsurgery.mixing.combine import ColumnBlocks, combine_dense, combine_top_k
+from clpsurgery.errors import SurgeryError
+from clpsurgery.mixing.neighbours import RESCORE_MARGIN, Neighbours, rescore, search_top_k
+from clpsurgery.mixing.choices import DEVICES
 
 # FAISS's GPU flat index returns at most this many neighbours per query.
 FAISS_GPU_MAX_K = 2048

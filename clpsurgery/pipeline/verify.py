@@ -37,12 +37,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import Checkpoint
-from .errors import SurgeryError
-from .json_input import read_json_file
-from .manifest import decode_pairs, file_sha256
-from .output_folder import MANIFEST_NAME
-from .safetensors_header import FLOAT_DTYPES
+from clpsurgery.formats.checkpoint import Checkpoint
+from clpsurgery.errors import SurgeryError
+from clpsurgery.formats.json_input import read_json_file
+from clpsurgery.pipeline.manifest import decode_pairs, file_sha256
+from clpsurgery.formats.output_folder import MANIFEST_NAME
+from clpsurgery.formats.safetensors_header import FLOAT_DTYPES
 
 CHUNK_BYTES = 16 * 1024 * 1024
 BLOCK_BYTES = 64 * 1024 * 1024
@@ -128,7 +128,7 @@ def _read_manifest(out: Path) -> dict:
 
 
 def _header_sha256(path: Path) -> str | None:
-    from .safetensors_header import read_header
+    from clpsurgery.formats.safetensors_header import read_header
 
     try:
         return hashlib.sha256(read_header(path).raw).hexdigest()
@@ -140,7 +140,7 @@ def _check_files(out: Path, manifest: dict, progress, report: Callable[[Check], 
     """Sizes and hashes against the manifest: whole files, or the rebuilt tensors of a weights
     file (the bytes init computed; its copied tensors are compared with SOURCE by
     _check_unchanged). Returns the files copied whole (name -> source file)."""
-    from .safetensors_header import read_header
+    from clpsurgery.formats.safetensors_header import read_header
 
     entries = manifest["outputs"]
     listed = {MANIFEST_NAME}
@@ -259,9 +259,9 @@ def _check_shapes(out: Path, target: Checkpoint, rebuilt: dict[str, tuple[int, .
     """The embedding [vocab, hidden] against config.json and the tokenizer; every other rebuilt
     tensor (head, bias, copies) with the embedding's rows, a 2-D one with its width too, and each
     of the shape the manifest records for it."""
-    from .architecture import config_vocab_size, read_config, text_config
-    from .model_config import TOKEN_ID_KEYS
-    from .vocabulary import load_vocabulary
+    from clpsurgery.vocab.architecture import config_vocab_size, read_config, text_config
+    from clpsurgery.vocab.model_config import TOKEN_ID_KEYS
+    from clpsurgery.vocab.vocabulary import load_vocabulary
 
     names = [n for n in rebuilt if n in target]
     if not names or names[0] != next(iter(rebuilt)):

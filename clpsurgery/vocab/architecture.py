@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SurgeryError
-from .json_input import read_json_file
+from clpsurgery.errors import SurgeryError
+from clpsurgery.formats.json_input import read_json_file
 
 
 @dataclass(frozen=True)

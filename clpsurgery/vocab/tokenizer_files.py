@@ -17,7 +17,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import SurgeryError
+from clpsurgery.errors import SurgeryError
 
 ROLES = ("eos", "bos", "unk", "pad", "sep", "cls", "mask")
 STYLES = ("byte-level", "metaspace", "wordpiece", "plain")
@@ -475,7 +475,7 @@ def fill_roles(data: TokenizerData, folder: Path | None, config: dict | None = N
                 if role not in data.roles and token is not None and token in data.token_to_id:
                     data.roles[role] = data.token_to_id[token]
     if config:
-        from .architecture import text_config
+        from clpsurgery.vocab.architecture import text_config
 
         for role in ROLES:
             value = text_config(config).get(f"{role}_token_id", config.get(f"{role}_token_id"))

@@ -1,0 +1,1 @@
+"""Bytes and files: safetensors headers, checkpoints, the streaming writer, the output folder. Nothing of CLP."""
