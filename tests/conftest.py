@@ -49,21 +49,21 @@ def pytest_make_collect_report(collector):
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
-    from clpsurgery.vocab_assets import gpt2_tokenizer as load
+    from clpsurgery.vocab.vocab_assets import gpt2_tokenizer as load
 
     return load()
 
 
 @pytest.fixture(scope="session")
 def german_tokenizer():
-    from clpsurgery.vocab_assets import train_german_bpe
+    from clpsurgery.vocab.vocab_assets import train_german_bpe
 
     return train_german_bpe(vocab_size=GERMAN_VOCAB, n_words=8000)
 
 
 def save_model(model, folder: Path, tokenizer, **special) -> Path:
     """save_pretrained (safetensors) plus a tokenizer folder."""
-    from clpsurgery.vocab_assets import save_tokenizer_folder
+    from clpsurgery.vocab.vocab_assets import save_tokenizer_folder
 
     model.save_pretrained(folder, safe_serialization=True)
     save_tokenizer_folder(tokenizer, folder, **special)

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from clpsurgery.architecture import KNOWN_MODEL_TYPES, find_vocab_tensors
-from clpsurgery.checkpoint import Checkpoint
+from clpsurgery.vocab.architecture import KNOWN_MODEL_TYPES, find_vocab_tensors
+from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.cli import main
 from conftest import save_model
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from clpsurgery.cli import main
-from clpsurgery.output_folder import PARTIAL_TAG
+from clpsurgery.formats.output_folder import PARTIAL_TAG
 from conftest import tree_hashes
 
 EMBEDDING = "transformer.wte.weight"
@@ -98,9 +98,9 @@ def shift(doc: dict, name: str, by: int) -> None:
 
 def shard(folder: Path) -> tuple[Path, Path]:
     """Split folder/model.safetensors in two shards plus an index; return (shard 1, shard 2)."""
-    from clpsurgery.checkpoint import Checkpoint
-    from clpsurgery.safetensors_header import TensorSpec
-    from clpsurgery.writer import CopiedTensor, write_file, write_index
+    from clpsurgery.formats.checkpoint import Checkpoint
+    from clpsurgery.formats.safetensors_header import TensorSpec
+    from clpsurgery.formats.writer import CopiedTensor, write_file, write_index
 
     single = folder / "model.safetensors"
     moved = folder / "whole.bin"
@@ -370,7 +370,7 @@ def no_embedding_tensor(env: Env) -> Case:
 def zero_overlap(env: Env) -> Case:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from clpsurgery.demo import gpt2_config, gpt2_tensors, write_model_folder
+    from clpsurgery.pipeline.demo import gpt2_config, gpt2_tensors, write_model_folder
 
     vocab = {f"§{i}§": i for i in range(64)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="§0§"))

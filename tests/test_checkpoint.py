@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from clpsurgery.checkpoint import INDEX_NAME, Checkpoint
+from clpsurgery.formats.checkpoint import INDEX_NAME, Checkpoint
 from tensor_bytes import as_bytes, assert_same, random_tensor
 
-from clpsurgery.writer import planned_from_tensor, write_file
+from clpsurgery.formats.writer import planned_from_tensor, write_file
 
 
 def sample(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from clpsurgery.demo import run_demo
+from clpsurgery.pipeline.demo import run_demo
 
 transformers = pytest.importorskip("transformers")
 

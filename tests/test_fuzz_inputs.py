@@ -18,9 +18,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from clpsurgery.checkpoint import INDEX_NAME, Checkpoint
+from clpsurgery.formats.checkpoint import INDEX_NAME, Checkpoint
 from clpsurgery.errors import SurgeryError
-from clpsurgery.safetensors_header import DTYPE_SIZES, TensorSpec, encode_header
+from clpsurgery.formats.safetensors_header import DTYPE_SIZES, TensorSpec, encode_header
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from clpsurgery.errors import SurgeryError
-from clpsurgery.tokenizer_files import GGUF_ROLE_KEYS, read_gguf_metadata, read_gguf_vocabulary
-from clpsurgery.vocabulary import load_vocabulary
+from clpsurgery.vocab.tokenizer_files import GGUF_ROLE_KEYS, read_gguf_metadata, read_gguf_vocabulary
+from clpsurgery.vocab.vocabulary import load_vocabulary
 from conftest import sha256_of
 
 gguf = pytest.importorskip("gguf")

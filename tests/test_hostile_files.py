@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from clpsurgery.checkpoint import INDEX_NAME, Checkpoint
+from clpsurgery.formats.checkpoint import INDEX_NAME, Checkpoint
 from clpsurgery.errors import SurgeryError
 
 # --- building files by hand --------------------------------------------------------------

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from clpsurgery.checkpoint import Checkpoint
+from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.cli import main
-from clpsurgery.options import DEFAULT_TOP_K, DEFAULT_WEIGHTING
-from clpsurgery.reference import reference_clp
-from clpsurgery.weights import TINY_SUM_FRACTION
+from clpsurgery.pipeline.options import DEFAULT_TOP_K, DEFAULT_WEIGHTING
+from clpsurgery.mixing.reference import reference_clp
+from clpsurgery.mixing.weights import TINY_SUM_FRACTION
 from conftest import tree_hashes
 
 transformers = pytest.importorskip("transformers")
@@ -184,8 +184,8 @@ def test_single_file_source_with_named_side_files(gpt2_source, german_helper, tm
 
 def test_sharded_source_keeps_its_layout(llama_source, german_helper, tmp_path):
     """A sharded source: same shard names and index; shards without vocab tensors copied whole."""
-    from clpsurgery.writer import CopiedTensor, write_file, write_index
-    from clpsurgery.safetensors_header import TensorSpec
+    from clpsurgery.formats.writer import CopiedTensor, write_file, write_index
+    from clpsurgery.formats.safetensors_header import TensorSpec
 
     sharded = tmp_path / "sharded"
     sharded.mkdir()
@@ -264,7 +264,7 @@ def test_zero_overlap_refused(gpt2_source, tmp_path):
     """A helper whose tokenizer shares no string with the source's."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from clpsurgery.demo import gpt2_config, gpt2_tensors, write_model_folder
+    from clpsurgery.pipeline.demo import gpt2_config, gpt2_tensors, write_model_folder
 
     vocab = {f"§{i}§": i for i in range(64)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="§0§"))
@@ -310,7 +310,7 @@ def test_copies_start_before_torch_is_imported(llama_source, german_helper, tmp_
 
     code = f"""
 import sys
-from clpsurgery import writer
+from clpsurgery.formats import writer
 seen = []
 start = writer.BackgroundCopier.start
 def recording_start(self):

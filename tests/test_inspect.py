@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from clpsurgery.inspection import format_report, inspect_checkpoint
+from clpsurgery.pipeline.inspection import format_report, inspect_checkpoint
 
 
 def run_inspect(*args) -> subprocess.CompletedProcess:
@@ -40,7 +40,7 @@ def test_real_bert_checkpoint(minilm):
 def test_inspect_does_not_import_torch(minilm):
     """Headers only: inspect must stay instant on a 7B folder, so no torch import."""
     code = (
-        "import sys; from clpsurgery.inspection import inspect_checkpoint; "
+        "import sys; from clpsurgery.pipeline.inspection import inspect_checkpoint; "
         f"inspect_checkpoint({str(minilm)!r}); print('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
@@ -70,7 +70,7 @@ def test_inspect_against_takes_exactly_inits_options():
     """One definition: every transfer option of init is an option of inspect, spelled, typed and
     defaulted the same (cli.transfer_options builds both from TransferOptions)."""
     from clpsurgery.cli import cli
-    from clpsurgery.options import TransferOptions
+    from clpsurgery.pipeline.options import TransferOptions
 
     init, inspect = cli.commands["init"], cli.commands["inspect"]
     assert _transfer_params(init) == _transfer_params(inspect)

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from clpsurgery.cli import main
-from clpsurgery.output_folder import PARTIAL_TAG
-from clpsurgery.verify import verify_output
+from clpsurgery.formats.output_folder import PARTIAL_TAG
+from clpsurgery.pipeline.verify import verify_output
 from conftest import tree_hashes
 
 PAUSE_LINE = "clpsurgery: paused at "

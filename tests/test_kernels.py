@@ -145,7 +145,7 @@ def test_kernel_rounds_as_torch_does(kernel_results, dtype):
 
 
 def unit_rows(rows: int, width: int, seed: int) -> torch.Tensor:
-    from clpsurgery.neighbours import normalise_rows
+    from clpsurgery.mixing.neighbours import normalise_rows
 
     g = torch.Generator().manual_seed(seed)
     return normalise_rows(torch.randn(rows, width, generator=g))[0]
@@ -153,8 +153,8 @@ def unit_rows(rows: int, width: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("query_rows, overlap_rows", [(None, None), (37, 64), (1, 9)])
 def test_chunked_top_k_matches_exact_and_faiss(query_rows, overlap_rows):
-    from clpsurgery.device import exact_top_k
-    from clpsurgery.neighbours import search_top_k
+    from clpsurgery.mixing.backend import exact_top_k
+    from clpsurgery.mixing.neighbours import search_top_k
 
     overlap, queries = unit_rows(500, 24, 0), unit_rows(300, 24, 1)
     found = exact_top_k(overlap, queries, k=7, device=KERNEL_DEVICE, query_rows=query_rows, overlap_rows=overlap_rows)
@@ -175,7 +175,7 @@ def test_faiss_search_with_another_index():
     """search_top_k builds the index through make_index when given (faiss-gpu's GpuIndexFlatIP):
     another flat inner-product index gives the same neighbours and similarities."""
     faiss = pytest.importorskip("faiss")
-    from clpsurgery.neighbours import search_top_k
+    from clpsurgery.mixing.neighbours import search_top_k
 
     overlap, queries = unit_rows(400, 16, 8), unit_rows(120, 16, 9)
     built = []
@@ -191,7 +191,7 @@ def test_faiss_search_with_another_index():
 
 
 def test_chunked_top_k_ties_go_to_the_lower_position():
-    from clpsurgery.device import exact_top_k
+    from clpsurgery.mixing.backend import exact_top_k
 
     overlap = unit_rows(40, 8, 2)
     overlap[31] = overlap[5]  # the same vector twice
@@ -200,7 +200,7 @@ def test_chunked_top_k_ties_go_to_the_lower_position():
 
 
 def test_chunked_top_k_edges():
-    from clpsurgery.device import exact_top_k
+    from clpsurgery.mixing.backend import exact_top_k
 
     overlap, queries = unit_rows(5, 4, 3), unit_rows(3, 4, 4)
     found = exact_top_k(overlap, queries, k=10)  # k above the overlap: all of it, best first
@@ -212,7 +212,7 @@ def test_chunked_top_k_edges():
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_dense_chunked_combine_against_float64(dtype):
-    from clpsurgery.device import combine_dense_chunked
+    from clpsurgery.mixing.backend import combine_dense_chunked
 
     g = torch.Generator().manual_seed(5)
     source = torch.randn(50, 33, generator=g).to(dtype)
@@ -228,7 +228,7 @@ def test_dense_chunked_combine_against_float64(dtype):
 
 
 def test_device_resolution_on_this_machine():
-    from clpsurgery.device import cuda_unavailable_reason, resolve_device
+    from clpsurgery.mixing.backend import cuda_unavailable_reason, resolve_device
     from clpsurgery.errors import SurgeryError
 
     assert resolve_device("cpu") == "cpu"
@@ -245,7 +245,7 @@ def test_device_resolution_on_this_machine():
 
 
 def test_cpu_engine_records_its_paths(monkeypatch):
-    from clpsurgery.device import Engine
+    from clpsurgery.mixing.backend import Engine
 
     overlap, queries = unit_rows(60, 8, 6), unit_rows(10, 8, 7)
     engine = Engine("cpu", 1 << 30)
@@ -264,7 +264,7 @@ def test_cpu_engine_records_its_paths(monkeypatch):
 
 def test_init_records_paths_and_refuses_missing_cuda(gpt2_source, german_helper, tmp_path, capsys):
     from clpsurgery.cli import main
-    from clpsurgery.device import cuda_unavailable_reason
+    from clpsurgery.mixing.backend import cuda_unavailable_reason
 
     out = tmp_path / "out"
     main(["init", "--quiet", "--device", "cpu", str(gpt2_source), str(german_helper), str(out)])

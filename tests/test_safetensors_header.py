@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from clpsurgery.safetensors_header import (
+from clpsurgery.formats.safetensors_header import (
     DTYPE_SIZES,
     TORCH_DTYPES,
     TensorSpec,

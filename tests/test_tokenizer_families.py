@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clpsurgery.tokenizer_files import read_gguf_metadata, read_gguf_vocabulary
-from clpsurgery.vocabulary import load_vocabulary, match_overlap, special_mapping
+from clpsurgery.vocab.tokenizer_files import read_gguf_metadata, read_gguf_vocabulary
+from clpsurgery.vocab.vocabulary import load_vocabulary, match_overlap, special_mapping
 
 
 # --- real vocabularies (installed packages, never committed) -----------------------------------
@@ -27,7 +27,7 @@ from clpsurgery.vocabulary import load_vocabulary, match_overlap, special_mappin
 
 @pytest.fixture(scope="session")
 def gpt2_folder(tmp_path_factory, gpt2_tokenizer) -> Path:
-    from clpsurgery.vocab_assets import save_tokenizer_folder
+    from clpsurgery.vocab.vocab_assets import save_tokenizer_folder
 
     folder = tmp_path_factory.mktemp("gpt2-tok")
     save_tokenizer_folder(gpt2_tokenizer, folder, bos="<|endoftext|>", eos="<|endoftext|>")
@@ -475,7 +475,7 @@ def test_init_canonical_with_sentencepiece_helper(gpt2_source, llama_sp, tmp_pat
     import torch
     import transformers
 
-    from clpsurgery.checkpoint import Checkpoint
+    from clpsurgery.formats.checkpoint import Checkpoint
     from clpsurgery.cli import main
 
     helper = tmp_path / "helper"

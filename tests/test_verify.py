@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from clpsurgery.cli import main
-from clpsurgery.verify import verify_output
+from clpsurgery.pipeline.verify import verify_output
 from test_broken_inputs import EMBEDDING, Env, shard, shared_token_source_id
 
 
@@ -315,7 +315,7 @@ def test_stored_copies_pass_against_the_source(with_copies, kind, capsys):
 
 def overlap_row_offset(out: Path, tensor: str) -> tuple[int, int, int]:
     """(byte offset in model.safetensors of an overlap row of `tensor`, its target id, its source id)."""
-    from clpsurgery.manifest import decode_pairs
+    from clpsurgery.pipeline.manifest import decode_pairs
 
     target_ids, source_ids = decode_pairs(json.loads((out / "clpsurgery.json").read_text())["overlap_pairs"])
     i = len(target_ids) // 2

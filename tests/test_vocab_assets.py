@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from clpsurgery import vocab_assets as va
+from clpsurgery.vocab import vocab_assets as va
 
 GERMAN_SENTENCE = "Über den Flüssen Österreichs grüßen fröhliche Bären und Äpfel nicht."
 

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from clpsurgery.combine import COLUMN_BLOCK, ColumnBlocks, combine_dense, combine_top_k
-from clpsurgery.neighbours import normalise_rows, search_top_k
-from clpsurgery.weights import SCHEMES, mixing_weights, sparsemax
+from clpsurgery.mixing.combine import COLUMN_BLOCK, ColumnBlocks, combine_dense, combine_top_k
+from clpsurgery.mixing.neighbours import normalise_rows, search_top_k
+from clpsurgery.mixing.weights import SCHEMES, mixing_weights, sparsemax
 
 similarity_blocks = arrays(
     np.float64,

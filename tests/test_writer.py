@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from clpsurgery.checkpoint import Checkpoint
+from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.errors import SurgeryError
-from clpsurgery.safetensors_header import DTYPE_SIZES, TensorSpec, read_header
+from clpsurgery.formats.safetensors_header import DTYPE_SIZES, TensorSpec, read_header
 from tensor_bytes import assert_same, random_tensor
 
-from clpsurgery.writer import (
+from clpsurgery.formats.writer import (
     ComputedTensor,
     CopiedTensor,
     WriteStats,
@@ -156,7 +156,7 @@ def test_computed_tensors_are_hashed_as_written(tmp_path):
     its element size."""
     import hashlib
 
-    from clpsurgery.writer import copy_tensors, lay_out, start_file, write_computed
+    from clpsurgery.formats.writer import copy_tensors, lay_out, start_file, write_computed
 
     src, tensors = _reference_file(tmp_path)
     copies = [c for c in _copies_of(src) if c.spec.name != "big"]
@@ -317,7 +317,7 @@ def filesystem_of(folder: Path) -> str:
 
 def without_direct_io(folder: Path) -> str | None:
     """Why `folder` offers no direct I/O (tmpfs before Linux 6.6, many network filesystems), or None."""
-    from clpsurgery.writer import DIRECT_BLOCK, DirectCopier
+    from clpsurgery.formats.writer import DIRECT_BLOCK, DirectCopier
 
     probe = folder / "direct-io-probe"
     probe.write_bytes(bytes(DIRECT_BLOCK))
@@ -331,7 +331,7 @@ def without_direct_io(folder: Path) -> str | None:
 def without_page_cache_probe(folder: Path) -> str | None:
     """Why init cannot tell cached from uncached ranges in `folder`, or None: a file just read must
     probe as cached (RWF_NOWAIT reads) and, once evicted, as not cached."""
-    from clpsurgery.writer import DIRECT_CHUNK, in_page_cache
+    from clpsurgery.formats.writer import DIRECT_CHUNK, in_page_cache
 
     probe = folder / "page-cache-probe"
     probe.write_bytes(bytes(DIRECT_CHUNK))
@@ -349,7 +349,7 @@ def without_page_cache_probe(folder: Path) -> str | None:
 
 def unaligned_files(tmp_path: Path, src_offset: int, dst_offset: int) -> tuple[Path, Path, int, bytes]:
     """A random source and a random target, a range to copy that spans more than one direct chunk."""
-    from clpsurgery.writer import DIRECT_CHUNK, DIRECT_MIN_BYTES
+    from clpsurgery.formats.writer import DIRECT_CHUNK, DIRECT_MIN_BYTES
 
     rng = np.random.default_rng(src_offset + dst_offset)
     length = DIRECT_CHUNK + 3 * DIRECT_MIN_BYTES + 1234  # more than one chunk, ragged end
@@ -376,7 +376,7 @@ def test_direct_copy_of_unaligned_ranges(tmp_path, src_offset, dst_offset):
     """Ranges larger than DIRECT_MIN_BYTES are copied with O_DIRECT in whole destination blocks
     (moved in memory where source and destination differ modulo the block size), the edges the
     regular way: the bytes land exactly, neighbours untouched."""
-    from clpsurgery.writer import DirectCopier, copy_range
+    from clpsurgery.formats.writer import DirectCopier, copy_range
 
     reason = without_direct_io(tmp_path)
     if reason:
@@ -394,7 +394,7 @@ def test_direct_copy_of_unaligned_ranges(tmp_path, src_offset, dst_offset):
 def test_copy_where_there_is_no_direct_io(tmp_path, src_offset, dst_offset):
     """Without direct I/O (the folder offers none: DirectCopier.open gives None) the same ranges go
     through copy_file_range or a buffer, exactly."""
-    from clpsurgery.writer import DirectCopier, copy_range
+    from clpsurgery.formats.writer import DirectCopier, copy_range
 
     source, target, length, before = unaligned_files(tmp_path, src_offset, dst_offset)
     offered = without_direct_io(tmp_path) is None
@@ -410,8 +410,8 @@ def test_direct_copy_refused_falls_back(tmp_path, monkeypatch):
     """Where O_DIRECT is refused mid-way (EINVAL), the regular copy does the rest, the same bytes."""
     import errno
 
-    from clpsurgery import writer
-    from clpsurgery.writer import DIRECT_CHUNK, DirectCopier, copy_range
+    from clpsurgery.formats import writer
+    from clpsurgery.formats.writer import DIRECT_CHUNK, DirectCopier, copy_range
 
     reason = without_direct_io(tmp_path)
     if reason:
@@ -445,7 +445,7 @@ def test_direct_copy_refused_falls_back(tmp_path, monkeypatch):
 def test_cached_source_is_not_read_again(tmp_path):
     """A source range found in the page cache (RWF_NOWAIT probes) is copied from memory, not with
     O_DIRECT from the disk; once evicted, the same range goes direct. The bytes are the same."""
-    from clpsurgery.writer import DIRECT_CHUNK, DirectCopier, copy_range, in_page_cache
+    from clpsurgery.formats.writer import DIRECT_CHUNK, DirectCopier, copy_range, in_page_cache
 
     reason = without_direct_io(tmp_path) or without_page_cache_probe(tmp_path)
     if reason:
