@@ -66,8 +66,7 @@ def output_files(
     header's and the source file its other tensors were copied from; a file copied whole
     (`copied_whole`: output name -> source file name) its header's and its source file. Copied
     bytes never pass through this process (the kernel copies them), and reading them back only
-    to hash them would cost about as much as the copy itself (SHA-256: 1.2 GB/s on one core of
-    the 2-core development machine, which `cp` fills at 0.9-1.6 GB/s); `verify` checks sizes
+    to hash them would cost about as much as the copy itself (README, Measurements); `verify` checks sizes
     and header hashes, the rebuilt tensors' hashes, and with `--source` compares every copied
     tensor with the source byte for byte. Every other file (config, tokenizer, index) gets the
     SHA-256 of its bytes.
@@ -190,7 +189,7 @@ def build_manifest(plan: TransferPlan, staging: Path, result: TransferResult, co
             "direct_copies": result.write_stats.direct_copies,
         },
         "seconds": {stage: round(s, 3) for stage, s in result.stage_seconds.items()},
-        "paths": result.paths,  # device, and which search and combine paths ran (clpsurgery/device.py)
+        "paths": result.paths,  # device, and which search and combine paths ran (clpsurgery/mixing/backend.py)
         "overlap_pairs": encode_pairs(plan.overlap.target_ids, plan.overlap.source_ids),
         "outputs": outputs,
     }

@@ -22,10 +22,9 @@ Design (for Hopper; every choice below is a parameter the benchmark sweeps):
   the gathers hit L2 and device memory sees the source about once. The price is that the indices
   and weights are read once per column block: m * k * (idx + 4) * ceil(h / BLOCK_H) bytes.
 * The slots of a k step are unrolled, each a [BLOCK_M, BLOCK_H] gather behind its own BLOCK_M
-  index loads, summed in k order (bit-identical to torch's fp32 path in the tests). A second
-  variant with the k step as a tensor axis ([BLOCK_M, BLOCK_K, BLOCK_H] gathers, a tree sum, a
-  pipelined k loop) was measured on an H200 and dropped: 1.06x to 6.5x slower, and wrong on the
-  GPU with triton 3.6 though right under the interpreter (kernels/NOTES.md).
+  index loads, summed in k order (bit-identical to torch's fp32 path in the tests). The k step is
+  not a tensor axis ([BLOCK_M, BLOCK_K, BLOCK_H] gathers, a tree sum): that form is slower, and
+  wrong on the GPU with triton 3.6 though right under the interpreter (kernels/NOTES.md).
 
 Bytes per output row (what a kernel must move at the least, if nothing is reused):
     k * h * elem (gathered source rows) + h * elem (the output row) + k * (idx bytes + 4)
@@ -138,8 +137,8 @@ def default_config(h: int, k: int, elem_size: int) -> dict:
 
     256-byte row segments per program (128 bf16 or 64 fp32 columns) keep the resident column slice
     small enough for L2; 8 rows per program give each of 128 threads one 16-byte vector per gather;
-    the k loop unrolled up to 16 deep, in equal steps (k = 50: 4 steps of 13, not 4 of 16). On an
-    H200 every tile shape swept within 4% of these at BLOOM-7b1 scale (kernels/NOTES.md).
+    the k loop unrolled up to 16 deep, in equal steps (k = 50: 4 steps of 13, not 4 of 16). No tile
+    shape in the sweep does meaningfully better (kernels/NOTES.md).
     """
     block_h = min(max(1, 256 // elem_size), _next_pow2(max(1, h)))
     steps = max(1, -(-k // MAX_UNROLL))
