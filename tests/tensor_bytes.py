@@ -7,7 +7,8 @@ import math
 import numpy as np
 import torch
 
-from clpsurgery.formats.safetensors_header import DTYPE_SIZES, TORCH_DTYPES
+from clpsurgery.formats.safetensors_header import DTYPE_SIZES
+from clpsurgery.pipeline.tensor_io import TORCH_DTYPES
 
 
 def random_tensor(dtype_name: str, shape: tuple[int, ...], rng: np.random.Generator | int) -> torch.Tensor:

@@ -22,6 +22,7 @@ from clpsurgery.vocab.architecture import KNOWN_MODEL_TYPES, find_vocab_tensors
 from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.cli import main
 from conftest import save_model
+from clpsurgery.pipeline.tensor_io import as_tensor
 
 transformers = pytest.importorskip("transformers")
 
@@ -187,12 +188,12 @@ def check_conversion(source: Path, helper: Path, out: Path, model_class, expecte
             if name in found.names:
                 assert tgt.info(name).shape == (size, *src.info(name).shape[1:]), name
                 assert tgt.info(name).dtype == src.info(name).dtype
-                assert torch.equal(tgt.gather_rows(name, target_ids), src.gather_rows(name, source_ids)), name
-                assert torch.isfinite(tgt.read_tensor(name).float()).all(), name
+                assert torch.equal(as_tensor(tgt.gather_rows(name, target_ids)), as_tensor(src.gather_rows(name, source_ids))), name
+                assert torch.isfinite(as_tensor(tgt.read_tensor(name)).float()).all(), name
             else:
                 assert sha(src, name) == sha(tgt, name), name
         if found.head_bias:
-            assert not torch.equal(tgt.read_tensor(found.head_bias), torch.zeros(size))
+            assert not torch.equal(as_tensor(tgt.read_tensor(found.head_bias)), torch.zeros(size))
     written = json.loads((out / "config.json").read_text())
     assert written["vocab_size"] == size
     assert max(vocab_of(out).values()) < written["vocab_size"]
@@ -232,10 +233,10 @@ def test_t5_shared_with_encoder_decoder_copies(gpt2_tokenizer, german_helper, tm
         ("shared.weight", "lm_head.weight", None, ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")),
     )
     with Checkpoint.open(out) as tgt:
-        shared = tgt.read_tensor("shared.weight")
-        assert torch.equal(tgt.read_tensor("encoder.embed_tokens.weight"), shared)
-        assert torch.equal(tgt.read_tensor("decoder.embed_tokens.weight"), shared)
-        assert not torch.equal(tgt.read_tensor("lm_head.weight"), shared)
+        shared = as_tensor(tgt.read_tensor("shared.weight"))
+        assert torch.equal(as_tensor(tgt.read_tensor("encoder.embed_tokens.weight")), shared)
+        assert torch.equal(as_tensor(tgt.read_tensor("decoder.embed_tokens.weight")), shared)
+        assert not torch.equal(as_tensor(tgt.read_tensor("lm_head.weight")), shared)
 
 
 def test_bert_with_stored_decoder_and_bias_copy(gpt2_tokenizer, german_helper, tmp_path):
@@ -249,8 +250,8 @@ def test_bert_with_stored_decoder_and_bias_copy(gpt2_tokenizer, german_helper, t
         ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight", "cls.predictions.bias", ("cls.predictions.decoder.bias",)),
     )
     with Checkpoint.open(out) as tgt:
-        assert torch.equal(tgt.read_tensor("cls.predictions.decoder.bias"), tgt.read_tensor("cls.predictions.bias"))
-        assert torch.equal(tgt.read_tensor("cls.predictions.decoder.weight"), tgt.read_tensor("bert.embeddings.word_embeddings.weight"))
+        assert torch.equal(as_tensor(tgt.read_tensor("cls.predictions.decoder.bias")), as_tensor(tgt.read_tensor("cls.predictions.bias")))
+        assert torch.equal(as_tensor(tgt.read_tensor("cls.predictions.decoder.weight")), as_tensor(tgt.read_tensor("bert.embeddings.word_embeddings.weight")))
 
 
 def test_helper_of_another_architecture_and_width(gpt2_tokenizer, german_tokenizer, tmp_path):

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from clpsurgery.formats.checkpoint import INDEX_NAME, Checkpoint
 from tensor_bytes import as_bytes, assert_same, random_tensor
 
-from clpsurgery.formats.writer import planned_from_tensor, write_file
+from clpsurgery.formats.writer import write_file
+from clpsurgery.pipeline.tensor_io import as_tensor, planned_from_tensor
 
 
 def sample(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -35,11 +36,11 @@ def check_all(ckpt: Checkpoint, tensors: dict[str, torch.Tensor]) -> None:
     for name, t in tensors.items():
         assert name in ckpt
         assert ckpt.info(name).shape == tuple(t.shape)
-        assert_same(ckpt.read_tensor(name), t)
+        assert_same(as_tensor(ckpt.read_tensor(name)), t)
         if t.dim():
             rows = t.shape[0]
             for a, b in [(0, rows), (0, 0), (rows, rows), (rows // 3, rows - rows // 4), (max(rows - 1, 0), rows)]:
-                assert_same(ckpt.read_rows(name, a, b), t[a:b])
+                assert_same(as_tensor(ckpt.read_rows(name, a, b)), t[a:b])
                 assert bytes(ckpt.raw_bytes(name, a, b)) == as_bytes(t[a:b])
 
 
@@ -141,16 +142,16 @@ def test_gather_rows_unsorted_repeated(tmp_path, dtype_name):
         for idx in index_sets:
             sel = torch.as_tensor(np.asarray(idx, dtype=np.int64))
             for name, t in [("m", original), ("v", vector), ("c", cube)]:
-                got = ckpt.gather_rows(name, idx)
+                got = as_tensor(ckpt.gather_rows(name, idx))
                 assert_same(got, t[sel])
         with pytest.raises(IndexError):
-            ckpt.gather_rows("m", [0, 23])
+            as_tensor(ckpt.gather_rows("m", [0, 23]))
         with pytest.raises(IndexError):
-            ckpt.gather_rows("m", [-1])
+            as_tensor(ckpt.gather_rows("m", [-1]))
         with pytest.raises(IndexError):
-            ckpt.read_rows("m", 5, 24)
+            as_tensor(ckpt.read_rows("m", 5, 24))
         with pytest.raises(IndexError):
-            ckpt.read_rows("m", 6, 5)
+            as_tensor(ckpt.read_rows("m", 6, 5))
 
 
 def test_prefetch_rows_one_call_per_run_of_rows(tmp_path):
@@ -166,7 +167,7 @@ def test_prefetch_rows_one_call_per_run_of_rows(tmp_path):
         assert ckpt.prefetch_rows("m", []) == 0
         with pytest.raises(IndexError):
             ckpt.prefetch_rows("m", [40])
-        assert_same(ckpt.gather_rows("m", [39, 0]), original[[39, 0]])
+        assert_same(as_tensor(ckpt.gather_rows("m", [39, 0])), original[[39, 0]])
     assert path.read_bytes() == before
 
 
@@ -176,12 +177,12 @@ def test_gather_rows_across_shards(tmp_path):
     idx = [16, 0, 3, 3, 16, 8]
     with Checkpoint.open(tmp_path) as ckpt:
         for name in ["embed.weight", "lm_head.weight"]:
-            assert_same(ckpt.gather_rows(name, idx), tensors[name][torch.tensor(idx)])
+            assert_same(as_tensor(ckpt.gather_rows(name, idx)), tensors[name][torch.tensor(idx)])
         idx8 = [8, 1, 1, 0]
         for name in ["layers.0.q8", "layers.0.k8", "layers.0.ids"]:
             t = tensors[name]
             idx_ok = [i % t.shape[0] for i in idx8]
-            assert_same(ckpt.gather_rows(name, idx_ok), t[torch.tensor(idx_ok)])
+            assert_same(as_tensor(ckpt.gather_rows(name, idx_ok)), t[torch.tensor(idx_ok)])
 
 
 def test_read_results_outlive_close(tmp_path):
@@ -189,13 +190,13 @@ def test_read_results_outlive_close(tmp_path):
     path = tmp_path / "c.safetensors"
     save_file({"t": t}, str(path))
     ckpt = Checkpoint.open(path)
-    rows = ckpt.read_rows("t", 2, 6)
-    gathered = ckpt.gather_rows("t", [7, 0])
+    rows = as_tensor(ckpt.read_rows("t", 2, 6))
+    gathered = as_tensor(ckpt.gather_rows("t", [7, 0]))
     ckpt.close()
     assert_same(rows, t[2:6])
     assert_same(gathered, t[torch.tensor([7, 0])])
     # a closed checkpoint can be read again (maps reopen on demand)
-    assert_same(ckpt.read_tensor("t"), t)
+    assert_same(as_tensor(ckpt.read_tensor("t")), t)
     ckpt.close()
 
 
@@ -205,5 +206,43 @@ def test_source_unchanged_by_reads(tmp_path):
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with Checkpoint.open(tmp_path) as ckpt:
         for name in ckpt.tensors:
-            ckpt.read_tensor(name)
+            as_tensor(ckpt.read_tensor(name))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("dtype_name", ["F64", "F32", "F16", "BF16", "F8_E5M2", "F8_E4M3", "I32", "U8"])
+def test_finite_rows_from_the_bits_agree_with_torch(tmp_path, dtype_name):
+    """StoredRows.finite_rows reads NaN and Inf from the stored bits, no framework: the same verdict
+    as torch.isfinite on every bit pattern of random rows."""
+    t = random_tensor(dtype_name, (257, 3), 7)  # arbitrary bits: NaNs, Infs and finite values
+    if t.is_floating_point():  # and surely some of each
+        t[5, 1] = float("nan")
+        t[9, 0] = float("-inf") if dtype_name != "F8_E4M3" else float("nan")  # E4M3 has no Inf
+        t[11] = 0.5
+    path = tmp_path / "t.safetensors"
+    write_file(path, [planned_from_tensor("t", t)])
+    with Checkpoint.open(path) as ckpt:
+        stored = ckpt.read_tensor("t")
+    expected = torch.isfinite(t.to(torch.float64)).all(dim=1).numpy()  # every stored dtype widens exactly
+    assert (stored.finite_rows() == expected).all()
+    if t.is_floating_point():
+        assert 0 < expected.sum() < len(expected)  # both kinds of row were tested
+
+
+def test_verify_needs_no_torch(gpt2_source, german_helper, tmp_path):
+    """verify compares stored bytes and reads finiteness from the bits: it runs without torch."""
+    import subprocess
+    import sys
+
+    from clpsurgery.cli import main
+
+    out = tmp_path / "out"
+    main(["init", "--quiet", str(gpt2_source), str(german_helper), str(out)])
+    code = (
+        "import sys; from clpsurgery.pipeline.verify import verify_output; "
+        f"checks = verify_output({str(out)!r}, {str(gpt2_source)!r}); "
+        "assert all(c.ok for c in checks), [c.line() for c in checks]; print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

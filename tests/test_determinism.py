@@ -54,7 +54,8 @@ def init_with_threads(source: Path, helper: Path, out: Path, threads: int, *opti
 def wide_helper(german_helper, tmp_path_factory) -> Path:
     """The German helper with a 128-wide embedding: at the fixture's width of 16, FAISS happens to
     give the same bits with 1 and 2 threads; at 128 it does not (without the rescoring)."""
-    from clpsurgery.formats.writer import planned_from_tensor, write_file
+    from clpsurgery.formats.writer import write_file
+    from clpsurgery.pipeline.tensor_io import planned_from_tensor
     from conftest import anisotropic_helper_embedding
 
     folder = tmp_path_factory.mktemp("wide-helper")

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from clpsurgery.formats.checkpoint import INDEX_NAME, Checkpoint
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.safetensors_header import DTYPE_SIZES, TensorSpec, encode_header
+from clpsurgery.pipeline.tensor_io import as_tensor
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -74,7 +75,7 @@ def check_open(path: Path) -> None:
             assert 0 <= begin <= end <= ref.header.file_size
             assert len(checkpoint.raw_bytes(name)) == info.nbytes
             if info.nbytes and info.shape:
-                checkpoint.read_rows(name, 0, min(1, info.rows))
+                as_tensor(checkpoint.read_rows(name, 0, min(1, info.rows)))
 
 
 # --- one file ------------------------------------------------------------------------------------

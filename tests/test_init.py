@@ -16,6 +16,7 @@ import torch
 from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.cli import main
 from clpsurgery.pipeline.options import DEFAULT_TOP_K, DEFAULT_WEIGHTING
+from clpsurgery.pipeline.tensor_io import as_tensor
 from clpsurgery.mixing.reference import reference_clp
 from clpsurgery.mixing.weights import TINY_SUM_FRACTION
 from conftest import tree_hashes
@@ -85,10 +86,10 @@ def test_gpt2_tied_end_to_end(gpt2_source, german_helper, tmp_path):
                 assert tensor_sha(source, name) == tensor_sha(target, name), name
         pairs = shared_tokens(gpt2_source, german_helper)
         assert len(pairs) > 300
-        target_rows = target.gather_rows(emb, [p[1] for p in pairs])
-        source_rows = source.gather_rows(emb, [p[2] for p in pairs])
+        target_rows = as_tensor(target.gather_rows(emb, [p[1] for p in pairs]))
+        source_rows = as_tensor(source.gather_rows(emb, [p[2] for p in pairs]))
         assert torch.equal(target_rows, source_rows)
-        assert torch.isfinite(target.read_tensor(emb)).all()
+        assert torch.isfinite(as_tensor(target.read_tensor(emb))).all()
 
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == len(target_vocab)
@@ -116,20 +117,20 @@ def test_llama_untied_head_rebuilt(llama_source, german_helper, tmp_path):
         for name in ("model.embed_tokens.weight", "lm_head.weight"):
             assert target.info(name).dtype == "BF16"
             assert target.info(name).shape == (size, 32)
-            assert torch.equal(target.gather_rows(name, target_ids), source.gather_rows(name, source_ids)), name
+            assert torch.equal(as_tensor(target.gather_rows(name, target_ids)), as_tensor(source.gather_rows(name, source_ids))), name
             # Every row, overlap or not, against the float64 formula with the same neighbours.
             expected = reference_clp(
-                source.read_tensor(name).double().numpy(),
-                helper.read_tensor("transformer.wte.weight").double().numpy(),
+                as_tensor(source.read_tensor(name)).double().numpy(),
+                as_tensor(helper.read_tensor("transformer.wte.weight")).double().numpy(),
                 target_ids,
                 source_ids,
                 size,
                 top_k=5,
             )
-            written = target.read_tensor(name).double().numpy()
+            written = as_tensor(target.read_tensor(name)).double().numpy()
             # bf16 output: within one rounding step (2^-8 relative) of the exact value.
             assert np.allclose(written, expected, rtol=2**-7, atol=1e-6 * np.abs(expected).max()), name
-        assert not torch.equal(target.read_tensor("lm_head.weight"), target.read_tensor("model.embed_tokens.weight"))
+        assert not torch.equal(as_tensor(target.read_tensor("lm_head.weight")), as_tensor(target.read_tensor("model.embed_tokens.weight")))
         for name in source.tensors:
             if name not in ("model.embed_tokens.weight", "lm_head.weight"):
                 assert tensor_sha(source, name) == tensor_sha(target, name), name
@@ -149,9 +150,9 @@ def test_dense_clp_equals_paper_formula(gpt2_source, german_helper, tmp_path):
     source_ids = np.array([p[2] for p in pairs])
     size = len(vocab_of(german_helper))
     with Checkpoint.open(gpt2_source) as source, Checkpoint.open(out) as target, Checkpoint.open(german_helper) as helper:
-        helper_rows = helper.read_tensor("transformer.wte.weight").double().numpy()[:size]
-        expected = reference_clp(source.read_tensor("transformer.wte.weight").double().numpy(), helper_rows, target_ids, source_ids, size)
-        written = target.read_tensor("transformer.wte.weight").double().numpy()
+        helper_rows = as_tensor(helper.read_tensor("transformer.wte.weight")).double().numpy()[:size]
+        expected = reference_clp(as_tensor(source.read_tensor("transformer.wte.weight")).double().numpy(), helper_rows, target_ids, source_ids, size)
+        written = as_tensor(target.read_tensor("transformer.wte.weight")).double().numpy()
     assert target.info("transformer.wte.weight").dtype == "F32"
     # Rows whose similarity sum is healthy follow the formula to fp32 precision.
     unit = helper_rows / np.linalg.norm(helper_rows, axis=1, keepdims=True)
@@ -226,8 +227,8 @@ def test_other_weightings_give_convex_combinations(gpt2_source, german_helper, t
     run_init(gpt2_source, german_helper, out, "--weighting", weighting, "--top-k", "8")
     with Checkpoint.open(gpt2_source) as source, Checkpoint.open(out) as target:
         pairs = shared_tokens(gpt2_source, german_helper)
-        overlap_rows = source.gather_rows("transformer.wte.weight", [p[2] for p in pairs])
-        rows = target.read_tensor("transformer.wte.weight")
+        overlap_rows = as_tensor(source.gather_rows("transformer.wte.weight", [p[2] for p in pairs]))
+        rows = as_tensor(target.read_tensor("transformer.wte.weight"))
     low, high = overlap_rows.min(0).values, overlap_rows.max(0).values
     assert torch.isfinite(rows).all()
     assert ((rows >= low - 1e-6) & (rows <= high + 1e-6)).all()
@@ -293,7 +294,7 @@ def test_pad_vocab_to_multiple(llama_source, german_helper, tmp_path):
     missing = np.setdiff1d(np.arange(size), [p[1] for p in pairs])
     with Checkpoint.open(out) as target:
         for name in ("model.embed_tokens.weight", "lm_head.weight"):
-            rows = target.read_tensor(name)
+            rows = as_tensor(target.read_tensor(name))
             assert rows.shape == (padded, 32)
             expected = rows[torch.from_numpy(missing)].double().mean(0)
             assert torch.allclose(rows[size:].double(), expected.expand(padded - size, 32), rtol=2**-7, atol=1e-3)

@@ -12,12 +12,12 @@ from safetensors.torch import save_file
 
 from clpsurgery.formats.safetensors_header import (
     DTYPE_SIZES,
-    TORCH_DTYPES,
     TensorSpec,
     encode_header,
     layout_order,
     read_header,
 )
+from clpsurgery.pipeline.tensor_io import TORCH_DTYPES
 
 
 def test_golden_header_bytes():

@@ -20,6 +20,7 @@ import pytest
 
 from clpsurgery.vocab.tokenizer_files import read_gguf_metadata, read_gguf_vocabulary
 from clpsurgery.vocab.vocabulary import load_vocabulary, match_overlap, special_mapping
+from clpsurgery.pipeline.tensor_io import as_tensor
 
 
 # --- real vocabularies (installed packages, never committed) -----------------------------------
@@ -502,7 +503,7 @@ def test_init_canonical_with_sentencepiece_helper(gpt2_source, llama_sp, tmp_pat
         name = "transformer.wte.weight"
         for target_token, source_token in (("▁the", "Ġthe"), ("ing", "ing"), ("<0x0A>", "Ċ"), ("</s>", "<|endoftext|>"), ("<s>", "<|endoftext|>")):
             assert torch.equal(
-                tgt.gather_rows(name, [target_vocab.token_to_id[target_token]]), src.gather_rows(name, [source_vocab.token_to_id[source_token]])
+                as_tensor(tgt.gather_rows(name, [target_vocab.token_to_id[target_token]])), as_tensor(src.gather_rows(name, [source_vocab.token_to_id[source_token]]))
             ), target_token
     assert (out / "tokenizer.model").read_bytes() == llama_sp.read_bytes()
     sp = sp_processor(llama_sp)

@@ -15,16 +15,52 @@ import numpy as np
 
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.json_input import read_json_file
-from typing import TYPE_CHECKING
 
 from clpsurgery.formats.safetensors_header import Header, TensorInfo, read_header
 
-if TYPE_CHECKING:
-    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 GATHER_WINDOW_BYTES = 64 * 1024 * 1024
 SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class StoredRows:
+    """Rows of a tensor as stored: `data` is uint8 [rows, bytes per row] (flat for a scalar), in
+    the file's little-endian `dtype`; `shape` is the rows' tensor shape. Frameworks view it
+    without a copy (pipeline.tensor_io.as_tensor)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+    @classmethod
+    def of(cls, owned_bytes: np.ndarray, info: TensorInfo, rows: int) -> StoredRows:
+        shape = (rows, *info.shape[1:]) if info.shape else ()
+        return cls(info.dtype, shape, owned_bytes.reshape(rows, info.row_bytes) if info.shape else owned_bytes.reshape(-1))
+
+    def finite_rows(self) -> np.ndarray:
+        """Per row, whether every element is finite (no NaN, no Inf); integers always are."""
+        rows = self.data.reshape(self.shape[0] if self.shape else 1, -1)
+        if self.dtype not in FLOAT_BITS:
+            return np.ones(rows.shape[0], dtype=bool)
+        view, exponent = FLOAT_BITS[self.dtype]
+        bits = rows.view(view)
+        if self.dtype == "F8_E4M3":  # no Inf; NaN is S.1111.111 only
+            return ~((bits & 0x7F) == 0x7F).any(axis=1)
+        return ~((bits & exponent) == exponent).any(axis=1)  # all-ones exponent: Inf or NaN
+
+
+# Unsigned view and exponent mask of each float dtype: a value is Inf or NaN when its exponent
+# bits are all ones (IEEE 754 and bfloat16; F8_E4M3 has only NaN, handled apart).
+FLOAT_BITS = {
+    "F64": (np.uint64, np.uint64(0x7FF0_0000_0000_0000)),
+    "F32": (np.uint32, np.uint32(0x7F80_0000)),
+    "F16": (np.uint16, np.uint16(0x7C00)),
+    "BF16": (np.uint16, np.uint16(0x7F80)),
+    "F8_E5M2": (np.uint8, np.uint8(0x7C)),
+    "F8_E4M3": (np.uint8, np.uint8(0x7F)),
+}
 
 
 @dataclass(frozen=True)
@@ -154,21 +190,21 @@ class Checkpoint:
         m = self._map(ref.path)
         return memoryview(m)[begin + start_row * info.row_bytes : begin + stop_row * info.row_bytes]
 
-    def read_rows(self, name: str, start_row: int = 0, stop_row: int | None = None) -> torch.Tensor:
-        """Rows [start_row, stop_row) of a tensor as a new torch tensor in its stored dtype."""
+    def read_rows(self, name: str, start_row: int = 0, stop_row: int | None = None) -> StoredRows:
+        """Rows [start_row, stop_row) of a tensor, copied out of the file."""
         info = self.tensors[name].info
         stop_row = info.rows if stop_row is None else stop_row
         raw = self.raw_bytes(name, start_row, stop_row)
-        rows = _to_tensor(np.frombuffer(raw, dtype=np.uint8).copy(), info, stop_row - start_row)
+        rows = StoredRows.of(np.frombuffer(raw, dtype=np.uint8).copy(), info, stop_row - start_row)
         del raw
         self._release(name, start_row, stop_row)
         return rows
 
-    def read_tensor(self, name: str) -> torch.Tensor:
-        """A whole tensor (a copy) in its stored dtype."""
+    def read_tensor(self, name: str) -> StoredRows:
+        """A whole tensor, copied out of the file."""
         return self.read_rows(name)
 
-    def gather_rows(self, name: str, rows: np.ndarray | list[int]) -> torch.Tensor:
+    def gather_rows(self, name: str, rows: np.ndarray | list[int]) -> StoredRows:
         """The given rows of a 2-D-or-more tensor, in the order given, touching only those rows."""
         info = self.tensors[name].info
         rows = np.asarray(rows, dtype=np.int64)
@@ -190,7 +226,7 @@ class Checkpoint:
             del window
             self._release(name, first, last)
             start = stop
-        return _to_tensor(gathered, info, rows.size)
+        return StoredRows.of(gathered, info, rows.size)
 
     def prefetch_rows(self, name: str, rows: np.ndarray | list[int]) -> int:
         """Ask the kernel to read the given rows of a tensor into the page cache, in the
@@ -250,19 +286,6 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _to_tensor(owned_bytes: np.ndarray, info: TensorInfo, rows: int) -> torch.Tensor:
-    """View an owned uint8 array as a tensor of the stored dtype and shape."""
-    import torch
-
-    from clpsurgery.formats.torch_dtypes import TORCH_DTYPES
-
-    shape = (rows, *info.shape[1:]) if info.shape else ()
-    dtype = TORCH_DTYPES[info.dtype]
-    if owned_bytes.size == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.from_numpy(np.ascontiguousarray(owned_bytes).reshape(-1)).view(dtype).reshape(shape)
 
 
 def _check_shard_name(index_path: Path, root: Path, tensor: str, shard: object) -> None:

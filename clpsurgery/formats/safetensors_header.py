@@ -44,15 +44,6 @@ MAX_HEADER_BYTES = 100_000_000
 METADATA_KEY = "__metadata__"
 
 
-def __getattr__(name: str):
-    """TORCH_DTYPES and DTYPE_NAMES, imported on first use so header-only tools skip torch."""
-    if name in ("TORCH_DTYPES", "DTYPE_NAMES"):
-        from . import torch_dtypes
-
-        return getattr(torch_dtypes, name)
-    raise AttributeError(name)
-
-
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor's entry: dtype, shape and byte range within the data buffer."""
@@ -196,6 +187,11 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row along the first dimension (the whole tensor for a scalar)."""
+        return math.prod(self.shape[1:]) * DTYPE_SIZES[self.dtype] if self.shape else self.nbytes
 
 
 def layout_order(specs: list[TensorSpec], late: frozenset[str] = frozenset()) -> list[TensorSpec]:

@@ -19,14 +19,12 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.safetensors_header import TensorSpec, encode_header
 from clpsurgery.stage_hooks import reached
 
-if TYPE_CHECKING:
-    import torch
+Buffer = object  # any bytes-like object: memoryview, bytes, a numpy array
 
 COPY_BUFFER_BYTES = 64 * 1024 * 1024
 KERNEL_COPY_CHUNK = 256 * 1024 * 1024
@@ -49,10 +47,11 @@ class CopiedTensor:
 
 @dataclass(frozen=True)
 class ComputedTensor:
-    """A tensor whose row blocks come from `produce()`, in row order, in `spec.dtype`."""
+    """A tensor whose bytes come from `produce()` as row blocks, in row order, in `spec.dtype`
+    (any bytes-like object: memoryview, bytes, a numpy array)."""
 
     spec: TensorSpec
-    produce: Callable[[], Iterable[torch.Tensor]]
+    produce: Callable[[], Iterable[Buffer]]
 
 
 PlannedTensor = CopiedTensor | ComputedTensor
@@ -185,17 +184,14 @@ def write_file(
     return stats
 
 
-def _write_blocks(fd: int, offset: int, spec: TensorSpec, blocks: Iterable[torch.Tensor], stats: WriteStats, digest) -> int:
-    """Write row blocks of a computed tensor from `offset` on, checking dtype and the total size;
+def _write_blocks(fd: int, offset: int, spec: TensorSpec, blocks: Iterable[Buffer], stats: WriteStats, digest) -> int:
+    """Write the row blocks of a computed tensor from `offset` on, checking the total size;
     `digest` (a hashlib object) is fed every byte written."""
-    from clpsurgery.formats.torch_dtypes import DTYPE_NAMES  # torch, imported late: copies need none of it
     written = 0
     for block in blocks:
-        if DTYPE_NAMES.get(block.dtype) != spec.dtype:
-            raise AssertionError(f"tensor {spec.name}: block dtype {block.dtype}, planned {spec.dtype}")
-        if tuple(block.shape[1:]) != spec.shape[1:]:
-            raise AssertionError(f"tensor {spec.name}: block shape {tuple(block.shape)}, planned rows of {spec.shape[1:]}")
-        data = tensor_bytes(block)
+        data = memoryview(block).cast("B") if not isinstance(block, memoryview) or block.format != "B" or block.ndim != 1 else block
+        if data.nbytes and spec.shape and data.nbytes % spec.row_bytes:
+            raise AssertionError(f"tensor {spec.name}: a block of {data.nbytes} bytes is not whole rows of {spec.row_bytes}")
         if written + data.nbytes > spec.nbytes:
             raise AssertionError(f"tensor {spec.name}: producer wrote more than the planned {spec.nbytes} bytes")
         _pwrite_all(fd, data, offset + written)
@@ -213,15 +209,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         n = os.pwrite(fd, data, offset)
         data = data[n:]
         offset += n
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a tensor, without a copy when it is contiguous on the CPU."""
-    import torch
-    t = t.detach().to("cpu").contiguous()
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def copy_range(
@@ -434,23 +421,6 @@ def write_index(folder: Path, weight_map: dict[str, str], total_size: int, extra
     path = folder / "model.safetensors.index.json"
     path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     return path
-
-
-def planned_from_tensor(name: str, tensor: torch.Tensor, block_rows: int = 4096) -> ComputedTensor:
-    """A ComputedTensor over an in-memory tensor (for tests, small tensors and tools)."""
-    from clpsurgery.formats.torch_dtypes import DTYPE_NAMES
-    spec = TensorSpec(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape))
-
-    def produce() -> Iterator[torch.Tensor]:
-        if tensor.dim() == 0:
-            yield tensor.reshape(())
-            return
-        for start, stop in row_blocks(tensor.shape[0], block_rows):
-            yield tensor[start:stop]
-        if tensor.shape[0] == 0:
-            yield tensor
-
-    return ComputedTensor(spec, produce)
 
 
 class BackgroundCopier(threading.Thread):

@@ -17,7 +17,8 @@ from clpsurgery.formats.output_folder import MANIFEST_NAME
 from clpsurgery.pipeline.plan import TransferOptions, make_plan
 from clpsurgery.pipeline.result import no_progress
 from clpsurgery.pipeline.transfer import run_transfer
-from clpsurgery.formats.writer import planned_from_tensor, write_file
+from clpsurgery.formats.writer import write_file
+from clpsurgery.pipeline.tensor_io import planned_from_tensor
 
 DEMO_MARKER = "clpsurgery-demo.json"
 

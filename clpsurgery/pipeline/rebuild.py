@@ -21,6 +21,7 @@ from clpsurgery.pipeline.plan import TransferPlan
 from clpsurgery.stage_hooks import reached
 from clpsurgery.mixing.weights import WeightStats, mixing_weights
 from clpsurgery.formats.writer import row_blocks
+from clpsurgery.pipeline.tensor_io import as_tensor
 
 if TYPE_CHECKING:
     from clpsurgery.pipeline.result import ProgressFactory, StageClock, TransferResult
@@ -62,7 +63,7 @@ class Mixing:
 def find_mixing(plan: TransferPlan, progress: ProgressFactory, result: TransferResult, engine: Engine | None = None) -> Mixing:
     """Helper vectors of every target token, normalised; FAISS top-k unless dense."""
     overlap = plan.overlap
-    helper_rows = plan.helper.read_rows(plan.helper_embedding, 0, plan.target_size)
+    helper_rows = as_tensor(plan.helper.read_rows(plan.helper_embedding, 0, plan.target_size))
     if not torch.isfinite(helper_rows.to(torch.float32)).all():
         bad = int((~torch.isfinite(helper_rows.to(torch.float32))).any(dim=1).nonzero()[0])
         raise SurgeryError(plan.helper_path, f"helper embedding {plan.helper_embedding!r} has NaN or Inf in row {bad}")
@@ -103,7 +104,7 @@ def rebuilt_rows(plan: TransferPlan, mixing: Mixing, name: str, record: bool, cl
     """
     overlap = plan.overlap
     with clock.stage("read"):
-        source_overlap_rows = plan.source.gather_rows(name, overlap.source_ids)
+        source_overlap_rows = as_tensor(plan.source.gather_rows(name, overlap.source_ids))
         _check_finite(plan, name, source_overlap_rows)
     dtype = source_overlap_rows.dtype
     row_shape = tuple(source_overlap_rows.shape[1:])

@@ -39,13 +39,12 @@ from clpsurgery.formats.writer import (
 from clpsurgery.pipeline.result import ProgressFactory, StageClock, TransferResult, no_progress
 
 if TYPE_CHECKING:
-    import torch
 
     from clpsurgery.pipeline.rebuild import Mixing
 
 def planned_shards(
     plan: TransferPlan,
-    make_producer: Callable[[str], Callable[[], Iterator[torch.Tensor]]],
+    make_producer: Callable[[TensorSpec], Callable[[], Iterator[memoryview]]],
 ) -> list[tuple[str, list[PlannedTensor] | None, object]]:
     """For each source file: its output name, the tensors to write (None: copy the file whole), its header."""
     shards = []
@@ -59,7 +58,7 @@ def planned_shards(
         for name, info in header.tensors.items():
             if name in rebuilt:
                 spec = TensorSpec(name, info.dtype, (plan.output_rows, *info.shape[1:]))
-                planned.append(ComputedTensor(spec, make_producer(name)))
+                planned.append(ComputedTensor(spec, make_producer(spec)))
             else:
                 planned.append(CopiedTensor(TensorSpec(name, info.dtype, info.shape), header.path, header.absolute_range(name)[0]))
         shards.append((out_name, planned, header))
@@ -89,9 +88,9 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
     mixing: Mixing | None = None
     engine = None
 
-    def make_producer(name: str) -> Callable[[], Iterator[torch.Tensor]]:
-        record = name == plan.source_tensors.embedding
-        return lambda: rebuild.rebuilt_rows(plan, mixing, name, record, clock, engine)
+    def make_producer(spec: TensorSpec) -> Callable[[], Iterator[memoryview]]:
+        record = spec.name == plan.source_tensors.embedding
+        return lambda: tensor_io.checked_blocks(spec, rebuild.rebuilt_rows(plan, mixing, spec.name, record, clock, engine))
 
     with staged_output(out, force) as staging:
         # Lay out every output file first, so the byte copies can start at once, in the
@@ -116,10 +115,9 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
         for name in plan.source_tensors.names:
             plan.source.prefetch_rows(name, plan.overlap.source_ids)
         try:
-            # torch and the compute are imported only now, while the copies run: on a 2-core
-            # machine the import alone takes about 2 s, which used to delay the first copy.
+            # torch and the compute are imported only now, so the copies need not wait for the import.
             with clock.stage("imports"):
-                from . import rebuild
+                from . import rebuild, tensor_io
                 from clpsurgery.mixing.backend import make_engine
 
                 engine = make_engine(plan.options.device, plan.options.max_memory)  # --device cuda without a GPU fails here

@@ -37,12 +37,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.json_input import read_json_file
 from clpsurgery.pipeline.manifest import decode_pairs, file_sha256
 from clpsurgery.formats.output_folder import MANIFEST_NAME
 from clpsurgery.formats.safetensors_header import FLOAT_DTYPES
+from clpsurgery.formats.writer import row_blocks
 
 CHUNK_BYTES = 16 * 1024 * 1024
 BLOCK_BYTES = 64 * 1024 * 1024
@@ -309,15 +312,7 @@ def _check_shapes(out: Path, target: Checkpoint, rebuilt: dict[str, tuple[int, .
         report(Check(True, "shapes", f"embedding {names[0]} [{rows}, {width}] agrees with config.json and the tokenizer" + (f"; {', '.join(names[1:])} too" if names[1:] else "")))
 
 
-def _row_ranges(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
-    step = max(1, BLOCK_BYTES // max(1, row_bytes))
-    for start in range(0, rows, step):
-        yield start, min(rows, start + step)
-
-
 def _check_finite(target: Checkpoint, rebuilt: dict[str, tuple[int, ...] | None], progress, report: Callable[[Check], None]) -> None:
-    import torch
-
     for name in (n for n in rebuilt if n in target):
         info = target.info(name)
         if info.dtype not in FLOAT_DTYPES:
@@ -325,12 +320,11 @@ def _check_finite(target: Checkpoint, rebuilt: dict[str, tuple[int, ...] | None]
             continue
         bad = None
         with _bar(progress, f"finite {name}", info.nbytes) as advance:
-            for start, stop in _row_ranges(info.rows, info.row_bytes):
-                block = target.read_rows(name, start, stop).to(torch.float32).reshape(stop - start, -1)
-                finite = torch.isfinite(block).all(dim=1)
+            for start, stop in row_blocks(info.rows, max(1, BLOCK_BYTES // max(1, info.row_bytes))):
+                finite = target.read_rows(name, start, stop).finite_rows()
                 advance((stop - start) * info.row_bytes)
                 if not finite.all():
-                    bad = start + int((~finite).nonzero()[0])
+                    bad = start + int(np.flatnonzero(~finite)[0])
                     break
         if bad is None:
             report(Check(True, f"finite {name}", f"all {info.rows} rows finite"))
@@ -403,17 +397,7 @@ def _check_unchanged(target: Checkpoint, source: Checkpoint, rebuilt: dict[str, 
         report(Check(True, "unchanged tensors", f"{len(names)} tensors ({total / 2**20:.1f} MiB) byte-identical to SOURCE"))
 
 
-def _row_bytes(t):
-    """A tensor's rows as a uint8 array [rows, bytes per row]."""
-    import torch
-
-    t = t.contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().reshape(t.shape[0], -1)
-
-
 def _check_overlap_rows(manifest: dict, target: Checkpoint, source: Checkpoint, rebuilt: dict[str, tuple[int, ...] | None], report: Callable[[Check], None]) -> None:
-    import numpy as np
-
     try:
         target_ids, source_ids = decode_pairs(manifest["overlap_pairs"])
     except (KeyError, TypeError, ValueError) as e:
@@ -432,10 +416,10 @@ def _check_overlap_rows(manifest: dict, target: Checkpoint, source: Checkpoint, 
         for start in range(0, target_ids.size, step):
             mine = target.gather_rows(name, target_ids[start : start + step])
             theirs = source.gather_rows(name, source_ids[start : start + step])
-            if mine.dtype == theirs.dtype:
-                equal = (_row_bytes(mine) == _row_bytes(theirs)).all(axis=1)
+            if mine.dtype == theirs.dtype and mine.data.shape == theirs.data.shape:
+                equal = (mine.data == theirs.data).all(axis=1)
             else:
-                equal = np.zeros(mine.shape[0], dtype=bool)
+                equal = np.zeros(len(mine.data), dtype=bool)
             if not equal.all():
                 bad = start + int(np.flatnonzero(~equal)[0])
                 break
