@@ -1,6 +1,6 @@
 """Peak RSS and wall time of copying a multi-GiB safetensors file through the clpsurgery writer.
 
-The claim under test: copying a file of 4 GiB or more through `clpsurgery.writer.write_file`
+The claim under test: copying a file of 4 GiB or more through `clpsurgery.formats.writer.write_file`
 keeps peak RSS near the copy buffer size, not the file size.
 
 The parent process generates a source file of at least --size-gib (header from
@@ -33,8 +33,11 @@ source stays warm in the page cache for every run (all operations read it from m
 each output is deleted after its run. Every writer output is checked byte-identical to the
 source (sha256, streamed).
 
-    python benchmarks/copy_rss.py --size-gib 4 --repeats 3 \
-        --json-out benchmarks/results/copy_rss-YYYY-MM-DD.json
+    python benchmarks/copy_rss.py --size-gib 4 --repeats 3
+
+The results, with their provenance (commit, machine, date, command), go to
+benchmarks/results/copy_rss/current.json; the previous current.json moves to archive/.
+--json-out PATH writes them to PATH instead (a trial run that should not replace them).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import hwm_kib, machine_info  # noqa: E402
+from measure import hwm_kib, machine_info, provenance, write_result  # noqa: E402
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -123,8 +126,8 @@ def child_main(op: str, src: Path, dst: Path) -> None:
     import torch
 
     import clpsurgery  # noqa: F401
-    from clpsurgery.checkpoint import Checkpoint
-    from clpsurgery.writer import COPY_BUFFER_BYTES, ComputedTensor, CopiedTensor, WriteStats, write_file
+    from clpsurgery.formats.checkpoint import Checkpoint
+    from clpsurgery.formats.writer import COPY_BUFFER_BYTES, ComputedTensor, CopiedTensor, WriteStats, write_file
 
     if op == "load_save":
         import safetensors.torch  # noqa: F401
@@ -163,7 +166,7 @@ def child_main(op: str, src: Path, dst: Path) -> None:
                             hi = begin + stop * info.row_bytes
                             page_lo = lo - lo % mmap.PAGESIZE
                             ckpt._map(ckpt.tensors[name].path).madvise(mmap.MADV_DONTNEED, page_lo, hi - page_lo)
-                        yield block
+                        yield block.data  # the stored bytes
 
                 return produce
 
@@ -209,7 +212,7 @@ def child_main(op: str, src: Path, dst: Path) -> None:
 
 
 def _spec(info):
-    from clpsurgery.safetensors_header import TensorSpec
+    from clpsurgery.formats.safetensors_header import TensorSpec
 
     return TensorSpec(info.name, info.dtype, info.shape)
 
@@ -223,7 +226,7 @@ def generate_source(path: Path, size_bytes: int, seed: int = 0) -> tuple[str, in
     """Write a safetensors file of >= size_bytes in 64 MiB chunks; return (sha256, size, tensors)."""
     import numpy as np
 
-    from clpsurgery.safetensors_header import TensorSpec, encode_header, layout_order
+    from clpsurgery.formats.safetensors_header import TensorSpec, encode_header, layout_order
 
     row_bytes = COLS * 2
     n = max(1, math.ceil(size_bytes / TENSOR_BYTES))
@@ -383,6 +386,7 @@ def parent_main(args: argparse.Namespace) -> int:
     ops = [o for o in (args.ops.split(",") if args.ops else OPERATIONS)]
     try:
         info = machine_info(workdir)
+        prov = provenance(machine=info)
         src = workdir / "source.safetensors"
         dst = workdir / "out.safetensors"
         print(f"workdir {workdir}; generating {args.size_gib} GiB source ...", flush=True)
@@ -439,13 +443,9 @@ def parent_main(args: argparse.Namespace) -> int:
             "summary": rows,
             "runs": runs,
         }
-        if args.json_out:
-            out = Path(args.json_out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(out.suffix + ".tmp")
-            tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-            tmp.replace(out)
-            print(f"\nwrote {out}")
+        label = args.label or ("cold" if args.cold else None)
+        out = write_result("copy_rss", doc, label=label, prov=prov, json_out=args.json_out)
+        print(f"\nwrote {out}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         if args.workdir is None:
@@ -461,7 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-gib", type=float, default=4.0, help="source file size in GiB (default 4.0)")
     p.add_argument("--workdir", default=None, help="folder for the scratch files (a temp folder inside it is removed at the end)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json-out", default=None, help="write the full results as JSON here")
+    p.add_argument("--json-out", default=None,
+                   help="write the results here instead of benchmarks/results/copy_rss/current.json (a trial run)")
+    p.add_argument("--label", default=None, help="a word naming this result in the archive (default: cold with --cold)")
     p.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(OPERATIONS)}")
     p.add_argument("--cold", action="store_true", help="evict the source from the page cache before each run")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -3,9 +3,9 @@
 1. The card: name, multiprocessors, L2, and its copy bandwidth (a 2 GiB device-to-device copy,
    counting bytes read plus written), the ceiling for memory-bound work.
 2. Checks first, on fresh random inputs: the Triton kernel (output poisoned with NaN before the
-   launch) against the CPU path (clpsurgery.combine.combine_top_k) on a sample of rows, and
+   launch) against the CPU path (clpsurgery.mixing.combine.combine_top_k) on a sample of rows, and
    against the same fp32 arithmetic in torch on the GPU for every row (within one bf16 rounding
-   step); the engine's GPU paths (clpsurgery.device) likewise; the exact GPU top-k against the
+   step); the engine's GPU paths (clpsurgery.mixing.backend) likewise; the exact GPU top-k against the
    same code on the CPU (which tests/test_kernels.py ties to FAISS); the dense chunked combine.
 3. Timings (CUDA events around each call, L2 flushed before each, medians): the kernel, a sweep
    of its tile shapes, and torch.nn.functional.embedding_bag(..., per_sample_weights, mode="sum"),
@@ -17,10 +17,18 @@
    BLOOM-7b1's embedding (250,880 x 4,096 bf16, 2 layers) and a 50,004-token helper; outputs
    compared (bf16 rows within one rounding step), seconds per stage and paths from the manifests.
 
-    PYTHONUNBUFFERED=1 python benchmarks/gpu_combine.py --json-out $OUT/gpu_combine.json
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_combine.py
+
+The report, with its provenance (commit, machine, date, command), goes to
+benchmarks/results/gpu_combine/current.json, rewritten after every section; the previous
+current.json (another run's) moves to archive/. On a machine that holds a copy of the tree
+without .git, set CLPSURGERY_BENCH_COMMIT to the checkout's `git describe --always --dirty --tags`
+and write with --json-out $OUT/gpu_combine.json; back home,
+`python benchmarks/measure.py install gpu_combine FILE` makes that file the current one.
 
 On a machine without CUDA it says so and exits 2. `--cpu-dry-run` runs every step on the CPU with
-tiny shapes and Triton's interpreter (timings meaningless), to check the script itself.
+tiny shapes and Triton's interpreter (timings meaningless), to check the script itself; it writes
+a report only with --json-out.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "kernels"))  # clpsurgery_kernels, where the project is not installed
 sys.path.insert(0, str(REPO / "benchmarks"))
+from measure import provenance, write_result  # noqa: E402
 
 # (name, overlap rows n, missing rows m); h = 4096, bf16, the table 250,880 rows.
 SCALES = [("bloom-7b1", 20_000, 30_000), ("190k-missing", 60_880, 190_000)]
@@ -87,6 +96,7 @@ class Bench:
         self.dry = args.cpu_dry_run
         self.device = "cpu" if self.dry else "cuda"
         self.report: dict = {"benchmark": "gpu_combine", "date": dt.date.today().isoformat(), "command": " ".join(sys.argv), "checks": [], "timings": [], "errors": []}
+        self.provenance = provenance(workdir=REPO)
         self.flush_buffer = None if self.dry else torch.empty(256 << 20, dtype=torch.int8, device="cuda")
         self.deadline = time.monotonic() + args.budget_s
 
@@ -103,9 +113,9 @@ class Bench:
         return True
 
     def save(self) -> None:
-        if self.args.json_out:
-            self.args.json_out.parent.mkdir(parents=True, exist_ok=True)
-            self.args.json_out.write_text(json.dumps(self.report, indent=2) + "\n")
+        """The report so far: --json-out, or benchmarks/results/gpu_combine/current.json (not for a dry run)."""
+        if self.args.json_out or not self.dry:
+            write_result("gpu_combine", self.report, label=self.args.label, prov=self.provenance, json_out=self.args.json_out)
 
     def time_ms(self, fn, repeats: int, flush: bool = True) -> dict:
         """Median, min and max milliseconds of fn() over repeats, after one warm-up call."""
@@ -200,8 +210,8 @@ def make_inputs(bench: Bench, n: int, m: int, k: int, seed: int):
 def check_combine(bench: Bench, label: str, source, positions, weights):
     """Kernel vs the CPU path (sampled rows) and vs torch's fp32 path on the device (all rows)."""
     torch = bench.torch
-    from clpsurgery.combine import combine_top_k
-    from clpsurgery.device import Engine
+    from clpsurgery.mixing.combine import combine_top_k
+    from clpsurgery.mixing.backend import Engine
     from clpsurgery_kernels.combine import combine_rows
 
     m = positions.shape[0]
@@ -309,9 +319,9 @@ def _short(config: dict) -> str:
 def search_and_dense(bench: Bench, copy_gbs: float) -> None:
     """The exact GPU top-k (checked against the same code on the CPU) and the dense combine."""
     torch = bench.torch
-    from clpsurgery.combine import combine_dense
-    from clpsurgery.device import Engine, combine_dense_chunked, exact_top_k
-    from clpsurgery.neighbours import normalise_rows
+    from clpsurgery.mixing.combine import combine_dense
+    from clpsurgery.mixing.backend import Engine, combine_dense_chunked, exact_top_k
+    from clpsurgery.mixing.neighbours import normalise_rows
 
     n, m, d, k = (300, 200, 32, 10) if bench.dry else (20_000, 30_000, 768, 64)
     g = torch.Generator().manual_seed(11)
@@ -360,8 +370,8 @@ def build_e2e_inputs(work: Path, small: bool) -> tuple[Path, Path, dict]:
     from seven_b import bloom_tensors, write_random_shard
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    from clpsurgery.demo import gpt2_config, gpt2_tensors, write_model_folder
-    from clpsurgery.vocab_assets import save_tokenizer_folder
+    from clpsurgery.pipeline.demo import gpt2_config, gpt2_tensors, write_model_folder
+    from clpsurgery.vocab.vocab_assets import save_tokenizer_folder
 
     vocab, hidden, shared, new = (5_000, 64, 1_000, 1_500) if small else (TABLE_ROWS, HIDDEN, 20_000, 30_000)
     rng = np.random.default_rng(3)
@@ -467,7 +477,8 @@ def print_summary(bench: Bench) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json-out", type=Path, help="write the full report here (updated after every section)")
+    parser.add_argument("--json-out", type=Path, help="write the full report here (updated after every section) instead of benchmarks/results/gpu_combine/current.json")
+    parser.add_argument("--label", help="a word naming this result in the archive (the card, say)")
     parser.add_argument("--skip-e2e", action="store_true", help="leave out the end-to-end init runs")
     parser.add_argument("--skip-sweep", action="store_true", help="time only the default tile shape")
     parser.add_argument("--skip-190k", action="store_true", help="leave out the 190,000-missing scale")
@@ -476,7 +487,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.cpu_dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-    from clpsurgery.device import cuda_unavailable_reason
+    from clpsurgery.mixing.backend import cuda_unavailable_reason
 
     reason = cuda_unavailable_reason()
     if reason is not None and not args.cpu_dry_run:

@@ -21,8 +21,11 @@ Shapes:
 The helper is a 2-layer GPT-2-architecture model, hidden 768, fp32, with a 32,000-token German
 byte-level BPE trained on wordfreq's German list.
 
-    python benchmarks/seven_b.py --shapes bloom-7b1,llama-2-7b --repeats 1 \\
-        --json-out benchmarks/results/seven_b-YYYY-MM-DD.json
+    python benchmarks/seven_b.py --shapes bloom-7b1,llama-2-7b --repeats 1
+
+The results, with their provenance (commit, machine, date, command), go to
+benchmarks/results/seven_b/current.json; the previous current.json moves to archive/.
+--json-out PATH writes them to PATH instead (a trial run that should not replace them).
 """
 
 from __future__ import annotations
@@ -42,12 +45,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import machine_info, run_polled  # noqa: E402
+from measure import machine_info, provenance, run_polled, write_result  # noqa: E402
 
-from clpsurgery.demo import gpt2_config, gpt2_tensors, write_model_folder  # noqa: E402
-from clpsurgery.safetensors_header import TensorSpec, encode_header  # noqa: E402
-from clpsurgery.vocab_assets import GPT2_EOS, gpt2_tokenizer, save_tokenizer_folder, train_wordfreq_bpe  # noqa: E402
-from clpsurgery.writer import write_index  # noqa: E402
+from clpsurgery.pipeline.demo import gpt2_config, gpt2_tensors, write_model_folder  # noqa: E402
+from clpsurgery.formats.safetensors_header import TensorSpec, encode_header  # noqa: E402
+from clpsurgery.vocab.vocab_assets import GPT2_EOS, gpt2_tokenizer, save_tokenizer_folder, train_wordfreq_bpe  # noqa: E402
+from clpsurgery.formats.writer import write_index  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARD_BYTES = 5 * 10**9
@@ -222,7 +225,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "tmp-seven-b")
     parser.add_argument("--skip-dense", action="store_true")
-    parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--json-out", type=Path,
+                        help="write the results here instead of benchmarks/results/seven_b/current.json (a trial run)")
+    parser.add_argument("--label", help="a word naming this result in the archive (default: warm with --source-cache as-is)")
     parser.add_argument("--source-cache", choices=("cold", "as-is"), default="cold",
                         help="cold: evict the source from the page cache before each cp and init (default); as-is: leave it")
     args = parser.parse_args()
@@ -231,6 +236,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(dir=args.workdir))
     report = {"benchmark": "seven_b", "date": dt.date.today().isoformat(), "command": " ".join(sys.argv),
               "machine": machine_info(work), "shapes": {}}
+    prov = provenance(machine=report["machine"])
     try:
         helper = work / "helper-de"
         report["helper"] = build_helper(helper)
@@ -275,9 +281,8 @@ def main() -> int:
             shutil.rmtree(source)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+    label = args.label or ("warm" if args.source_cache == "as-is" else None)
+    print(f"wrote {write_result('seven_b', report, label=label, prov=prov, json_out=args.json_out)}", flush=True)
     return 0
 
 

@@ -10,9 +10,9 @@ Per seed the pairs are shuffled, 20% held out ("missing"), 80% are the overlap. 
 token's SOURCE row is predicted from the overlap's source rows, weighted by the scheme over its
 neighbours in the HELPER space, through the project's real code path:
 
-    clpsurgery.neighbours.normalise_rows / search_top_k / dense_similarities
-    clpsurgery.weights.mixing_weights
-    clpsurgery.combine.combine_top_k / combine_dense
+    clpsurgery.mixing.neighbours.normalise_rows / search_top_k / dense_similarities
+    clpsurgery.mixing.weights.mixing_weights
+    clpsurgery.mixing.combine.combine_top_k / combine_dense
 
 and compared with the true source row (cosine; relative squared error ||pred-true||^2/||true||^2).
 Baselines: overlap mean; per-dimension normal random init (mean/std of the overlap source rows);
@@ -20,6 +20,10 @@ oracle top-1 neighbour in the SOURCE space (a ceiling reference, not achievable)
 
     python benchmarks/choose_defaults/run.py            # full grid, 3 seeds (a few minutes)
     python benchmarks/choose_defaults/run.py --quick    # 1 seed, fewer ks (< 1 minute)
+
+The results, with their provenance (commit, machine, date, command), go to
+benchmarks/results/choose_defaults/current.json (--quick: choose_defaults_quick/); the previous
+current.json moves to archive/. --json-out PATH writes them to PATH instead.
 """
 
 from __future__ import annotations
@@ -43,10 +47,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE.parent))
+from measure import provenance, write_result  # noqa: E402
 
-from clpsurgery.combine import combine_dense, combine_top_k  # noqa: E402
-from clpsurgery.neighbours import dense_similarities, normalise_rows, search_top_k  # noqa: E402
-from clpsurgery.weights import WeightStats, mixing_weights  # noqa: E402
+from clpsurgery.mixing.combine import combine_dense, combine_top_k  # noqa: E402
+from clpsurgery.mixing.neighbours import dense_similarities, normalise_rows, search_top_k  # noqa: E402
+from clpsurgery.mixing.weights import WeightStats, mixing_weights  # noqa: E402
 
 LOWER = re.compile(r"^[a-z0-9]+$")
 HOLDOUT = 0.2
@@ -373,19 +379,22 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 seed, k in 1, 10, 50, all")
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
-    ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--json-out", type=Path, default=None,
+                    help="write the results here instead of benchmarks/results/choose_defaults[_quick]/current.json")
+    ap.add_argument("--label", default=None, help="a word naming this result in the archive")
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
     today = _dt.date.today().isoformat()
+    prov = provenance()
     if args.quick:
         seeds = args.seeds or [0]
         ks = [1, 10, 50, "all"]
-        out = args.json_out or HERE / "results" / f"choose_defaults-quick-{today}.json"
+        benchmark = "choose_defaults_quick"
     else:
         seeds = args.seeds or [0, 1, 2]
         ks = [1, 5, 10, 20, 50, 100, "all"]
-        out = args.json_out or HERE / "results" / f"choose_defaults-{today}.json"
+        benchmark = "choose_defaults"
     temps = [0.05, 0.1, 0.3]
 
     def log(msg):
@@ -424,7 +433,6 @@ def main(argv=None):
             print(f"dense diagnostics seed {r['seed']}: {r['dense_diagnostics']}")
     print(f"\nruntime {runtime:.1f}s")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "choose_defaults: held-out reconstruction of source embeddings through the helper space",
         "date": today,
@@ -444,8 +452,8 @@ def main(argv=None):
         "paired_vs_best": paired,
         "per_seed": seed_results,
     }
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
+    out = write_result(benchmark, report, label=args.label, prov=prov, json_out=args.json_out, indent=1)
+    print(f"wrote {out.resolve().relative_to(REPO) if out.resolve().is_relative_to(REPO) else out}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,11 @@ across tokenizers), zero-shot and along a fixed number of continued-training ste
 Stages cache their outputs under --work (default benchmarks/quality/work/, gitignored), in
 folders named by the options that shape them, so a rerun skips what is done and an extended run
 (more variants, more steps) reuses the rest. --force-stage NAME redoes one stage.
-Results: <work>/results/<run-name>.json and .png; the full run's figures go to the README.
+Results, with their provenance (commit, machine, date, command): benchmarks/results/quality/
+current.json for the full run (--name full, the default), benchmarks/results/quality_<name>/ for
+another name (quality_smoke for --smoke); the previous current.json moves to archive/. --json-out
+PATH writes them to PATH instead. The plot: <work>/results/<name>.png. The full run's figures go
+to the README.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE.parent))
+from measure import provenance, write_result  # noqa: E402
 
 # Default text sources per language: Debian packages (`apt-get download` + `dpkg -x`).
 LANGUAGE_DEBS = {"de": ["fortunes-de", "manpages-de"], "en": ["fortunes", "manpages"], "fr": ["fortunes-fr", "manpages-fr"]}
@@ -285,7 +291,7 @@ def stage_tokenizer(args, work: Path, corpus: dict[str, Path]) -> Path:
     sys.path.insert(0, str(REPO))
     from tokenizers import AddedToken, pre_tokenizers, trainers, models
 
-    from clpsurgery.vocab_assets import GERMAN_SPECIAL_TOKENS, _byte_level_tokenizer, save_tokenizer_folder
+    from clpsurgery.vocab.vocab_assets import GERMAN_SPECIAL_TOKENS, _byte_level_tokenizer, save_tokenizer_folder
 
     docs = read_docs(corpus["tokenizer"])
     tok = _byte_level_tokenizer(models.BPE(fuse_unk=False))
@@ -599,7 +605,7 @@ def new_token_ids(source: Path, helper: Path):
     """The target ids CLP combines (no source row to copy), by the tool's own overlap rule."""
     from safetensors import safe_open
 
-    from clpsurgery.vocabulary import load_vocabulary, match_overlap
+    from clpsurgery.vocab.vocabulary import load_vocabulary, match_overlap
 
     with safe_open(str(source / "model.safetensors"), "np") as f:
         rows = f.get_slice("model.embed_tokens.weight").get_shape()[0]
@@ -844,7 +850,10 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny end-to-end run (minutes)")
     p.add_argument("--work", type=Path, default=HERE / "work")
-    p.add_argument("--name", default=None, help="results file name (default: smoke or full)")
+    p.add_argument("--name", default=None,
+                   help="the run's name (default: smoke or full); results go to benchmarks/results/quality/ for full, quality_NAME/ otherwise")
+    p.add_argument("--json-out", type=Path, default=None, help="write the results here instead (a trial run)")
+    p.add_argument("--label", default=None, help="a word naming this result in the archive")
     p.add_argument("--language", default="de")
     p.add_argument("--deb", action="append", default=None, help="Debian package with text (repeatable; default per language)")
     p.add_argument("--text", action="append", default=[], help="plain-text file or folder (repeatable)")
@@ -892,6 +901,7 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
+    prov = provenance()
     import torch
 
     torch.manual_seed(args.seed)
@@ -936,13 +946,14 @@ def main(argv=None) -> int:
         "stage_seconds_this_run": TIMINGS,
         "total_seconds_this_run": time.time() - t_all,
     }
+    benchmark = "quality" if args.name == "full" else f"quality_{args.name}"
+    written = write_result(benchmark, results, label=args.label, prov=prov, json_out=args.json_out, indent=1)
     outdir = work / "results"
     outdir.mkdir(exist_ok=True)
-    (outdir / f"{args.name}.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
     if args.train_steps > 0:
         plot(results, outdir / f"{args.name}.png")
     print(table(results))
-    log(f"results: {outdir / (args.name + '.json')}  (total {time.time() - t_all:.0f} s)")
+    log(f"results: {written}  (total {time.time() - t_all:.0f} s)")
     return 0
 
 
