@@ -211,7 +211,7 @@ def check_combine(bench: Bench, label: str, source, positions, weights):
     """Kernel vs the CPU path (sampled rows) and vs torch's fp32 path on the device (all rows)."""
     torch = bench.torch
     from clpsurgery.mixing.combine import combine_top_k
-    from clpsurgery.mixing.backend import Engine
+    from clpsurgery.mixing.backend import ComputeBackend
     from clpsurgery_kernels.combine import combine_rows
 
     m = positions.shape[0]
@@ -234,7 +234,7 @@ def check_combine(bench: Bench, label: str, source, positions, weights):
     rel = float((out[few].double() - reference).norm() / reference.norm())
     bench.check(f"{label}: kernel vs float64 ({len(few)} rows, relative norm; bf16 rounding alone: < 2e-3)", rel < 2.5e-3, rel_error=rel)
     if not bench.dry:
-        engine = Engine("cuda", 1 << 30)
+        engine = ComputeBackend("cuda", 1 << 28)
         rows = engine.rows_for_combine(source.cpu())
         via_engine = engine.combine_top_k(rows, positions[sample].long().cpu(), weights[sample].cpu(), torch.bfloat16)
         bench.check(f"{label}: engine (transfer.py's GPU path) = kernel", torch.equal(via_engine, out[sample].cpu()) and engine.describe()["combine"] == "triton", paths=json.dumps(engine.describe()))
@@ -320,14 +320,14 @@ def search_and_dense(bench: Bench, copy_gbs: float) -> None:
     """The exact GPU top-k (checked against the same code on the CPU) and the dense combine."""
     torch = bench.torch
     from clpsurgery.mixing.combine import combine_dense
-    from clpsurgery.mixing.backend import Engine, combine_dense_chunked, exact_top_k
+    from clpsurgery.mixing.backend import ComputeBackend, combine_dense_chunked, exact_top_k
     from clpsurgery.mixing.neighbours import normalise_rows
 
     n, m, d, k = (300, 200, 32, 10) if bench.dry else (20_000, 30_000, 768, 64)
     g = torch.Generator().manual_seed(11)
     overlap = normalise_rows(torch.randn(n, d, generator=g))[0]
     queries = normalise_rows(torch.randn(m, d, generator=g))[0]
-    engine = Engine(bench.device, 1 << 30)
+    engine = ComputeBackend(bench.device, 1 << 28)
     found = engine.search_top_k(overlap, queries, k) if not bench.dry else exact_top_k(overlap, queries, k)
     sample = torch.randperm(m, generator=g)[: min(m, 1024)]
     cpu = exact_top_k(overlap, queries[sample], k)

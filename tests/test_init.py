@@ -329,3 +329,19 @@ print(seen)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[False]"
     assert (tmp_path / "out" / "clpsurgery.json").is_file()
+
+
+def test_the_plan_is_a_value_that_holds_no_open_file(gpt2_source, german_helper):
+    """make_plan reads headers, configs and tokenizers and keeps none of their files open: the
+    transfer opens its readers itself, so a plan can be printed, kept or dropped freely."""
+    import os
+
+    from clpsurgery.formats.checkpoint import Checkpoint, CheckpointLayout
+    from clpsurgery.pipeline.options import TransferOptions
+    from clpsurgery.pipeline.plan import make_plan
+
+    before = set(os.listdir("/proc/self/fd"))
+    plan = make_plan(gpt2_source, german_helper, TransferOptions())
+    assert set(os.listdir("/proc/self/fd")) == before
+    assert isinstance(plan.source, CheckpointLayout) and isinstance(plan.helper, CheckpointLayout)
+    assert not any(isinstance(getattr(plan, f), Checkpoint) for f in plan.__dataclass_fields__)

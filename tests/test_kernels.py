@@ -245,10 +245,10 @@ def test_device_resolution_on_this_machine():
 
 
 def test_cpu_engine_records_its_paths(monkeypatch):
-    from clpsurgery.mixing.backend import Engine
+    from clpsurgery.mixing.backend import ComputeBackend
 
     overlap, queries = unit_rows(60, 8, 6), unit_rows(10, 8, 7)
-    engine = Engine("cpu", 1 << 30)
+    engine = ComputeBackend("cpu", 1 << 28)
     faiss_found = engine.search_top_k(overlap, queries, 4)
     rows = torch.randn(60, 9).to(torch.bfloat16)
     engine.combine_top_k(rows, torch.from_numpy(faiss_found.positions), torch.rand(10, 4), torch.bfloat16)
@@ -256,7 +256,7 @@ def test_cpu_engine_records_its_paths(monkeypatch):
     assert engine.describe() == {"device": "cpu", "search": "faiss-cpu", "combine": ["torch-cpu", "torch-cpu-matmul"]}
     # Without faiss, the CPU search is the exact chunked top-k: the same neighbours, recorded.
     monkeypatch.setitem(sys.modules, "faiss", None)
-    engine = Engine("cpu", 1 << 30)
+    engine = ComputeBackend("cpu", 1 << 28)
     found = engine.search_top_k(overlap, queries, 4)
     assert np.array_equal(found.positions, faiss_found.positions)
     assert engine.describe()["search"] == "torch-topk-cpu" and engine.describe()["notes"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -78,28 +78,31 @@ class TensorRef:
         return self.header.absolute_range(self.info.name)
 
 
-class Checkpoint:
-    """The tensors of a checkpoint, by name, with memory-mapped row reads."""
+@dataclass(frozen=True, eq=False)
+class CheckpointLayout:
+    """What a checkpoint holds, from its validated headers and index alone: a plain value, no
+    open file (a plan keeps it; Checkpoint reads through it)."""
 
-    def __init__(self, root: Path, headers: list[Header], index: dict | None, index_path: Path | None) -> None:
-        self.root = root
-        self.headers = headers
-        self.index = index
-        self.index_path = index_path
-        self.tensors: dict[str, TensorRef] = {}
-        for header in headers:
+    root: Path
+    headers: list[Header]
+    index: dict | None
+    index_path: Path | None
+    tensors: dict[str, TensorRef] = field(init=False)
+
+    def __post_init__(self) -> None:
+        tensors: dict[str, TensorRef] = {}
+        for header in self.headers:
             for name, info in header.tensors.items():
-                if name in self.tensors:
-                    raise SurgeryError(header.path, f"tensor {name!r} also in {self.tensors[name].path.name}")
-                self.tensors[name] = TensorRef(header, info)
-        self._maps: dict[Path, mmap.mmap] = {}
-        self._files: dict[Path, object] = {}
+                if name in tensors:
+                    raise SurgeryError(header.path, f"tensor {name!r} also in {tensors[name].path.name}")
+                tensors[name] = TensorRef(header, info)
+        object.__setattr__(self, "tensors", tensors)
 
     # --- opening -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Checkpoint:
-        """Open a .safetensors file or a model folder, validating every header and the index."""
+    def open(cls, path: str | os.PathLike[str]) -> CheckpointLayout:
+        """A .safetensors file or a model folder, every header and the index validated."""
         path = Path(path)
         if not path.exists():
             raise SurgeryError(path, "does not exist")
@@ -122,7 +125,7 @@ class Checkpoint:
         raise SurgeryError(path, f"{len(files)} .safetensors files but no {INDEX_NAME} saying how they fit together")
 
     @classmethod
-    def _open_index(cls, root: Path, index_path: Path) -> Checkpoint:
+    def _open_index(cls, root: Path, index_path: Path) -> CheckpointLayout:
         index = read_json_file(index_path, "index", unique_keys=True)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
@@ -138,15 +141,15 @@ class Checkpoint:
             if not shard_path.is_file():
                 raise SurgeryError(index_path, f"names shard {shard!r}, which is missing")
             headers.append(read_header(shard_path))
-        checkpoint = cls(root, headers, index, index_path)
+        layout = cls(root, headers, index, index_path)
         for tensor, shard in weight_map.items():
-            ref = checkpoint.tensors.get(tensor)
+            ref = layout.tensors.get(tensor)
             if ref is None or ref.path.name != shard:
                 raise SurgeryError(index_path, f"maps tensor {tensor!r} to {shard}, which does not hold it")
-        unlisted = sorted(set(checkpoint.tensors) - set(weight_map))
+        unlisted = sorted(set(layout.tensors) - set(weight_map))
         if unlisted:
-            raise SurgeryError(index_path, f"does not list tensor {unlisted[0]!r} found in {checkpoint.tensors[unlisted[0]].path.name}")
-        return checkpoint
+            raise SurgeryError(index_path, f"does not list tensor {unlisted[0]!r} found in {layout.tensors[unlisted[0]].path.name}")
+        return layout
 
     # --- facts ---------------------------------------------------------------------------
 
@@ -167,6 +170,35 @@ class Checkpoint:
 
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name].info
+
+
+class Checkpoint:
+    """Reads a checkpoint's tensors through memory maps, row by row; its facts are its layout's."""
+
+    def __init__(self, layout: CheckpointLayout) -> None:
+        self.layout = layout
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._files: dict[Path, object] = {}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Checkpoint:
+        """Open a .safetensors file or a model folder, validating every header and the index."""
+        return cls(CheckpointLayout.open(path))
+
+    root = property(lambda self: self.layout.root)
+    headers = property(lambda self: self.layout.headers)
+    index = property(lambda self: self.layout.index)
+    index_path = property(lambda self: self.layout.index_path)
+    tensors = property(lambda self: self.layout.tensors)
+    is_sharded = property(lambda self: self.layout.is_sharded)
+    total_bytes = property(lambda self: self.layout.total_bytes)
+    parameter_count = property(lambda self: self.layout.parameter_count)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.layout
+
+    def info(self, name: str) -> TensorInfo:
+        return self.layout.info(name)
 
     # --- reading -------------------------------------------------------------------------
 

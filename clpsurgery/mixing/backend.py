@@ -1,6 +1,6 @@
 """Where the arithmetic runs: `--device auto|cpu|cuda`, and the GPU paths of search and combine.
 
-An `Engine` does the two compute stages for `transfer.py` and records which path ran:
+A `ComputeBackend` does the two compute stages for `transfer.py` and records which path ran:
 
   search   faiss-cpu (the CPU default), faiss-gpu (when the installed faiss has GPU support),
            torch-topk-cuda (exact top-k by chunked matrix product on the GPU, when it has not),
@@ -30,8 +30,6 @@ from clpsurgery.mixing.choices import DEVICES
 
 # FAISS's GPU flat index returns at most this many neighbours per query.
 FAISS_GPU_MAX_K = 2048
-# Part of the memory budget a search chunk's score matrix (and its top-k workspace) may take.
-SEARCH_SHARE = 4
 # What the Triton kernel reads and writes (clpsurgery_kernels.combine.SUPPORTED_DTYPES; not imported: triton may be missing).
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -162,12 +160,12 @@ def combine_dense_chunked(source_rows: torch.Tensor, weights: torch.Tensor, out_
         return combine_dense(source_rows, weights, out_dtype, chunk_rows)
 
 
-class Engine:
+class ComputeBackend:
     """The compute stages on one device, and a record of the paths that ran."""
 
-    def __init__(self, device: str, budget: int) -> None:
+    def __init__(self, device: str, search_budget: int) -> None:
         self.device = device
-        self.budget = budget
+        self.search_budget = search_budget  # bytes a search chunk's scores may take
         self.paths: dict[str, list[str]] = {}
         self.notes: list[str] = []
         self._kernel_failed = False
@@ -207,13 +205,13 @@ class Engine:
                 return faiss_gpu_top_k(overlap_vectors, query_vectors, k, on_chunk=on_chunk)
             self.note(f"search: exact top-k by matrix product on the GPU ({reason or f'k above faiss-gpu limit {FAISS_GPU_MAX_K}'})")
             self.record("search", "torch-topk-cuda")
-            return exact_top_k(overlap_vectors, query_vectors, k, "cuda", self.budget // SEARCH_SHARE, on_chunk)
+            return exact_top_k(overlap_vectors, query_vectors, k, "cuda", self.search_budget, on_chunk)
         try:
             import faiss  # noqa: F401
         except ImportError:
             self.note("search: faiss is not installed; exact top-k by matrix product on the CPU")
             self.record("search", "torch-topk-cpu")
-            return exact_top_k(overlap_vectors, query_vectors, k, "cpu", self.budget // SEARCH_SHARE, on_chunk)
+            return exact_top_k(overlap_vectors, query_vectors, k, "cpu", self.search_budget, on_chunk)
         self.record("search", "faiss-cpu")
         return search_top_k(overlap_vectors, query_vectors, k, on_chunk=on_chunk)
 
@@ -264,6 +262,6 @@ class Engine:
         return combine_dense_chunked(rows, weights, out_dtype, chunk_rows).cpu()
 
 
-def make_engine(requested: str, budget: int) -> Engine:
+def make_backend(requested: str, search_budget: int) -> ComputeBackend:
     """The engine for `--device requested` (SurgeryError for `cuda` without a CUDA device)."""
-    return Engine(resolve_device(requested), budget)
+    return ComputeBackend(resolve_device(requested), search_budget)

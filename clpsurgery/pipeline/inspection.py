@@ -170,45 +170,41 @@ def inspect_transfer(source: str | Path, helper: str | Path, options, source_tok
     from clpsurgery.vocab.vocabulary import special_mapping
 
     plan = make_plan(source, helper, options, source_tokenizer, source_config)
-    try:
-        summary = plan.summary()
-        report = {
-            "source": str(plan.source_path),
-            "helper": str(plan.helper_path),
-            "source_tensors": {
-                "family": plan.source_tensors.family,
-                "embedding": plan.source_tensors.embedding,
-                "head": plan.source_tensors.head,
-                "head_bias": plan.source_tensors.head_bias,
-                "copies": list(plan.source_tensors.copies),
-                "tied": plan.source_tensors.tied,
-            },
-            "helper_embedding": summary["helper_embedding"],
-            "tokenizers": {
-                role: {"path": str(v.path), "format": v.format, "style": v.style, "tokens": len(v.token_to_id), "id_space": v.size, "roles": v.roles}
-                for role, v in (("source", plan.source_vocab), ("target", plan.target_vocab))
-            },
-            "options": options.as_dict(),
-            "match": options.match,
-            "overlap": {rule: _overlap_section(plan, rule) for rule in ("exact", "canonical")},
-            "special_tokens": special_mapping(plan.source_vocab, plan.target_vocab, plan.overlap),
-            "would_write": {
-                "rebuilt_tensors": summary["rebuilt_tensors"],
-                "bytes_to_compute": summary["bytes_to_compute"],
-                "bytes_to_copy": summary["bytes_to_copy"],
-                "neighbours_per_token": summary["neighbours_per_token"],
-                "weighting": options.weighting,
-                "vocab_size": plan.output_rows,
-            },
-        }
-        if "memory_estimate" in summary:
-            estimate = summary["memory_estimate"]
-            report["would_write"]["memory_estimate"] = estimate
-            report["would_write"]["peak_memory_estimate"] = max(estimate.values()) if estimate else None
-        return report
-    finally:
-        plan.source.close()
-        plan.helper.close()
+    summary = plan.summary()
+    report = {
+        "source": str(plan.source_path),
+        "helper": str(plan.helper_path),
+        "source_tensors": {
+            "family": plan.source_tensors.family,
+            "embedding": plan.source_tensors.embedding,
+            "head": plan.source_tensors.head,
+            "head_bias": plan.source_tensors.head_bias,
+            "copies": list(plan.source_tensors.copies),
+            "tied": plan.source_tensors.tied,
+        },
+        "helper_embedding": summary["helper_embedding"],
+        "tokenizers": {
+            role: {"path": str(v.path), "format": v.format, "style": v.style, "tokens": len(v.token_to_id), "id_space": v.size, "roles": v.roles}
+            for role, v in (("source", plan.source_vocab), ("target", plan.target_vocab))
+        },
+        "options": options.as_dict(),
+        "match": options.match,
+        "overlap": {rule: _overlap_section(plan, rule) for rule in ("exact", "canonical")},
+        "special_tokens": special_mapping(plan.source_vocab, plan.target_vocab, plan.overlap),
+        "would_write": {
+            "rebuilt_tensors": summary["rebuilt_tensors"],
+            "bytes_to_compute": summary["bytes_to_compute"],
+            "bytes_to_copy": summary["bytes_to_copy"],
+            "neighbours_per_token": summary["neighbours_per_token"],
+            "weighting": options.weighting,
+            "vocab_size": plan.output_rows,
+        },
+    }
+    if "memory_estimate" in summary:
+        estimate = summary["memory_estimate"]
+        report["would_write"]["memory_estimate"] = estimate
+        report["would_write"]["peak_memory_estimate"] = max(estimate.values()) if estimate else None
+    return report
 
 
 def format_transfer_report(report: dict) -> str:

@@ -1,7 +1,7 @@
 """The plan of a transfer: inputs resolved and checked, vocabularies, overlap, tensors to rebuild.
 
-A plan is a plain value built from headers, configs and tokenizers only (no tensor data), so
-`inspect` can print it before anything is written.
+A plan is a plain value built from headers, configs and tokenizers only: it holds no open file
+and no tensor data, so `inspect` can print it before anything is written.
 """
 
 from __future__ import annotations
@@ -11,15 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clpsurgery.vocab.architecture import FAMILY_BY_MODEL_TYPE, VocabTensors, config_model_type, find_vocab_tensors, read_config
-from clpsurgery.formats.checkpoint import GATHER_WINDOW_BYTES, Checkpoint
+from clpsurgery.formats.checkpoint import CheckpointLayout
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
 from clpsurgery.vocab.vocabulary import Overlap, Vocabulary, find_tokenizer_file, load_vocabulary, match_overlap
 from clpsurgery.pipeline.options import TransferOptions
-from clpsurgery.formats.writer import COPY_BUFFER_BYTES
-
-MIN_BLOCK_BYTES = 16 * 1024 * 1024
-
+from clpsurgery.pipeline import memory
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
@@ -31,8 +28,8 @@ class TransferPlan:
 
     source_path: Path
     helper_path: Path
-    source: Checkpoint
-    helper: Checkpoint
+    source: CheckpointLayout
+    helper: CheckpointLayout
     source_tensors: VocabTensors
     helper_embedding: str
     source_vocab: Vocabulary
@@ -74,24 +71,11 @@ class TransferPlan:
         return self.overlap.count if self.options.top_k is None else min(self.options.top_k, self.overlap.count)
 
     def memory_estimate(self) -> dict[str, int]:
-        """Bytes held at once by each part of the run, besides the row blocks.
-
-        The largest of the search stage (helper vectors, FAISS index, neighbour lists) and the
-        write stage (one rebuilt tensor's overlap rows, a gather window, a copy buffer), since
-        the helper vectors are dropped before writing starts, but the neighbour lists are not.
-        """
-        target, overlap, missing = self.target_size, self.overlap.count, int(self.overlap.missing_ids.size)
-        helper_width = self.helper_hidden_size
-        helper_bytes = DTYPE_SIZES[self.helper.info(self.helper_embedding).dtype]
-        neighbour_lists = 0 if self.options.top_k is None else missing * self.k * (8 + 4 + 4 + 8)
-        dense_vectors = target * helper_width * 4 if self.options.top_k is None else 0
-        search = target * helper_width * (helper_bytes + 4 + 4) + overlap * helper_width * 4 + neighbour_lists
-        widest = max(self.source.info(n).row_bytes for n in self.source_tensors.names)
-        largest = max(ref.info.nbytes for ref in self.source.tensors.values())
-        gather_window = min(GATHER_WINDOW_BYTES, max(self.source.info(n).nbytes for n in self.source_tensors.names))
-        copy_buffer = min(COPY_BUFFER_BYTES, largest)
-        write = overlap * widest + gather_window + copy_buffer + neighbour_lists + dense_vectors
-        return {"search": search, "write": write}
+        """Bytes held at once by the search and by the write stage, besides the row blocks."""
+        return memory.memory_estimate(
+            self.source, self.source_tensors.names, self.helper, self.helper_embedding, self.target_size,
+            self.overlap.count, int(self.overlap.missing_ids.size), self.k, self.options.top_k is None,
+        )
 
     @property
     def block_budget(self) -> int:
@@ -101,7 +85,7 @@ class TransferPlan:
     def check_memory(self) -> None:
         """Refuse a run that cannot fit --max-memory, before anything is written."""
         estimate = self.memory_estimate()
-        need = max(estimate["search"], estimate["write"] + MIN_BLOCK_BYTES)
+        need = max(estimate["search"], estimate["write"] + memory.MIN_BLOCK_BYTES)
         if need > self.options.max_memory:
             raise SurgeryError(
                 "--max-memory",
@@ -180,10 +164,10 @@ def make_plan(
 ) -> TransferPlan:
     """Open and check both models, read both vocabularies and compute the overlap."""
     source_path, helper_path = Path(source_path), Path(helper_path)
-    source = Checkpoint.open(source_path)
+    source = CheckpointLayout.open(source_path)
     if not helper_path.is_dir():
         raise SurgeryError(helper_path, "the helper must be a model folder (weights, tokenizer.json, config.json)")
-    helper = Checkpoint.open(helper_path)
+    helper = CheckpointLayout.open(helper_path)
     config_path = find_source_file(source_path, source_config, "config.json", "--source-config")
     config = read_config(config_path)
     generation_config_path = config_path.parent / "generation_config.json"

@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from clpsurgery.mixing.combine import ColumnBlocks, combine_dense, combine_top_k
-from clpsurgery.mixing.backend import Engine
+from clpsurgery.mixing.combine import ColumnBlocks
+from clpsurgery.formats.checkpoint import Checkpoint
+from clpsurgery.mixing.backend import ComputeBackend
+from clpsurgery.pipeline import memory
 from clpsurgery.errors import SurgeryError
-from clpsurgery.mixing.neighbours import Neighbours, dense_similarities, normalise_rows, search_top_k
+from clpsurgery.mixing.neighbours import Neighbours, dense_similarities, normalise_rows
 from clpsurgery.pipeline.plan import TransferPlan
 from clpsurgery.stage_hooks import reached
 from clpsurgery.mixing.weights import WeightStats, mixing_weights
@@ -25,9 +27,6 @@ from clpsurgery.pipeline.tensor_io import as_tensor
 
 if TYPE_CHECKING:
     from clpsurgery.pipeline.result import ProgressFactory, StageClock, TransferResult
-
-DENSE_CHUNK_ROWS = 4096  # overlap rows converted to fp32 at a time in the dense combine
-
 
 class Mixing:
     """Neighbour positions and weights for the missing tokens, by position in the missing list."""
@@ -60,10 +59,10 @@ class Mixing:
         return None, weights
 
 
-def find_mixing(plan: TransferPlan, progress: ProgressFactory, result: TransferResult, engine: Engine | None = None) -> Mixing:
-    """Helper vectors of every target token, normalised; FAISS top-k unless dense."""
+def find_mixing(plan: TransferPlan, helper: Checkpoint, progress: ProgressFactory, result: TransferResult, backend: ComputeBackend) -> Mixing:
+    """Helper vectors of every target token, normalised; the top-k search unless dense."""
     overlap = plan.overlap
-    helper_rows = as_tensor(plan.helper.read_rows(plan.helper_embedding, 0, plan.target_size))
+    helper_rows = as_tensor(helper.read_rows(plan.helper_embedding, 0, plan.target_size))
     if not torch.isfinite(helper_rows.to(torch.float32)).all():
         bad = int((~torch.isfinite(helper_rows.to(torch.float32))).any(dim=1).nonzero()[0])
         raise SurgeryError(plan.helper_path, f"helper embedding {plan.helper_embedding!r} has NaN or Inf in row {bad}")
@@ -74,29 +73,21 @@ def find_mixing(plan: TransferPlan, progress: ProgressFactory, result: TransferR
     reached("search")  # test hook (stage_hooks.py): a no-op unless CLPSURGERY_PAUSE_AT names it
     if plan.options.top_k is not None and overlap.missing_ids.size:
         with progress("neighbour search", int(overlap.missing_ids.size)) as advance:
-            if engine is None:
-                neighbours = search_top_k(overlap_vectors, missing_vectors, plan.k, on_chunk=advance)
-            else:
-                neighbours = engine.search_top_k(overlap_vectors, missing_vectors, plan.k, on_chunk=advance)
+            neighbours = backend.search_top_k(overlap_vectors, missing_vectors, plan.k, on_chunk=advance)
     return Mixing(plan, overlap_vectors, missing_vectors, neighbours)
 
 
-def block_rows_for(plan: TransferPlan, row_width: int, budget: int) -> int:
-    """Target rows per block so that one block's fp32 working set stays within `budget` bytes.
-
-    Top-k: the block, plus up to k distinct source rows per mixed row in fp32. Dense: the block,
-    its similarities and weights against the whole overlap, and one fp32 chunk of source rows.
-    """
-    if plan.options.top_k is None:
-        per_row = 4 * (row_width * 2 + plan.overlap.count * 3)
-        fixed = 4 * DENSE_CHUNK_ROWS * row_width
-    else:
-        per_row = 4 * (row_width * 2 + plan.k * (row_width + 4))
-        fixed = 0
-    return max(1, min(plan.target_size, (budget - fixed) // per_row))
+def overlap_rows(plan: TransferPlan, source: Checkpoint, name: str) -> torch.Tensor:
+    """The source rows of a rebuilt tensor that the overlap copies, checked finite."""
+    rows = as_tensor(source.gather_rows(name, plan.overlap.source_ids))
+    finite = torch.isfinite(rows.to(torch.float32).reshape(rows.shape[0], -1)).all(dim=1)
+    if not finite.all():
+        source_id = int(plan.overlap.source_ids[int((~finite).nonzero()[0])])
+        raise SurgeryError(plan.source_path, f"tensor {name!r} has NaN or Inf in row {source_id}, which the target copies")
+    return rows
 
 
-def rebuilt_rows(plan: TransferPlan, mixing: Mixing, name: str, record: bool, clock: StageClock, engine: Engine | None = None) -> Iterator[torch.Tensor]:
+def rebuilt_rows(plan: TransferPlan, source: Checkpoint, mixing: Mixing, name: str, record: bool, clock: StageClock, backend: ComputeBackend) -> Iterator[torch.Tensor]:
     """Row blocks of one rebuilt tensor: overlap rows copied, the others mixed, in row order.
 
     The source rows of the overlap are read when the first block is asked for and dropped after
@@ -104,8 +95,7 @@ def rebuilt_rows(plan: TransferPlan, mixing: Mixing, name: str, record: bool, cl
     """
     overlap = plan.overlap
     with clock.stage("read"):
-        source_overlap_rows = as_tensor(plan.source.gather_rows(name, overlap.source_ids))
-        _check_finite(plan, name, source_overlap_rows)
+        source_overlap_rows = overlap_rows(plan, source, name)
     dtype = source_overlap_rows.dtype
     row_shape = tuple(source_overlap_rows.shape[1:])
     source_2d = source_overlap_rows.reshape(source_overlap_rows.shape[0], -1)
@@ -113,8 +103,8 @@ def rebuilt_rows(plan: TransferPlan, mixing: Mixing, name: str, record: bool, cl
     budget = plan.block_budget
     # The overlap rows in fp32 once (in column blocks for the top-k combine), when that takes at
     # most half the block budget: converting them per block costs more than the combine itself.
-    if engine is not None and engine.gpu:
-        mixing_rows = engine.rows_for_combine(source_2d)  # on the GPU, in the source dtype
+    if backend.gpu:
+        mixing_rows = backend.rows_for_combine(source_2d)  # on the GPU, in the source dtype
     elif source_2d.numel() * 4 <= budget // 2:
         if plan.options.top_k is not None:
             mixing_rows = ColumnBlocks.of(source_2d)
@@ -129,7 +119,7 @@ def rebuilt_rows(plan: TransferPlan, mixing: Mixing, name: str, record: bool, cl
     missing_position = np.full(plan.target_size, -1, dtype=np.int64)
     missing_position[overlap.missing_ids] = np.arange(overlap.missing_ids.size)
     mixed_sum = torch.zeros(width, dtype=torch.float64)
-    for start, stop in row_blocks(plan.target_size, block_rows_for(plan, width, budget)):
+    for start, stop in row_blocks(plan.target_size, memory.block_rows(budget, plan.target_size, width, plan.k, plan.overlap.count, plan.options.top_k is None)):
         block = torch.empty((stop - start, width), dtype=dtype)
         copied = overlap_position[start:stop]
         is_copied = torch.from_numpy(copied >= 0)
@@ -139,12 +129,10 @@ def rebuilt_rows(plan: TransferPlan, mixing: Mixing, name: str, record: bool, cl
             first, last = int(mixed[mixed >= 0][0]), int(mixed[mixed >= 0][-1]) + 1
             with clock.stage("combine"):
                 positions, weights = mixing.rows(first, last, record)
-                if engine is not None:
-                    rows = engine.combine_dense(mixing_rows, weights, dtype, DENSE_CHUNK_ROWS) if positions is None else engine.combine_top_k(mixing_rows, positions, weights, dtype)
-                elif positions is None:
-                    rows = combine_dense(mixing_rows, weights, dtype, DENSE_CHUNK_ROWS)
+                if positions is None:
+                    rows = backend.combine_dense(mixing_rows, weights, dtype, memory.DENSE_CHUNK_ROWS)
                 else:
-                    rows = combine_top_k(mixing_rows, positions, weights, dtype)
+                    rows = backend.combine_top_k(mixing_rows, positions, weights, dtype)
             block[~is_copied] = rows
             mixed_sum += rows.to(torch.float64).sum(dim=0)
         yield block.reshape(stop - start, *row_shape)
@@ -155,14 +143,6 @@ def rebuilt_rows(plan: TransferPlan, mixing: Mixing, name: str, record: bool, cl
         # but a head scores them: the mean of the combined rows keeps them unremarkable.
         fill = mixed_sum / max(1, overlap.missing_ids.size) if overlap.missing_ids.size else source_2d.to(torch.float64).mean(dim=0)
         yield fill.to(dtype).expand(padding, width).reshape(padding, *row_shape).contiguous()
-
-
-def _check_finite(plan: TransferPlan, name: str, rows: torch.Tensor) -> None:
-    finite = torch.isfinite(rows.to(torch.float32).reshape(rows.shape[0], -1)).all(dim=1)
-    if not finite.all():
-        position = int((~finite).nonzero()[0])
-        source_id = int(plan.overlap.source_ids[position])
-        raise SurgeryError(plan.source_path, f"tensor {name!r} has NaN or Inf in row {source_id}, which the target copies")
 
 
 @contextmanager

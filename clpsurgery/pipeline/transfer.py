@@ -19,6 +19,8 @@ from clpsurgery.vocab.architecture import read_config
 from clpsurgery.pipeline.manifest import build_manifest
 from clpsurgery.vocab.model_config import target_config, target_generation_config
 from clpsurgery.formats.output_folder import MANIFEST_NAME, staged_output
+from clpsurgery.formats.checkpoint import Checkpoint
+from clpsurgery.pipeline import memory
 from clpsurgery.pipeline.plan import TransferPlan
 from clpsurgery.formats.safetensors_header import TensorSpec
 from clpsurgery.vocab.vocabulary import TOKENIZER_FILES
@@ -86,13 +88,14 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
     result = TransferResult()
     clock = StageClock()
     mixing: Mixing | None = None
-    engine = None
+    backend = None
 
     def make_producer(spec: TensorSpec) -> Callable[[], Iterator[memoryview]]:
         record = spec.name == plan.source_tensors.embedding
-        return lambda: tensor_io.checked_blocks(spec, rebuild.rebuilt_rows(plan, mixing, spec.name, record, clock, engine))
+        return lambda: tensor_io.checked_blocks(spec, rebuild.rebuilt_rows(plan, source, mixing, spec.name, record, clock, backend))
 
-    with staged_output(out, force) as staging:
+    # The plan holds layouts; the files are opened for reading here, at the edge.
+    with Checkpoint(plan.source) as source, Checkpoint(plan.helper) as helper, staged_output(out, force) as staging:
         # Lay out every output file first, so the byte copies can start at once, in the
         # background, while the neighbour search and the combine run here.
         layouts, copy_jobs, weight_map = [], [], {}
@@ -113,16 +116,16 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
         # The overlap rows of every rebuilt tensor are read into the page cache by the kernel
         # while the search runs, so that the read stage finds them there.
         for name in plan.source_tensors.names:
-            plan.source.prefetch_rows(name, plan.overlap.source_ids)
+            source.prefetch_rows(name, plan.overlap.source_ids)
         try:
             # torch and the compute are imported only now, so the copies need not wait for the import.
             with clock.stage("imports"):
                 from . import rebuild, tensor_io
-                from clpsurgery.mixing.backend import make_engine
+                from clpsurgery.mixing.backend import make_backend
 
-                engine = make_engine(plan.options.device, plan.options.max_memory)  # --device cuda without a GPU fails here
+                backend = make_backend(plan.options.device, memory.search_budget(plan.options.max_memory))  # --device cuda without a GPU fails here
             with rebuild.leave_a_core_for_copies(), clock.stage("search"):
-                mixing = rebuild.find_mixing(plan, progress, result, engine)
+                mixing = rebuild.find_mixing(plan, helper, progress, result, backend)
             with progress("combine, copy and write", _output_bytes(plan)) as advance:
                 result.write_stats.on_bytes = lambda n: advance(n + copier.take_bytes())
                 write_started = time.perf_counter()
@@ -142,7 +145,7 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
                 finish_file(layout, result.write_stats)
         result.write_stats.add(copier.stats)
         result.weight_stats = mixing.stats
-        result.paths = engine.describe()
+        result.paths = backend.describe()
         if plan.source.is_sharded:
             total = _tensor_bytes(plan)
             extra = {k: v for k, v in (plan.source.index or {}).get("metadata", {}).items()}
