@@ -49,7 +49,7 @@ sys.path.insert(0, str(HERE.parent))
 from measure import provenance, write_result  # noqa: E402
 
 # Default text sources per language: Debian packages (`apt-get download` + `dpkg -x`).
-LANGUAGE_DEBS = {"de": ["fortunes-de", "manpages-de"], "en": ["fortunes", "manpages"], "fr": ["fortunes-fr", "manpages-fr"]}
+LANGUAGE_DEBS = {"de": ["fortunes-de", "manpages-de"], "it": ["fortunes-it", "manpages-it"], "en": ["fortunes", "manpages"], "fr": ["fortunes-fr", "manpages-fr"]}
 ENGLISH_CHECK_DEB = "fortunes-min"
 SPLITS = ("tokenizer", "helper", "train", "eval")
 
@@ -641,7 +641,7 @@ def rewrite_embedding(out: Path, change) -> None:
 
 
 def stage_init(args, work: Path, source: Path, helper: Path, variant: str, new_ids) -> Path:
-    """One initialisation. Variants: `WEIGHTING:K[:TEMPERATURE]` through the CLI; `random` (the
+    """One initialisation. Variants: `WEIGHTING:K[:TEMPERATURE]` and `omp:K` through the CLI; `random` (the
     paper's baseline) and `fvt` (a non-CLP reference: each new token the mean of the source rows
     of its pieces under the source tokenizer, Fast Vocabulary Transfer) written by this script;
     any of them followed by `*S` has its new rows scaled by S (a calibration probe). `new_ids`:
@@ -681,7 +681,10 @@ def stage_init(args, work: Path, source: Path, helper: Path, variant: str, new_i
             info = {"fvt": {"rows": len(pieces), "mean_pieces": sum(map(len, pieces.values())) / len(pieces), "no_pieces": len(empty)}}
     else:
         weighting, k, *temperature = base.split(":")
-        options = ["--top-k", k, "--weighting", weighting] + (["--temperature", temperature[0]] if temperature else [])
+        if weighting == "omp":  # orthogonal matching pursuit: k atoms per new token
+            options = ["--method", "omp", "--top-k", k]
+        else:
+            options = ["--top-k", k, "--weighting", weighting] + (["--temperature", temperature[0]] if temperature else [])
         manifest = run_init(source, helper, out, options, args.init_max_memory)
         info = {k2: manifest[k2] for k2 in ("overlap", "missing", "weights", "timings", "stats") if k2 in manifest}
         info = {"manifest": info}

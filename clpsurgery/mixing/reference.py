@@ -40,3 +40,24 @@ def reference_clp(
         weights = cosines[chosen] / cosines[chosen].sum()
         target[token] = weights @ overlap_source[chosen]
     return target
+
+
+def reference_omp(atoms: np.ndarray, target: np.ndarray, candidates: np.ndarray, k: int) -> dict[int, float]:
+    """Orthogonal matching pursuit for one target, plainly: up to k times, take the candidate atom
+    most correlated with the residual (the first of equals), refit all chosen atoms' coefficients
+    by least squares, and stop once nothing correlates. Returns {atom position: coefficient}."""
+    atoms = np.asarray(atoms, dtype=np.float64)
+    y = np.asarray(target, dtype=np.float64)
+    residual = y.copy()
+    chosen: list[int] = []
+    coefficients = np.zeros(0)
+    for _ in range(min(k, len(candidates))):
+        scores = [-1.0 if c in chosen else abs(float(atoms[c] @ residual)) for c in candidates]
+        best = int(np.argmax(scores))
+        if scores[best] <= 1e-9 * max(float(np.linalg.norm(y)), 1e-300):
+            break
+        chosen.append(int(candidates[best]))
+        basis = atoms[chosen].T
+        coefficients = np.linalg.lstsq(basis, y, rcond=None)[0]
+        residual = y - basis @ coefficients
+    return dict(zip(chosen, coefficients.tolist()))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from clpsurgery.formats.checkpoint import GATHER_WINDOW_BYTES, CheckpointLayout
 from clpsurgery.formats.safetensors_header import DTYPE_SIZES
 from clpsurgery.formats.writer import COPY_BUFFER_BYTES
+from clpsurgery.mixing.choices import OMP_BLOCK_BYTES
 
 FP32, FP64 = 4, 8
 # Per neighbour of a new token: its overlap position (int64), its similarity (fp32), its weight
@@ -31,7 +32,7 @@ DENSE_CHUNK_ROWS = 4096
 
 def memory_estimate(
     source: CheckpointLayout, rebuilt: tuple[str, ...], helper: CheckpointLayout, helper_embedding: str,
-    target_size: int, overlap_count: int, missing_count: int, k: int, dense: bool,
+    target_size: int, overlap_count: int, missing_count: int, k: int, dense: bool, method: str = "clp",
 ) -> dict[str, int]:
     """Bytes held at once by the search and by the write stage (row blocks aside)."""
     helper_width = helper.info(helper_embedding).shape[1]
@@ -40,6 +41,8 @@ def memory_estimate(
     dense_vectors = target_size * helper_width * FP32 if dense else 0
     # helper rows as stored, in fp32, and normalised; the overlap's normalised vectors
     search = target_size * helper_width * (helper_bytes + FP32 + FP32) + overlap_count * helper_width * FP32 + neighbour_lists
+    if method == "omp":  # the raw fp32 helper vectors, and one block's candidate atoms and chosen atoms in fp64
+        search += target_size * helper_width * FP32 + 2 * OMP_BLOCK_BYTES
     widest = max(source.info(n).row_bytes for n in rebuilt)
     largest = max(ref.info.nbytes for ref in source.tensors.values())
     gather_window = min(GATHER_WINDOW_BYTES, max(source.info(n).nbytes for n in rebuilt))

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from clpsurgery.errors import SurgeryError
-from clpsurgery.mixing.choices import DEFAULT_TEMPERATURE, DEVICES, SCHEMES
+from clpsurgery.mixing.choices import DEFAULT_TEMPERATURE, DEVICES, METHODS, SCHEMES
 
 MATCH_RULES = ("exact", "canonical")
 DEFAULT_DEVICE = "auto"
@@ -42,7 +42,8 @@ def _option(default, flag: str, help: str, **spec) -> Any:
 class TransferOptions:
     """Every option of a transfer; `top_k=None` is the paper's dense form over the whole overlap."""
 
-    top_k: int | None = _option(DEFAULT_TOP_K, "--top-k", "Neighbours per new token, or 'all' for the paper's dense form.", kind="top_k")
+    method: str = _option("clp", "--method", "clp: neighbours in the helper weighted by similarity (the paper); omp: least-squares combinations of helper atoms (orthogonal matching pursuit).", kind="choice", choices=METHODS)
+    top_k: int | None = _option(DEFAULT_TOP_K, "--top-k", "Neighbours per new token (atoms, for omp), or 'all' for the paper's dense form.", kind="top_k")
     weighting: str = _option(DEFAULT_WEIGHTING, "--weighting", "How similarities become mixing weights.", kind="choice", choices=SCHEMES)
     temperature: float = _option(DEFAULT_TEMPERATURE, "--temperature", "Softmax temperature (softmax weighting only).", kind="float")
     max_memory: int = _option(DEFAULT_MAX_MEMORY, "--max-memory", "Budget for tensors and buffers: row blocks, search chunks, copy buffers.", kind="size", shown_default="1GiB")
@@ -54,6 +55,10 @@ class TransferOptions:
     device: str = _option(DEFAULT_DEVICE, "--device", "Where search and combine run: auto takes the GPU when there is one.", kind="choice", choices=DEVICES)
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise SurgeryError("--method", f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.method == "omp" and self.top_k is None:
+            raise SurgeryError("--top-k", "omp picks a few atoms per token: give a number, not 'all'")
         if self.weighting not in SCHEMES:
             raise SurgeryError("--weighting", f"unknown scheme {self.weighting!r}; choose from {', '.join(SCHEMES)}")
         if self.top_k is not None and self.top_k < 1:

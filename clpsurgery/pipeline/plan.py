@@ -74,7 +74,7 @@ class TransferPlan:
         """Bytes held at once by the search and by the write stage, besides the row blocks."""
         return memory.memory_estimate(
             self.source, self.source_tensors.names, self.helper, self.helper_embedding, self.target_size,
-            self.overlap.count, int(self.overlap.missing_ids.size), self.k, self.options.top_k is None,
+            self.overlap.count, int(self.overlap.missing_ids.size), self.k, self.options.top_k is None, self.options.method,
         )
 
     @property

@@ -18,6 +18,7 @@ from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.mixing.backend import ComputeBackend
 from clpsurgery.pipeline import memory
 from clpsurgery.errors import SurgeryError
+from clpsurgery.mixing.omp import OMP_CANDIDATES, OmpResult, omp_mixing
 from clpsurgery.mixing.neighbours import Neighbours, dense_similarities, normalise_rows
 from clpsurgery.pipeline.plan import TransferPlan
 from clpsurgery.stage_hooks import reached
@@ -31,14 +32,25 @@ if TYPE_CHECKING:
 class Mixing:
     """Neighbour positions and weights for the missing tokens, by position in the missing list."""
 
-    def __init__(self, plan: TransferPlan, overlap_vectors: torch.Tensor, missing_vectors: torch.Tensor, neighbours: Neighbours | None) -> None:
+    def __init__(self, plan: TransferPlan, overlap_vectors: torch.Tensor, missing_vectors: torch.Tensor, neighbours: Neighbours | None, omp: OmpResult | None = None) -> None:
         self.plan = plan
         self.overlap_vectors = overlap_vectors
         self.missing_vectors = missing_vectors
         self.neighbours = neighbours
         self.stats = WeightStats()
         self._weights: torch.Tensor | None = None
-        if neighbours is not None:
+        if omp is not None:  # least-squares coefficients, used as they are
+            coefficients = omp.coefficients
+            self._weights = torch.from_numpy(coefficients.astype(np.float32))
+            self._positions = torch.from_numpy(omp.positions)
+            self.stats = WeightStats(
+                rows=len(coefficients),
+                degenerate_rows=omp.singular_rows,
+                signed_rows=int((coefficients < 0).any(axis=1).sum()),
+                uniform_rows=omp.no_atom_rows,
+                max_abs_weight=float(np.abs(coefficients).max(initial=0.0)),
+            )
+        elif neighbours is not None:
             weights, stats = mixing_weights(torch.from_numpy(neighbours.similarities), plan.options.weighting, plan.options.temperature)
             self._weights = weights
             self._positions = torch.from_numpy(neighbours.positions)
@@ -46,9 +58,9 @@ class Mixing:
 
     @property
     def dense(self) -> bool:
-        return self.neighbours is None
+        return self._weights is None
 
-    def rows(self, start: int, stop: int, record: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def neighbours_and_weights(self, start: int, stop: int, record: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(positions or None for dense, fp32 weights) of missing tokens [start, stop)."""
         if self._weights is not None:
             return self._positions[start:stop], self._weights[start:stop]
@@ -71,6 +83,16 @@ def find_mixing(plan: TransferPlan, helper: Checkpoint, progress: ProgressFactor
     missing_vectors = vectors[torch.from_numpy(overlap.missing_ids)]
     neighbours = None
     reached("search")  # test hook (stage_hooks.py): a no-op unless CLPSURGERY_PAUSE_AT names it
+    if plan.options.method == "omp" and overlap.missing_ids.size:
+        raw = helper_rows.to(torch.float32).numpy()  # OMP rebuilds the helper's vectors as they are, norms included
+        candidates = min(overlap.count, max(OMP_CANDIDATES, plan.k))
+
+        def search(start: int, stop: int) -> Neighbours:
+            return backend.search_top_k(overlap_vectors, missing_vectors[start:stop], candidates)
+
+        with progress("orthogonal matching pursuit", int(overlap.missing_ids.size)) as advance:
+            pursuit = omp_mixing(raw[overlap.target_ids], raw[overlap.missing_ids], plan.k, search, on_rows=advance)
+        return Mixing(plan, overlap_vectors, missing_vectors, None, omp=pursuit)
     if plan.options.top_k is not None and overlap.missing_ids.size:
         with progress("neighbour search", int(overlap.missing_ids.size)) as advance:
             neighbours = backend.search_top_k(overlap_vectors, missing_vectors, plan.k, on_chunk=advance)
@@ -128,7 +150,7 @@ def rebuilt_rows(plan: TransferPlan, source: Checkpoint, mixing: Mixing, name: s
         if (mixed >= 0).any():
             first, last = int(mixed[mixed >= 0][0]), int(mixed[mixed >= 0][-1]) + 1
             with clock.stage("combine"):
-                positions, weights = mixing.rows(first, last, record)
+                positions, weights = mixing.neighbours_and_weights(first, last, record)
                 if positions is None:
                     rows = backend.combine_dense(mixing_rows, weights, dtype, memory.DENSE_CHUNK_ROWS)
                 else:
