@@ -5,7 +5,7 @@ sharded at 5 GB as the hub does, each with a small helper that has a real target
 then, in one run and on the same disk:
 
   cp      `cp -r SOURCE COPY && sync`: the physical floor
-  init    `clpsurgery init SOURCE HELPER OUT --quiet` with the default options
+  init    `clpsurgery init SOURCE HELPER OUT --quiet` with the default options (or --init-options)
   dense   the same with `--top-k all` (the paper's dense form)
 
 Each is a child process whose peak RSS is its own VmHWM, polled; before each, the source is
@@ -225,6 +225,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "tmp-seven-b")
     parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--init-options", default="", help="extra init flags for the init runs, e.g. '--method omp --top-k 8'")
     parser.add_argument("--json-out", type=Path,
                         help="write the results here instead of benchmarks/results/seven_b/current.json (a trial run)")
     parser.add_argument("--label", help="a word naming this result in the archive (default: warm with --source-cache as-is)")
@@ -258,7 +259,7 @@ def main() -> int:
                 print(f"  cp -r    {runs['cp'][-1]['seconds']:7.1f} s  peak {runs['cp'][-1]['peak_rss_kib'] / 1024:7.0f} MiB", flush=True)
             for _ in range(args.repeats):
                 cold()
-                runs["init"].append(run_init(source, helper, work / "out", []))
+                runs["init"].append(run_init(source, helper, work / "out", args.init_options.split()))
                 r = runs["init"][-1]
                 print(f"  init     {r['seconds']:7.1f} s  peak {r['peak_rss_kib'] / 1024:7.0f} MiB  {r['stage_seconds']}", flush=True)
             for _ in range(0 if args.skip_dense else args.repeats):

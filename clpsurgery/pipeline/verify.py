@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -312,20 +312,28 @@ def _check_shapes(out: Path, target: Checkpoint, rebuilt: dict[str, tuple[int, .
         report(Check(True, "shapes", f"embedding {names[0]} [{rows}, {width}] agrees with config.json and the tokenizer" + (f"; {', '.join(names[1:])} too" if names[1:] else "")))
 
 
+def _first_failing_row(blocks: Iterable[tuple[int, np.ndarray]]) -> int | None:
+    """The first row whose check is False, from (first row, per-row verdicts) blocks; reading stops there."""
+    for start, ok in blocks:
+        if not ok.all():
+            return start + int(np.flatnonzero(~ok)[0])
+    return None
+
+
 def _check_finite(target: Checkpoint, rebuilt: dict[str, tuple[int, ...] | None], progress, report: Callable[[Check], None]) -> None:
     for name in (n for n in rebuilt if n in target):
         info = target.info(name)
         if info.dtype not in FLOAT_DTYPES:
             report(Check(False, f"finite {name}", f"dtype {info.dtype} is not a float"))
             continue
-        bad = None
         with _bar(progress, f"finite {name}", info.nbytes) as advance:
-            for start, stop in row_blocks(info.rows, max(1, BLOCK_BYTES // max(1, info.row_bytes))):
-                finite = target.read_rows(name, start, stop).finite_rows()
-                advance((stop - start) * info.row_bytes)
-                if not finite.all():
-                    bad = start + int(np.flatnonzero(~finite)[0])
-                    break
+
+            def finite_blocks() -> Iterator[tuple[int, np.ndarray]]:
+                for start, stop in row_blocks(info.rows, max(1, BLOCK_BYTES // max(1, info.row_bytes))):
+                    yield start, target.read_rows(name, start, stop).finite_rows()
+                    advance((stop - start) * info.row_bytes)
+
+            bad = _first_failing_row(finite_blocks())
         if bad is None:
             report(Check(True, f"finite {name}", f"all {info.rows} rows finite"))
         else:
@@ -411,18 +419,14 @@ def _check_overlap_rows(manifest: dict, target: Checkpoint, source: Checkpoint, 
         if target_ids.size and (target_ids.min() < 0 or target_ids.max() >= rows or source_ids.min() < 0 or source_ids.max() >= source_rows):
             report(Check(False, f"overlap rows {name}", "the manifest's pairs name rows outside the tensors"))
             continue
-        bad = None
-        step = max(1, BLOCK_BYTES // max(1, target.info(name).row_bytes))
-        for start in range(0, target_ids.size, step):
-            mine = target.gather_rows(name, target_ids[start : start + step])
-            theirs = source.gather_rows(name, source_ids[start : start + step])
-            if mine.dtype == theirs.dtype and mine.data.shape == theirs.data.shape:
-                equal = (mine.data == theirs.data).all(axis=1)
-            else:
-                equal = np.zeros(len(mine.data), dtype=bool)
-            if not equal.all():
-                bad = start + int(np.flatnonzero(~equal)[0])
-                break
+        def equal_blocks() -> Iterator[tuple[int, np.ndarray]]:
+            for start, stop in row_blocks(target_ids.size, max(1, BLOCK_BYTES // max(1, target.info(name).row_bytes))):
+                mine = target.gather_rows(name, target_ids[start:stop])
+                theirs = source.gather_rows(name, source_ids[start:stop])
+                same_layout = mine.dtype == theirs.dtype and mine.data.shape == theirs.data.shape
+                yield start, (mine.data == theirs.data).all(axis=1) if same_layout else np.zeros(len(mine.data), dtype=bool)
+
+        bad = _first_failing_row(equal_blocks())
         if bad is None:
             report(Check(True, f"overlap rows {name}", f"{target_ids.size} rows equal to the SOURCE rows they copy"))
         else:
