@@ -237,8 +237,8 @@ def copy_range(
 def in_page_cache(source: Path, offset: int, length: int, probes: int = 5) -> bool:
     """Whether a range of a file looks cached: a 4 KiB read with RWF_NOWAIT (which fails instead
     of going to the disk) at `probes` places across it all succeed. A cached source is copied
-    from memory faster than direct I/O reads it again from the disk (LLaMA-2-7B, source cached:
-    a cp 11.3 s, init with direct copies 18.5-21.1 s); where the probe is not available, False."""
+    from memory faster than direct I/O reads it again from the disk (README, 7B section); where
+    the probe is not available, False."""
     flag = getattr(os, "RWF_NOWAIT", None)
     if flag is None or length <= 0:
         return False
@@ -287,11 +287,9 @@ def _copy_regular(source: Path, offset: int, length: int, dst_fd: int, dst_offse
 class DirectCopier:
     """Copies whole 4 KiB blocks of a destination file with direct I/O (O_DIRECT), past the page cache.
 
-    On the development machine (a 2-core VM, ext4 on a virtio disk) a copy through the page cache
-    is bound by the CPU, not the disk: `cp` of a cold 4 GB file took 8.1 s, 8.0 s of it in the
-    kernel (a cold read alone costs about 1 s of CPU per GB); the same copy with O_DIRECT took
-    5.4 s and 0.3 s of CPU (`dd iflag=direct oflag=direct`). So the copies finish sooner and
-    leave the cores to the search and the combine.
+    A copy through the page cache can be bound by the CPU rather than the disk (it was on the
+    2-core machine of the 7B benchmark: README, 7B section); a direct copy costs almost no CPU,
+    so the copies finish sooner and leave the cores to the search and the combine.
 
     The source is read in aligned blocks around each chunk; where the source and destination
     offsets differ modulo the block size, the chunk is moved to the second buffer to align it.
