@@ -116,7 +116,7 @@ def test_init_method_omp_writes_the_float64_formula(gpt2_source, german_helper, 
     rng = np.random.default_rng(0)
     for m in rng.choice(missing, size=25, replace=False):
         cos = (atoms / np.linalg.norm(atoms, axis=1, keepdims=True)) @ (h[m] / np.linalg.norm(h[m]))
-        candidates = np.argsort(-cos, kind="stable")[:128]
+        candidates = np.argsort(-cos, kind="stable")[:32]
         expected = reference_omp(atoms, h[m], candidates, 4)
         row = sum(w * src[source_ids[p]] for p, w in expected.items())
         assert written[m] == pytest.approx(row, rel=1e-4, abs=1e-5)

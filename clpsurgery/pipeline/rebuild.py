@@ -18,7 +18,7 @@ from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.mixing.backend import ComputeBackend
 from clpsurgery.pipeline import memory
 from clpsurgery.errors import SurgeryError
-from clpsurgery.mixing.omp import OMP_CANDIDATES, OmpResult, omp_mixing
+from clpsurgery.mixing.omp import CANDIDATES_PER_ATOM, OMP_CANDIDATES, OmpResult, omp_mixing
 from clpsurgery.mixing.neighbours import Neighbours, dense_similarities, normalise_rows
 from clpsurgery.pipeline.plan import TransferPlan
 from clpsurgery.stage_hooks import reached
@@ -85,7 +85,7 @@ def find_mixing(plan: TransferPlan, helper: Checkpoint, progress: ProgressFactor
     reached("search")  # test hook (stage_hooks.py): a no-op unless CLPSURGERY_PAUSE_AT names it
     if plan.options.method == "omp" and overlap.missing_ids.size:
         raw = helper_rows.to(torch.float32).numpy()  # OMP rebuilds the helper's vectors as they are, norms included
-        candidates = min(overlap.count, max(OMP_CANDIDATES, plan.k))
+        candidates = min(overlap.count, max(OMP_CANDIDATES, CANDIDATES_PER_ATOM * plan.k))
 
         def search(start: int, stop: int) -> Neighbours:
             return backend.search_top_k(overlap_vectors, missing_vectors[start:stop], candidates)
