@@ -152,20 +152,25 @@ def init_command(source: Path, helper: Path, out: Path, options: TransferOptions
     if not quiet:
         click.echo(
             f"vocabulary {summary['source_vocab_size']} -> {summary['target_vocab_size']}: "
-            f"{summary['overlap']} tokens shared, {summary['missing']} to combine from "
-            f"{plan.k} neighbours ({options.weighting}); rebuilding {', '.join(plan.source_tensors.names)}",
+            f"{summary['overlap']} tokens shared, {summary['missing']} to combine "
+            + ("from their pieces under the source tokenizer (fvt)" if options.method == "fvt" else f"from {plan.k} {'atoms (omp)' if options.method == 'omp' else f'neighbours ({options.weighting})'}")
+            + f"; rebuilding {', '.join(plan.source_tensors.names)}",
             err=True,
         )
     result = run_transfer(plan, out, force=force, progress=progress_factory(quiet), command=["clpsurgery", *sys.argv[1:]])
     stats = result.weight_stats
     seconds = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
     click.echo(f"wrote {out} ({seconds})")
-    if stats.degenerate_rows or stats.uniform_rows:
+    if options.method == "clp" and (stats.degenerate_rows or stats.uniform_rows):
         click.echo(
             f"note: {stats.degenerate_rows} rows had a similarity sum that was zero, negative or tiny "
             f"and were clipped; {stats.uniform_rows} had no positive similarity and got uniform weights",
             err=True,
         )
+    if options.method == "omp" and (stats.degenerate_rows or stats.uniform_rows):
+        click.echo(f"note: {stats.degenerate_rows} rows had nearly dependent atoms (solved with a small ridge); {stats.uniform_rows} had a zero helper vector and got the mean of their nearest tokens", err=True)
+    if stats.empty_rows:
+        click.echo(f"note: {stats.empty_rows} target tokens have no piece the source tokenizer can encode (or no token at their id): their rows are zero", err=True)
 
 
 def _check_out_apart(out: Path, source: Path, helper: Path, source_tokenizer: str | None = None, source_config: str | None = None) -> None:

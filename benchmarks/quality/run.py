@@ -641,9 +641,9 @@ def rewrite_embedding(out: Path, change) -> None:
 
 
 def stage_init(args, work: Path, source: Path, helper: Path, variant: str, new_ids) -> Path:
-    """One initialisation. Variants: `WEIGHTING:K[:TEMPERATURE]` and `omp:K` through the CLI; `random` (the
-    paper's baseline) and `fvt` (a non-CLP reference: each new token the mean of the source rows
-    of its pieces under the source tokenizer, Fast Vocabulary Transfer) written by this script;
+    """One initialisation. Variants: `WEIGHTING:K[:TEMPERATURE]`, `omp:K` and `fvt` (helper-free:
+    each new token the mean of the source rows of its pieces) through the CLI; `random` (the
+    paper's baseline) written by this script;
     any of them followed by `*S` has its new rows scaled by S (a calibration probe). `new_ids`:
     new_token_ids(source, helper)."""
     params = {"source": source.name, "helper": helper.name, "variant": variant, "seed": args.seed, "v": 1}
@@ -654,31 +654,21 @@ def stage_init(args, work: Path, source: Path, helper: Path, variant: str, new_i
     base, _, scale = variant.partition("*")
     import torch
 
-    if base in ("random", "fvt"):
+    if base == "random":
         # Same shapes and other tensors as a CLP output, then the embedding rewritten.
         manifest = run_init(source, helper, out, ["--top-k", "10"], args.init_max_memory)
         (out / "clpsurgery.json").unlink()
         from safetensors.torch import load_file
 
         src = load_file(str(source / "model.safetensors"))["model.embed_tokens.weight"].float()
-        if base == "random":
-            # Every row drawn per dimension from the source embedding's mean and standard deviation.
-            mean, std = src.mean(0), src.std(0)
-            g = torch.Generator().manual_seed(args.seed)
-            rewrite_embedding(out, lambda emb: mean + std * torch.randn(emb.shape, generator=g))
-            info = {"random": {"mean_of_mean": float(mean.mean()), "mean_of_std": float(std.mean())}}
-        else:
-            src_tok, tgt_tok = load_tokenizer(source), load_tokenizer(helper)
-            pieces = {int(t): src_tok(tgt_tok.decode([int(t)]), add_special_tokens=False)["input_ids"] for t in new_ids}
-            empty = [t for t, p in pieces.items() if not p]
-
-            def fvt(emb):
-                for t, p in pieces.items():
-                    emb[t] = src[p].mean(0) if p else src.mean(0)
-                return emb
-
-            rewrite_embedding(out, fvt)
-            info = {"fvt": {"rows": len(pieces), "mean_pieces": sum(map(len, pieces.values())) / len(pieces), "no_pieces": len(empty)}}
+        # Every row drawn per dimension from the source embedding's mean and standard deviation.
+        mean, std = src.mean(0), src.std(0)
+        g = torch.Generator().manual_seed(args.seed)
+        rewrite_embedding(out, lambda emb: mean + std * torch.randn(emb.shape, generator=g))
+        info = {"random": {"mean_of_mean": float(mean.mean()), "mean_of_std": float(std.mean())}}
+    elif base == "fvt":  # helper-free, through the CLI: each new token the mean of its source pieces
+        manifest = run_init(source, helper, out, ["--method", "fvt"], args.init_max_memory)
+        info = {"manifest": {k2: manifest[k2] for k2 in ("overlap", "missing", "weights", "timings", "stats") if k2 in manifest}}
     else:
         weighting, k, *temperature = base.split(":")
         if weighting == "omp":  # orthogonal matching pursuit: k atoms per new token

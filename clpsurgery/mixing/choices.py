@@ -3,9 +3,11 @@ that the command line can list them without loading it."""
 
 from __future__ import annotations
 
-# Methods of initialisation: clp (helper neighbours weighted by similarity) or omp (helper atoms
-# with least-squares coefficients).
-METHODS = ("clp", "omp")
+# Methods of initialisation: clp (helper neighbours weighted by similarity), omp (helper atoms
+# with least-squares coefficients), fvt (the mean of the token's pieces under the source tokenizer,
+# no helper model).
+METHODS = ("clp", "omp", "fvt")
+HELPER_FREE_METHODS = ("fvt",)
 SCHEMES = ("clp", "clp-clipped", "softmax", "sparsemax")
 DEFAULT_TEMPERATURE = 0.1  # WECHSEL's tau
 DEVICES = ("auto", "cpu", "cuda")  # where search and combine run; auto takes the GPU when there is one

@@ -30,6 +30,7 @@ class WeightStats:
     signed_rows: int = 0  # rows written with a negative weight (only faithful clp keeps these)
     clipped_rows: int = 0  # rows where negative similarities were clipped to zero
     uniform_rows: int = 0  # no positive similarity at all: uniform weights over the neighbours
+    empty_rows: int = 0  # nothing to mix (fvt: no piece the source can encode): a zero row
     max_abs_weight: float = 0.0
 
     def add(self, other: WeightStats) -> None:
@@ -38,6 +39,7 @@ class WeightStats:
         self.signed_rows += other.signed_rows
         self.clipped_rows += other.clipped_rows
         self.uniform_rows += other.uniform_rows
+        self.empty_rows += other.empty_rows
         self.max_abs_weight = max(self.max_abs_weight, other.max_abs_weight)
 
     def as_dict(self) -> dict[str, float | int]:

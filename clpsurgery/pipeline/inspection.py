@@ -210,7 +210,8 @@ def inspect_transfer(source: str | Path, helper: str | Path, options, source_tok
 def format_transfer_report(report: dict) -> str:
     t = report["source_tensors"]
     lines = [f"source       {report['source']}  ({t['family'] or 'family by tensor names'})"]
-    lines.append(f"helper       {report['helper']}  (embedding {report['helper_embedding']['name']} {report['helper_embedding']['shape']})")
+    embedding = report["helper_embedding"]
+    lines.append(f"helper       {report['helper']}  " + (f"(embedding {embedding['name']} {embedding['shape']})" if embedding else "(tokenizer only: a helper-free method)"))
     head = f"{t['head']} (untied)" if t["head"] else "tied to the embedding"
     lines.append(f"tensors      embedding {t['embedding']}, head {head}" + (f", bias {t['head_bias']}" if t["head_bias"] else "") + (f", copies {', '.join(t['copies'])}" if t["copies"] else ""))
     for role, v in report["tokenizers"].items():

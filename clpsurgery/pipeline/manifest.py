@@ -148,7 +148,7 @@ def build_manifest(plan: TransferPlan, staging: Path, result: TransferResult, co
         "command": command,
         "inputs": {
             "source": {"path": str(plan.source_path), "files": checkpoint_files(plan.source)},
-            "helper": {"path": str(plan.helper_path), "files": checkpoint_files(plan.helper)},
+            "helper": {"path": str(plan.helper_path), "files": [] if plan.helper is None else checkpoint_files(plan.helper)},
             "source_tokenizer": str(plan.source_vocab.path),
             "target_tokenizer": str(plan.target_vocab.path),
             "source_config": str(plan.source_config_path),

@@ -26,17 +26,21 @@ MIN_BLOCK_BYTES = 16 * 1024 * 1024
 # A search chunk's fp32 score matrix (and as much again for top-k's workspace) may take this part
 # of --max-memory: the rest holds the vectors and the neighbour lists.
 SEARCH_SHARE = 4
+# Pieces per new token the memory model allows for under fvt (a word rarely takes more; a longer
+# one only makes its block smaller).
+FVT_PIECES = 16
 # The dense combine converts the overlap rows to fp32 this many at a time.
 DENSE_CHUNK_ROWS = 4096
 
 
 def memory_estimate(
-    source: CheckpointLayout, rebuilt: tuple[str, ...], helper: CheckpointLayout, helper_embedding: str,
+    source: CheckpointLayout, rebuilt: tuple[str, ...], helper: CheckpointLayout | None, helper_embedding: str | None,
     target_size: int, overlap_count: int, missing_count: int, k: int, dense: bool, method: str = "clp",
 ) -> dict[str, int]:
     """Bytes held at once by the search and by the write stage (row blocks aside)."""
-    helper_width = helper.info(helper_embedding).shape[1]
-    helper_bytes = DTYPE_SIZES[helper.info(helper_embedding).dtype]
+    # A helper-free method reads no helper vectors (its piece lists are counted as neighbour lists).
+    helper_width = 0 if helper is None else helper.info(helper_embedding).shape[1]
+    helper_bytes = 0 if helper is None else DTYPE_SIZES[helper.info(helper_embedding).dtype]
     neighbour_lists = 0 if dense else missing_count * k * NEIGHBOUR_ENTRY_BYTES
     dense_vectors = target_size * helper_width * FP32 if dense else 0
     # helper rows as stored, in fp32, and normalised; the overlap's normalised vectors

@@ -16,6 +16,7 @@ from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
 from clpsurgery.vocab.vocabulary import Overlap, Vocabulary, find_tokenizer_file, load_vocabulary, match_overlap
 from clpsurgery.pipeline.options import TransferOptions
+from clpsurgery.mixing.choices import HELPER_FREE_METHODS
 from clpsurgery.pipeline import memory
 
 def _mib(n: int) -> str:
@@ -29,9 +30,9 @@ class TransferPlan:
     source_path: Path
     helper_path: Path
     source: CheckpointLayout
-    helper: CheckpointLayout
+    helper: CheckpointLayout | None  # None: a helper-free method (only the target tokenizer is read)
     source_tensors: VocabTensors
-    helper_embedding: str
+    helper_embedding: str | None
     source_vocab: Vocabulary
     target_vocab: Vocabulary
     overlap: Overlap
@@ -46,8 +47,9 @@ class TransferPlan:
         return self.source.info(self.source_tensors.embedding).shape[1]
 
     @property
-    def helper_hidden_size(self) -> int:
-        return self.helper.info(self.helper_embedding).shape[1]
+    def dense(self) -> bool:
+        """The paper's dense form: clp over the whole overlap."""
+        return self.options.method == "clp" and self.options.top_k is None
 
     @property
     def target_size(self) -> int:
@@ -67,14 +69,17 @@ class TransferPlan:
 
     @property
     def k(self) -> int:
-        """Neighbours per missing token (the whole overlap in the dense form)."""
+        """Neighbours per missing token (the whole overlap in the dense form; for fvt, the pieces
+        the memory model allows for)."""
+        if self.options.method == "fvt":
+            return memory.FVT_PIECES
         return self.overlap.count if self.options.top_k is None else min(self.options.top_k, self.overlap.count)
 
     def memory_estimate(self) -> dict[str, int]:
         """Bytes held at once by the search and by the write stage, besides the row blocks."""
         return memory.memory_estimate(
             self.source, self.source_tensors.names, self.helper, self.helper_embedding, self.target_size,
-            self.overlap.count, int(self.overlap.missing_ids.size), self.k, self.options.top_k is None, self.options.method,
+            self.overlap.count, int(self.overlap.missing_ids.size), self.k, self.dense, self.options.method,
         )
 
     @property
@@ -114,7 +119,7 @@ class TransferPlan:
             "head": self.source_tensors.head,
             "head_bias": self.source_tensors.head_bias,
             "tied": self.source_tensors.tied,
-            "helper_embedding": {"name": self.helper_embedding, "shape": list(self.helper.info(self.helper_embedding).shape)},
+            "helper_embedding": None if self.helper is None else {"name": self.helper_embedding, "shape": list(self.helper.info(self.helper_embedding).shape)},
             "rebuilt_tensors": rebuilt,
             "bytes_to_compute": rebuilt_bytes,
             "bytes_to_copy": untouched,
@@ -165,9 +170,11 @@ def make_plan(
     """Open and check both models, read both vocabularies and compute the overlap."""
     source_path, helper_path = Path(source_path), Path(helper_path)
     source = CheckpointLayout.open(source_path)
+    helper_free = options.method in HELPER_FREE_METHODS
     if not helper_path.is_dir():
-        raise SurgeryError(helper_path, "the helper must be a model folder (weights, tokenizer.json, config.json)")
-    helper = CheckpointLayout.open(helper_path)
+        what = "the target tokenizer" if helper_free else "weights, tokenizer.json, config.json"
+        raise SurgeryError(helper_path, f"the helper must be a model folder ({what})")
+    helper = None if helper_free else CheckpointLayout.open(helper_path)
     config_path = find_source_file(source_path, source_config, "config.json", "--source-config")
     config = read_config(config_path)
     generation_config_path = config_path.parent / "generation_config.json"
@@ -177,14 +184,13 @@ def make_plan(
     source_tensors = find_vocab_tensors(
         source_shapes, str(source_path), options.embedding_tensor, options.head_tensor, options.head_bias_tensor, config
     )
-    helper_tensors = find_helper_embedding({n: r.info.shape for n, r in helper.tensors.items()}, str(helper_path), helper_config)
+    helper_tensors = None if helper is None else find_helper_embedding({n: r.info.shape for n, r in helper.tensors.items()}, str(helper_path), helper_config)
     for name in source_tensors.names:
         dtype = source.info(name).dtype
         if dtype not in FLOAT_DTYPES or dtype.startswith("F8"):
             raise SurgeryError(source_path, f"tensor {name!r} is {dtype}; clpsurgery rebuilds F16, BF16, F32 and F64 embeddings")
-    helper_dtype = helper.info(helper_tensors.embedding).dtype
-    if helper_dtype not in FLOAT_DTYPES:
-        raise SurgeryError(helper_path, f"helper embedding {helper_tensors.embedding!r} is {helper_dtype}, not a float")
+    if helper is not None and helper.info(helper_tensors.embedding).dtype not in FLOAT_DTYPES:
+        raise SurgeryError(helper_path, f"helper embedding {helper_tensors.embedding!r} is {helper.info(helper_tensors.embedding).dtype}, not a float")
 
     source_vocab = load_vocabulary(find_source_tokenizer(source_path, source_tokenizer), config)
     target_vocab = load_vocabulary(helper_path, helper_config)
@@ -194,22 +200,23 @@ def make_plan(
             source_vocab.path,
             f"tokenizer has ids up to {source_vocab.size - 1} but the embedding {source_tensors.embedding!r} has {source_rows} rows",
         )
-    helper_rows, helper_hidden = helper.info(helper_tensors.embedding).shape
-    if helper_rows < target_vocab.size:
-        raise SurgeryError(
-            helper_path,
-            f"helper embedding {helper_tensors.embedding!r} has {helper_rows} rows, fewer than its tokenizer's {target_vocab.size} ids",
-        )
-    if helper_config is not None:
-        configured_hidden = helper_config.get("hidden_size", helper_config.get("n_embd", helper_config.get("d_model")))
-        tied_proj = helper_config.get("word_embed_proj_dim")  # OPT embeds at a smaller width
-        if isinstance(configured_hidden, int) and helper_hidden not in (configured_hidden, tied_proj):
+    if helper is not None:
+        helper_rows, helper_hidden = helper.info(helper_tensors.embedding).shape
+        if helper_rows < target_vocab.size:
             raise SurgeryError(
                 helper_path,
-                f"helper embedding width {helper_hidden} does not match hidden size {configured_hidden} in its config.json",
+                f"helper embedding {helper_tensors.embedding!r} has {helper_rows} rows, fewer than its tokenizer's {target_vocab.size} ids",
             )
+        if helper_config is not None:
+            configured_hidden = helper_config.get("hidden_size", helper_config.get("n_embd", helper_config.get("d_model")))
+            tied_proj = helper_config.get("word_embed_proj_dim")  # OPT embeds at a smaller width
+            if isinstance(configured_hidden, int) and helper_hidden not in (configured_hidden, tied_proj):
+                raise SurgeryError(
+                    helper_path,
+                    f"helper embedding width {helper_hidden} does not match hidden size {configured_hidden} in its config.json",
+                )
     overlap = match_overlap(source_vocab, target_vocab, source_rows, options.match)
-    if overlap.count == overlap.counts().get("role", 0):
+    if overlap.count == overlap.counts().get("role", 0) and not helper_free:
         raise SurgeryError(
             helper_path,
             f"its tokenizer shares no token with the source's under --match {options.match} "
@@ -221,7 +228,7 @@ def make_plan(
         source=source,
         helper=helper,
         source_tensors=source_tensors,
-        helper_embedding=helper_tensors.embedding,
+        helper_embedding=None if helper_tensors is None else helper_tensors.embedding,
         source_vocab=source_vocab,
         target_vocab=target_vocab,
         overlap=overlap,

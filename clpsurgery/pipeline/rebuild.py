@@ -18,6 +18,7 @@ from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.mixing.backend import ComputeBackend
 from clpsurgery.pipeline import memory
 from clpsurgery.errors import SurgeryError
+from clpsurgery.mixing.fvt import FvtResult, fvt_mixing
 from clpsurgery.mixing.omp import CANDIDATES_PER_ATOM, OMP_CANDIDATES, OmpResult, omp_mixing
 from clpsurgery.mixing.neighbours import Neighbours, dense_similarities, normalise_rows
 from clpsurgery.pipeline.plan import TransferPlan
@@ -32,14 +33,23 @@ if TYPE_CHECKING:
 class Mixing:
     """Neighbour positions and weights for the missing tokens, by position in the missing list."""
 
-    def __init__(self, plan: TransferPlan, overlap_vectors: torch.Tensor, missing_vectors: torch.Tensor, neighbours: Neighbours | None, omp: OmpResult | None = None) -> None:
+    def __init__(
+        self, plan: TransferPlan, overlap_vectors: torch.Tensor | None, missing_vectors: torch.Tensor | None,
+        neighbours: Neighbours | None, omp: OmpResult | None = None, fvt: FvtResult | None = None,
+    ) -> None:
         self.plan = plan
+        # Source rows mixed besides the overlap's, at positions overlap.count and on (fvt's pieces).
+        self.extra_source_ids = np.zeros(0, dtype=np.int64) if fvt is None else fvt.extra_source_ids
         self.overlap_vectors = overlap_vectors
         self.missing_vectors = missing_vectors
         self.neighbours = neighbours
         self.stats = WeightStats()
         self._weights: torch.Tensor | None = None
-        if omp is not None:  # least-squares coefficients, used as they are
+        if fvt is not None:
+            self._weights = torch.from_numpy(fvt.weights)
+            self._positions = torch.from_numpy(fvt.positions)
+            self.stats = WeightStats(rows=len(fvt.weights), empty_rows=fvt.empty_rows, max_abs_weight=float(fvt.weights.max(initial=0.0)))
+        elif omp is not None:  # least-squares coefficients, used as they are
             coefficients = omp.coefficients
             self._weights = torch.from_numpy(coefficients.astype(np.float32))
             self._positions = torch.from_numpy(omp.positions)
@@ -60,6 +70,11 @@ class Mixing:
     def dense(self) -> bool:
         return self._weights is None
 
+    @property
+    def width(self) -> int:
+        """Source rows mixed per new token."""
+        return self.plan.overlap.count if self._weights is None else int(self._weights.shape[1])
+
     def neighbours_and_weights(self, start: int, stop: int, record: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(positions or None for dense, fp32 weights) of missing tokens [start, stop)."""
         if self._weights is not None:
@@ -71,9 +86,15 @@ class Mixing:
         return None, weights
 
 
-def find_mixing(plan: TransferPlan, helper: Checkpoint, progress: ProgressFactory, result: TransferResult, backend: ComputeBackend) -> Mixing:
-    """Helper vectors of every target token, normalised; the top-k search unless dense."""
+def find_mixing(plan: TransferPlan, source_vocab_pieces, helper: Checkpoint | None, progress: ProgressFactory, result: TransferResult, backend: ComputeBackend) -> Mixing:
+    """The method's source rows and weights for every missing token: fvt from the pieces under the
+    source tokenizer (`source_vocab_pieces(missing ids)`), clp and omp from the helper's vectors."""
     overlap = plan.overlap
+    if plan.options.method == "fvt":
+        reached("search")
+        with progress("source pieces", int(overlap.missing_ids.size)):
+            pieces = source_vocab_pieces(overlap.missing_ids)
+        return Mixing(plan, None, None, None, fvt=fvt_mixing(pieces, overlap.source_ids))
     helper_rows = as_tensor(helper.read_rows(plan.helper_embedding, 0, plan.target_size))
     if not torch.isfinite(helper_rows.to(torch.float32)).all():
         bad = int((~torch.isfinite(helper_rows.to(torch.float32))).any(dim=1).nonzero()[0])
@@ -99,12 +120,12 @@ def find_mixing(plan: TransferPlan, helper: Checkpoint, progress: ProgressFactor
     return Mixing(plan, overlap_vectors, missing_vectors, neighbours)
 
 
-def overlap_rows(plan: TransferPlan, source: Checkpoint, name: str) -> torch.Tensor:
-    """The source rows of a rebuilt tensor that the overlap copies, checked finite."""
-    rows = as_tensor(source.gather_rows(name, plan.overlap.source_ids))
+def read_source_rows(plan: TransferPlan, source: Checkpoint, name: str, source_ids: np.ndarray) -> torch.Tensor:
+    """The source rows of a rebuilt tensor that the target copies or mixes, checked finite."""
+    rows = as_tensor(source.gather_rows(name, source_ids))
     finite = torch.isfinite(rows.to(torch.float32).reshape(rows.shape[0], -1)).all(dim=1)
     if not finite.all():
-        source_id = int(plan.overlap.source_ids[int((~finite).nonzero()[0])])
+        source_id = int(source_ids[int((~finite).nonzero()[0])])
         raise SurgeryError(plan.source_path, f"tensor {name!r} has NaN or Inf in row {source_id}, which the target copies")
     return rows
 
@@ -117,7 +138,8 @@ def rebuilt_rows(plan: TransferPlan, source: Checkpoint, mixing: Mixing, name: s
     """
     overlap = plan.overlap
     with clock.stage("read"):
-        source_overlap_rows = overlap_rows(plan, source, name)
+        # the overlap's rows (copied, and mixed by clp and omp), then any other rows a method mixes
+        source_overlap_rows = read_source_rows(plan, source, name, np.concatenate([overlap.source_ids, mixing.extra_source_ids]))
     dtype = source_overlap_rows.dtype
     row_shape = tuple(source_overlap_rows.shape[1:])
     source_2d = source_overlap_rows.reshape(source_overlap_rows.shape[0], -1)
@@ -128,7 +150,7 @@ def rebuilt_rows(plan: TransferPlan, source: Checkpoint, mixing: Mixing, name: s
     if backend.gpu:
         mixing_rows = backend.rows_for_combine(source_2d)  # on the GPU, in the source dtype
     elif source_2d.numel() * 4 <= budget // 2:
-        if plan.options.top_k is not None:
+        if not mixing.dense:
             mixing_rows = ColumnBlocks.of(source_2d)
             budget -= mixing_rows.nbytes
         else:
@@ -141,7 +163,7 @@ def rebuilt_rows(plan: TransferPlan, source: Checkpoint, mixing: Mixing, name: s
     missing_position = np.full(plan.target_size, -1, dtype=np.int64)
     missing_position[overlap.missing_ids] = np.arange(overlap.missing_ids.size)
     mixed_sum = torch.zeros(width, dtype=torch.float64)
-    for start, stop in row_blocks(plan.target_size, memory.block_rows(budget, plan.target_size, width, plan.k, plan.overlap.count, plan.options.top_k is None)):
+    for start, stop in row_blocks(plan.target_size, memory.block_rows(budget, plan.target_size, width, mixing.width, plan.overlap.count, mixing.dense)):
         block = torch.empty((stop - start, width), dtype=dtype)
         copied = overlap_position[start:stop]
         is_copied = torch.from_numpy(copied >= 0)

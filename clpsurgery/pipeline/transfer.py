@@ -7,6 +7,7 @@ then the side files and the manifest. Time is recorded per stage.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
@@ -23,6 +24,7 @@ from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.pipeline import memory
 from clpsurgery.pipeline.plan import TransferPlan
 from clpsurgery.formats.safetensors_header import TensorSpec
+from clpsurgery.vocab.pieces import source_pieces
 from clpsurgery.vocab.vocabulary import TOKENIZER_FILES
 from clpsurgery.formats.writer import (
     BackgroundCopier,
@@ -95,7 +97,8 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
         return lambda: tensor_io.checked_blocks(spec, rebuild.rebuilt_rows(plan, source, mixing, spec.name, record, clock, backend))
 
     # The plan holds layouts; the files are opened for reading here, at the edge.
-    with Checkpoint(plan.source) as source, Checkpoint(plan.helper) as helper, staged_output(out, force) as staging:
+    helper_reader = Checkpoint(plan.helper) if plan.helper is not None else contextlib.nullcontext(None)
+    with Checkpoint(plan.source) as source, helper_reader as helper, staged_output(out, force) as staging:
         # Lay out every output file first, so the byte copies can start at once, in the
         # background, while the neighbour search and the combine run here.
         layouts, copy_jobs, weight_map = [], [], {}
@@ -125,7 +128,12 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
 
                 backend = make_backend(plan.options.device, memory.search_budget(plan.options.max_memory))  # --device cuda without a GPU fails here
             with rebuild.leave_a_core_for_copies(), clock.stage("search"):
-                mixing = rebuild.find_mixing(plan, helper, progress, result, backend)
+                source_rows = plan.source.info(plan.source_tensors.embedding).shape[0]
+
+                def pieces(ids):
+                    return source_pieces(plan.source_vocab, plan.target_vocab, ids, source_rows)
+
+                mixing = rebuild.find_mixing(plan, pieces, helper, progress, result, backend)
             with progress("combine, copy and write", _output_bytes(plan)) as advance:
                 result.write_stats.on_bytes = lambda n: advance(n + copier.take_bytes())
                 write_started = time.perf_counter()

@@ -1,0 +1,40 @@
+"""FVT (Fast Vocabulary Transfer, Gee et al. 2022), helper-free: a new token's row is the mean of
+the source rows of its pieces under the source tokenizer. Pieces in, row ids and weights out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FvtResult:
+    """Row positions and weights per new token; a position below len(overlap_source_ids) is an
+    overlap row, past it one of `extra_source_ids` (source rows the overlap does not copy)."""
+
+    positions: np.ndarray  # [missing, pieces] int64; unused slots repeat a position with weight 0
+    weights: np.ndarray  # [missing, pieces] float32
+    extra_source_ids: np.ndarray  # sorted, unique
+    empty_rows: int  # tokens with no piece: all weights zero, a zero row
+
+
+def fvt_mixing(pieces: list[list[int]], overlap_source_ids: np.ndarray) -> FvtResult:
+    """The mean of each token's pieces, as positions into [overlap rows, then extra source rows]."""
+    width = max(1, max((len(p) for p in pieces), default=1))
+    used = np.unique(np.fromiter((i for p in pieces for i in p), dtype=np.int64)) if pieces else np.zeros(0, np.int64)
+    overlap_ids, first_position = np.unique(overlap_source_ids, return_index=True)
+    extra = np.setdiff1d(used, overlap_ids)
+    lookup = dict(zip(overlap_ids.tolist(), first_position.tolist()))
+    lookup.update({int(s): len(overlap_source_ids) + i for i, s in enumerate(extra.tolist())})
+    positions = np.zeros((len(pieces), width), dtype=np.int64)
+    weights = np.zeros((len(pieces), width), dtype=np.float32)
+    empty = 0
+    for row, token_pieces in enumerate(pieces):
+        if not token_pieces:
+            empty += 1
+            continue
+        positions[row, : len(token_pieces)] = [lookup[i] for i in token_pieces]
+        positions[row, len(token_pieces) :] = positions[row, 0]
+        weights[row, : len(token_pieces)] = np.float32(1.0 / len(token_pieces))
+    return FvtResult(positions, weights, extra, empty)
