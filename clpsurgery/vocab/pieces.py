@@ -36,16 +36,19 @@ def source_pieces(source: Vocabulary, target: Vocabulary, target_ids: np.ndarray
     where it has no token, or its bytes are neither text nor bytes the source has)."""
     tokenizer = _source_tokenizer(source)
     tokens = target.id_to_token()
-    pieces: list[list[int]] = []
-    for target_id in target_ids.tolist():
+    pieces: list[list[int]] = [[] for _ in range(len(target_ids))]
+    texts: list[str] = []
+    at: list[int] = []
+    for row, target_id in enumerate(target_ids.tolist()):
         token = tokens.get(target_id)
         if token is None:
-            pieces.append([])
             continue
         data = target.meaning(token, target_id)
         try:
-            ids = tokenizer.encode(data.decode("utf-8"), add_special_tokens=False).ids
+            texts.append(data.decode("utf-8"))
+            at.append(row)
         except UnicodeDecodeError:  # part of a character: its bytes, where the source has byte tokens
-            ids = _byte_pieces(source, data) or []
-        pieces.append([i for i in ids if 0 <= i < source_rows])
-    return pieces
+            pieces[row] = _byte_pieces(source, data) or []
+    for row, encoding in zip(at, tokenizer.encode_batch(texts, add_special_tokens=False)):
+        pieces[row] = encoding.ids
+    return [[i for i in ids if 0 <= i < source_rows] for ids in pieces]
