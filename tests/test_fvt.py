@@ -18,7 +18,7 @@ def test_positions_point_at_overlap_rows_then_extra_rows():
     assert result.extra_source_ids.tolist() == [5, 11]
     assert result.positions.tolist() == [[1, 5, 1], [4, 4, 4], [0, 0, 0], [2, 4, 1]]
     assert np.allclose(result.weights, [[0.5, 0.5, 0], [1, 0, 0], [0, 0, 0], [1 / 3] * 3])
-    assert result.empty_rows == 1
+    assert result.stats.empty_rows == 1 and result.stats.rows == 4
 
 
 def test_init_method_fvt_needs_only_the_target_tokenizer(gpt2_source, german_helper, tmp_path):

@@ -3,23 +3,13 @@ the source rows of its pieces under the source tokenizer. Pieces in, row ids and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-
-@dataclass(frozen=True)
-class FvtResult:
-    """Row positions and weights per new token; a position below len(overlap_source_ids) is an
-    overlap row, past it one of `extra_source_ids` (source rows the overlap does not copy)."""
-
-    positions: np.ndarray  # [missing, pieces] int64; unused slots repeat a position with weight 0
-    weights: np.ndarray  # [missing, pieces] float32
-    extra_source_ids: np.ndarray  # sorted, unique
-    empty_rows: int  # tokens with no piece: all weights zero, a zero row
+from clpsurgery.mixing.matrix import MixingMatrix
+from clpsurgery.mixing.weights import WeightStats
 
 
-def fvt_mixing(pieces: list[list[int]], overlap_source_ids: np.ndarray) -> FvtResult:
+def fvt_mixing(pieces: list[list[int]], overlap_source_ids: np.ndarray) -> MixingMatrix:
     """The mean of each token's pieces, as positions into [overlap rows, then extra source rows]."""
     width = max(1, max((len(p) for p in pieces), default=1))
     used = np.unique(np.fromiter((i for p in pieces for i in p), dtype=np.int64)) if pieces else np.zeros(0, np.int64)
@@ -37,4 +27,6 @@ def fvt_mixing(pieces: list[list[int]], overlap_source_ids: np.ndarray) -> FvtRe
         positions[row, : len(token_pieces)] = [lookup[i] for i in token_pieces]
         positions[row, len(token_pieces) :] = positions[row, 0]
         weights[row, : len(token_pieces)] = np.float32(1.0 / len(token_pieces))
-    return FvtResult(positions, weights, extra, empty)
+    # empty_rows: tokens with no piece (all weights zero: a zero row)
+    stats = WeightStats(rows=len(pieces), empty_rows=empty, max_abs_weight=float(weights.max(initial=0.0)))
+    return MixingMatrix(positions, weights, stats, extra)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from clpsurgery.mixing.choices import OMP_BLOCK_BYTES
+from clpsurgery.mixing.matrix import MixingMatrix
+from clpsurgery.mixing.weights import WeightStats
 
 if TYPE_CHECKING:
     from clpsurgery.mixing.neighbours import Neighbours
@@ -43,6 +45,17 @@ class OmpResult:
     atoms: np.ndarray  # [missing] atoms used
     singular_rows: int = 0  # normal equations near singular: the ridge decided
     no_atom_rows: int = 0  # nothing correlated (a zero helper vector): uniform over the nearest candidates
+
+    def matrix(self) -> MixingMatrix:
+        """The coefficients as mixing weights, used as they are (signed, not normalised)."""
+        stats = WeightStats(
+            rows=len(self.coefficients),
+            degenerate_rows=self.singular_rows,
+            signed_rows=int((self.coefficients < 0).any(axis=1).sum()),
+            uniform_rows=self.no_atom_rows,
+            max_abs_weight=float(np.abs(self.coefficients).max(initial=0.0)),
+        )
+        return MixingMatrix(self.positions, self.coefficients.astype(np.float32), stats)
 
 
 def omp_block(atoms: np.ndarray, targets: np.ndarray, candidates: np.ndarray, k: int) -> OmpResult:

@@ -18,11 +18,13 @@ from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.mixing.backend import ComputeBackend
 from clpsurgery.pipeline import memory
 from clpsurgery.errors import SurgeryError
-from clpsurgery.mixing.fvt import FvtResult, fvt_mixing
-from clpsurgery.mixing.omp import CANDIDATES_PER_ATOM, OMP_CANDIDATES, OmpResult, omp_mixing
+from clpsurgery.mixing.fvt import fvt_mixing
+from clpsurgery.mixing.matrix import MixingMatrix
+from clpsurgery.mixing.omp import CANDIDATES_PER_ATOM, OMP_CANDIDATES, omp_mixing
 from clpsurgery.mixing.neighbours import Neighbours, dense_similarities, normalise_rows
 from clpsurgery.pipeline.plan import TransferPlan
 from clpsurgery.stage_hooks import reached
+from clpsurgery.mixing.clp import clp_matrix
 from clpsurgery.mixing.weights import WeightStats, mixing_weights
 from clpsurgery.formats.writer import row_blocks
 from clpsurgery.pipeline.tensor_io import as_tensor
@@ -30,54 +32,34 @@ from clpsurgery.pipeline.tensor_io import as_tensor
 if TYPE_CHECKING:
     from clpsurgery.pipeline.result import ProgressFactory, StageClock, TransferResult
 
-class Mixing:
-    """Neighbour positions and weights for the missing tokens, by position in the missing list."""
 
-    def __init__(
-        self, plan: TransferPlan, overlap_vectors: torch.Tensor | None, missing_vectors: torch.Tensor | None,
-        neighbours: Neighbours | None, omp: OmpResult | None = None, fvt: FvtResult | None = None,
-    ) -> None:
+class Mixing:
+    """The method's mixing matrix over source rows, or the dense form (clp over the whole overlap,
+    its weights computed block by block from the helper's vectors)."""
+
+    def __init__(self, plan: TransferPlan, matrix: MixingMatrix | None, overlap_vectors: torch.Tensor | None = None, missing_vectors: torch.Tensor | None = None) -> None:
         self.plan = plan
-        # Source rows mixed besides the overlap's, at positions overlap.count and on (fvt's pieces).
-        self.extra_source_ids = np.zeros(0, dtype=np.int64) if fvt is None else fvt.extra_source_ids
+        self.matrix = matrix
         self.overlap_vectors = overlap_vectors
         self.missing_vectors = missing_vectors
-        self.neighbours = neighbours
-        self.stats = WeightStats()
-        self._weights: torch.Tensor | None = None
-        if fvt is not None:
-            self._weights = torch.from_numpy(fvt.weights)
-            self._positions = torch.from_numpy(fvt.positions)
-            self.stats = WeightStats(rows=len(fvt.weights), empty_rows=fvt.empty_rows, max_abs_weight=float(fvt.weights.max(initial=0.0)))
-        elif omp is not None:  # least-squares coefficients, used as they are
-            coefficients = omp.coefficients
-            self._weights = torch.from_numpy(coefficients.astype(np.float32))
-            self._positions = torch.from_numpy(omp.positions)
-            self.stats = WeightStats(
-                rows=len(coefficients),
-                degenerate_rows=omp.singular_rows,
-                signed_rows=int((coefficients < 0).any(axis=1).sum()),
-                uniform_rows=omp.no_atom_rows,
-                max_abs_weight=float(np.abs(coefficients).max(initial=0.0)),
-            )
-        elif neighbours is not None:
-            weights, stats = mixing_weights(torch.from_numpy(neighbours.similarities), plan.options.weighting, plan.options.temperature)
-            self._weights = weights
-            self._positions = torch.from_numpy(neighbours.positions)
-            self.stats = stats
+        self.stats = WeightStats() if matrix is None else matrix.stats
+        self.extra_source_ids = np.zeros(0, dtype=np.int64) if matrix is None else matrix.extra_source_ids
+        if matrix is not None:
+            self._positions = torch.from_numpy(matrix.positions)
+            self._weights = torch.from_numpy(matrix.weights)
 
     @property
     def dense(self) -> bool:
-        return self._weights is None
+        return self.matrix is None
 
     @property
     def width(self) -> int:
         """Source rows mixed per new token."""
-        return self.plan.overlap.count if self._weights is None else int(self._weights.shape[1])
+        return self.plan.overlap.count if self.matrix is None else self.matrix.width
 
     def neighbours_and_weights(self, start: int, stop: int, record: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(positions or None for dense, fp32 weights) of missing tokens [start, stop)."""
-        if self._weights is not None:
+        if self.matrix is not None:
             return self._positions[start:stop], self._weights[start:stop]
         sims = dense_similarities(self.overlap_vectors, self.missing_vectors[start:stop])
         weights, stats = mixing_weights(sims, self.plan.options.weighting, self.plan.options.temperature)
@@ -94,7 +76,7 @@ def find_mixing(plan: TransferPlan, source_vocab_pieces, helper: Checkpoint | No
         reached("search")
         with progress("source pieces", int(overlap.missing_ids.size)):
             pieces = source_vocab_pieces(overlap.missing_ids)
-        return Mixing(plan, None, None, None, fvt=fvt_mixing(pieces, overlap.source_ids))
+        return Mixing(plan, fvt_mixing(pieces, overlap.source_ids))
     helper_rows = as_tensor(helper.read_rows(plan.helper_embedding, 0, plan.target_size))
     if not torch.isfinite(helper_rows.to(torch.float32)).all():
         bad = int((~torch.isfinite(helper_rows.to(torch.float32))).any(dim=1).nonzero()[0])
@@ -102,7 +84,6 @@ def find_mixing(plan: TransferPlan, source_vocab_pieces, helper: Checkpoint | No
     vectors, result.zero_helper_rows = normalise_rows(helper_rows)
     overlap_vectors = vectors[torch.from_numpy(overlap.target_ids)]
     missing_vectors = vectors[torch.from_numpy(overlap.missing_ids)]
-    neighbours = None
     reached("search")  # test hook (stage_hooks.py): a no-op unless CLPSURGERY_PAUSE_AT names it
     if plan.options.method == "omp" and overlap.missing_ids.size:
         raw = helper_rows.to(torch.float32).numpy()  # OMP rebuilds the helper's vectors as they are, norms included
@@ -113,11 +94,12 @@ def find_mixing(plan: TransferPlan, source_vocab_pieces, helper: Checkpoint | No
 
         with progress("orthogonal matching pursuit", int(overlap.missing_ids.size)) as advance:
             pursuit = omp_mixing(raw[overlap.target_ids], raw[overlap.missing_ids], plan.k, search, on_rows=advance)
-        return Mixing(plan, overlap_vectors, missing_vectors, None, omp=pursuit)
+        return Mixing(plan, pursuit.matrix())
     if plan.options.top_k is not None and overlap.missing_ids.size:
         with progress("neighbour search", int(overlap.missing_ids.size)) as advance:
             neighbours = backend.search_top_k(overlap_vectors, missing_vectors, plan.k, on_chunk=advance)
-    return Mixing(plan, overlap_vectors, missing_vectors, neighbours)
+        return Mixing(plan, clp_matrix(neighbours, plan.options.weighting, plan.options.temperature))
+    return Mixing(plan, None, overlap_vectors, missing_vectors)
 
 
 def read_source_rows(plan: TransferPlan, source: Checkpoint, name: str, source_ids: np.ndarray) -> torch.Tensor:
@@ -126,7 +108,7 @@ def read_source_rows(plan: TransferPlan, source: Checkpoint, name: str, source_i
     finite = torch.isfinite(rows.to(torch.float32).reshape(rows.shape[0], -1)).all(dim=1)
     if not finite.all():
         source_id = int(source_ids[int((~finite).nonzero()[0])])
-        raise SurgeryError(plan.source_path, f"tensor {name!r} has NaN or Inf in row {source_id}, which the target copies")
+        raise SurgeryError(plan.source_path, f"tensor {name!r} has NaN or Inf in row {source_id}, which the target copies or mixes")
     return rows
 
 
