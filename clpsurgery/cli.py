@@ -136,10 +136,9 @@ def init_command(source: Path, helper: Path, out: Path, options: TransferOptions
     SOURCE is a .safetensors file or a model folder; HELPER is a model folder that already speaks
     the target language with the target tokenizer.
     """
+    from clpsurgery.formats.output_folder import check_out_path
     from clpsurgery.pipeline.plan import make_plan
     from clpsurgery.pipeline.transfer import run_transfer
-
-    from clpsurgery.formats.output_folder import check_out_path
 
     _check_out_apart(out, source, helper, source_tokenizer, source_config)
     check_out_path(out, force)  # before any slow work; checked again when OUT is written
@@ -199,7 +198,12 @@ def inspect_command(path: Path, as_json: bool, helper, options: TransferOptions,
     """What is in a checkpoint (headers only), and what init did to it; with --against HELPER,
     what init would do (overlap, special tokens, tensors, bytes, memory) before anything is written.
     The transfer options are init's and only apply with --against."""
-    from clpsurgery.pipeline.inspection import format_report, format_transfer_report, inspect_checkpoint, inspect_transfer
+    from clpsurgery.pipeline.inspection import (
+        format_report,
+        format_transfer_report,
+        inspect_checkpoint,
+        inspect_transfer,
+    )
 
     if helper is not None:
         report = inspect_transfer(path, helper, options, source_tokenizer, source_config)

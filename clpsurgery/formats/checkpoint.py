@@ -15,9 +15,7 @@ import numpy as np
 
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.json_input import read_json_file
-
 from clpsurgery.formats.safetensors_header import Header, TensorInfo, read_header
-
 
 INDEX_NAME = "model.safetensors.index.json"
 GATHER_WINDOW_BYTES = 64 * 1024 * 1024

@@ -23,10 +23,15 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import torch
 
-from clpsurgery.mixing.combine import ColumnBlocks, combine_dense, combine_top_k
 from clpsurgery.errors import SurgeryError
-from clpsurgery.mixing.neighbours import RESCORE_MARGIN, Neighbours, rescore, search_top_k
 from clpsurgery.mixing.choices import DEVICES
+from clpsurgery.mixing.combine import ColumnBlocks, combine_dense, combine_top_k
+from clpsurgery.mixing.neighbours import (
+    RESCORE_MARGIN,
+    Neighbours,
+    rescore,
+    search_top_k,
+)
 
 # FAISS's GPU flat index returns at most this many neighbours per query.
 FAISS_GPU_MAX_K = 2048

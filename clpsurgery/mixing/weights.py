@@ -15,7 +15,6 @@ import torch
 
 from clpsurgery.mixing.choices import DEFAULT_TEMPERATURE, SCHEMES
 
-
 # A row whose similarity sum is at most this fraction of its absolute sum is degenerate: the
 # paper's cos / sum(cos) would divide by (nearly) zero or flip every sign.
 TINY_SUM_FRACTION = 1e-3

@@ -14,11 +14,11 @@ import torch
 
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.output_folder import MANIFEST_NAME
+from clpsurgery.formats.writer import write_file
 from clpsurgery.pipeline.plan import TransferOptions, make_plan
 from clpsurgery.pipeline.result import no_progress
-from clpsurgery.pipeline.transfer import run_transfer
-from clpsurgery.formats.writer import write_file
 from clpsurgery.pipeline.tensor_io import planned_from_tensor
+from clpsurgery.pipeline.transfer import run_transfer
 
 DEMO_MARKER = "clpsurgery-demo.json"
 
@@ -84,7 +84,12 @@ def write_model_folder(folder: Path, config: dict, tensors: dict[str, torch.Tens
 
 def build_demo_inputs(workdir: Path) -> tuple[Path, Path]:
     """Source (GPT-2 vocabulary, bf16) and helper (German BPE, fp32) folders under workdir."""
-    from clpsurgery.vocab.vocab_assets import GPT2_EOS, gpt2_tokenizer, save_tokenizer_folder, train_german_bpe
+    from clpsurgery.vocab.vocab_assets import (
+        GPT2_EOS,
+        gpt2_tokenizer,
+        save_tokenizer_folder,
+        train_german_bpe,
+    )
 
     source, helper = workdir / "source-en", workdir / "helper-de"
     english = gpt2_tokenizer()

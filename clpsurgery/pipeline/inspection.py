@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from clpsurgery.vocab.architecture import config_vocab_size, find_vocab_tensors, read_config
-from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.errors import SurgeryError
+from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.formats.json_input import read_json_file
-from clpsurgery.vocab.model_config import TOKEN_ID_KEYS
 from clpsurgery.formats.output_folder import MANIFEST_NAME
+from clpsurgery.vocab.architecture import (
+    config_vocab_size,
+    find_vocab_tensors,
+    read_config,
+)
+from clpsurgery.vocab.model_config import TOKEN_ID_KEYS
 from clpsurgery.vocab.vocabulary import load_vocabulary, tokenizer_path
 
 

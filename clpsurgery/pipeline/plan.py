@@ -10,14 +10,27 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from clpsurgery.vocab.architecture import FAMILY_BY_MODEL_TYPE, VocabTensors, config_model_type, find_vocab_tensors, read_config
-from clpsurgery.formats.checkpoint import CheckpointLayout
 from clpsurgery.errors import SurgeryError
+from clpsurgery.formats.checkpoint import CheckpointLayout
 from clpsurgery.formats.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
-from clpsurgery.vocab.vocabulary import Overlap, Vocabulary, find_tokenizer_file, load_vocabulary, match_overlap
-from clpsurgery.pipeline.options import TransferOptions
 from clpsurgery.mixing.choices import HELPER_FREE_METHODS
 from clpsurgery.pipeline import memory
+from clpsurgery.pipeline.options import TransferOptions
+from clpsurgery.vocab.architecture import (
+    FAMILY_BY_MODEL_TYPE,
+    VocabTensors,
+    config_model_type,
+    find_vocab_tensors,
+    read_config,
+)
+from clpsurgery.vocab.vocabulary import (
+    Overlap,
+    Vocabulary,
+    find_tokenizer_file,
+    load_vocabulary,
+    match_overlap,
+)
+
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"

@@ -13,21 +13,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from clpsurgery.mixing.combine import ColumnBlocks
-from clpsurgery.formats.checkpoint import Checkpoint
-from clpsurgery.mixing.backend import ComputeBackend
-from clpsurgery.pipeline import memory
 from clpsurgery.errors import SurgeryError
+from clpsurgery.formats.checkpoint import Checkpoint
+from clpsurgery.formats.writer import row_blocks
+from clpsurgery.mixing.backend import ComputeBackend
+from clpsurgery.mixing.clp import clp_matrix
+from clpsurgery.mixing.combine import ColumnBlocks
 from clpsurgery.mixing.fvt import fvt_mixing
 from clpsurgery.mixing.matrix import MixingMatrix
-from clpsurgery.mixing.omp import CANDIDATES_PER_ATOM, OMP_CANDIDATES, omp_mixing
 from clpsurgery.mixing.neighbours import Neighbours, dense_similarities, normalise_rows
-from clpsurgery.pipeline.plan import TransferPlan
-from clpsurgery.stage_hooks import reached
-from clpsurgery.mixing.clp import clp_matrix
+from clpsurgery.mixing.omp import CANDIDATES_PER_ATOM, OMP_CANDIDATES, omp_mixing
 from clpsurgery.mixing.weights import WeightStats, mixing_weights
-from clpsurgery.formats.writer import row_blocks
+from clpsurgery.pipeline import memory
+from clpsurgery.pipeline.plan import TransferPlan
 from clpsurgery.pipeline.tensor_io import as_tensor
+from clpsurgery.stage_hooks import reached
 
 if TYPE_CHECKING:
     from clpsurgery.pipeline.result import ProgressFactory, StageClock, TransferResult

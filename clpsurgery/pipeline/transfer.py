@@ -16,16 +16,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clpsurgery.vocab.architecture import read_config
-from clpsurgery.pipeline.manifest import build_manifest
-from clpsurgery.vocab.model_config import target_config, target_generation_config
-from clpsurgery.formats.output_folder import MANIFEST_NAME, staged_output
 from clpsurgery.formats.checkpoint import Checkpoint
-from clpsurgery.pipeline import memory
-from clpsurgery.pipeline.plan import TransferPlan
+from clpsurgery.formats.output_folder import MANIFEST_NAME, staged_output
 from clpsurgery.formats.safetensors_header import TensorSpec
-from clpsurgery.vocab.pieces import source_pieces
-from clpsurgery.vocab.vocabulary import TOKENIZER_FILES
 from clpsurgery.formats.writer import (
     BackgroundCopier,
     ComputedTensor,
@@ -39,12 +32,23 @@ from clpsurgery.formats.writer import (
     write_computed,
     write_index,
 )
-
-from clpsurgery.pipeline.result import ProgressFactory, StageClock, TransferResult, no_progress
+from clpsurgery.pipeline import memory
+from clpsurgery.pipeline.manifest import build_manifest
+from clpsurgery.pipeline.plan import TransferPlan
+from clpsurgery.pipeline.result import (
+    ProgressFactory,
+    StageClock,
+    TransferResult,
+    no_progress,
+)
+from clpsurgery.vocab.architecture import read_config
+from clpsurgery.vocab.model_config import target_config, target_generation_config
+from clpsurgery.vocab.pieces import source_pieces
+from clpsurgery.vocab.vocabulary import TOKENIZER_FILES
 
 if TYPE_CHECKING:
-
     from clpsurgery.pipeline.rebuild import Mixing
+
 
 def planned_shards(
     plan: TransferPlan,
@@ -123,8 +127,9 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
         try:
             # torch and the compute are imported only now, so the copies need not wait for the import.
             with clock.stage("imports"):
-                from . import rebuild, tensor_io
                 from clpsurgery.mixing.backend import make_backend
+
+                from . import rebuild, tensor_io
 
                 backend = make_backend(plan.options.device, memory.search_budget(plan.options.max_memory))  # --device cuda without a GPU fails here
             with rebuild.leave_a_core_for_copies(), clock.stage("search"):

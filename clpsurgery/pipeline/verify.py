@@ -39,13 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
-from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.errors import SurgeryError
+from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.formats.json_input import read_json_file
-from clpsurgery.pipeline.manifest import decode_pairs, file_sha256
 from clpsurgery.formats.output_folder import MANIFEST_NAME
 from clpsurgery.formats.safetensors_header import FLOAT_DTYPES
 from clpsurgery.formats.writer import row_blocks
+from clpsurgery.pipeline.manifest import decode_pairs, file_sha256
 
 CHUNK_BYTES = 16 * 1024 * 1024
 BLOCK_BYTES = 64 * 1024 * 1024
@@ -262,7 +262,11 @@ def _check_shapes(out: Path, target: Checkpoint, rebuilt: dict[str, tuple[int, .
     """The embedding [vocab, hidden] against config.json and the tokenizer; every other rebuilt
     tensor (head, bias, copies) with the embedding's rows, a 2-D one with its width too, and each
     of the shape the manifest records for it."""
-    from clpsurgery.vocab.architecture import config_vocab_size, read_config, text_config
+    from clpsurgery.vocab.architecture import (
+        config_vocab_size,
+        read_config,
+        text_config,
+    )
     from clpsurgery.vocab.model_config import TOKEN_ID_KEYS
     from clpsurgery.vocab.vocabulary import load_vocabulary
 

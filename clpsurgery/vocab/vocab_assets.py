@@ -11,7 +11,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 __all__ = [
     "GPT2_EOS",
