@@ -130,7 +130,10 @@ def format_report(report: dict) -> str:
         lines.append("clpsurgery init")
         lines.append(f"  from       {manifest['inputs']['source']['path']}  (helper {manifest['inputs']['helper']['path']})")
         lines.append(f"  vocabulary {v['source_size']} -> {v['target_size']}: {v['overlap']} copied, {v['missing']} combined ({v['match']} match)")
-        lines.append(f"  weighting  {o['weighting']}, top-k {o['top_k']}; degenerate rows {w['degenerate_rows']}, signed rows {w['signed_rows']}, clipped rows {w['clipped_rows']}, uniform rows {w['uniform_rows']}")
+        method = o.get("method", "clp")  # manifests before --method are clp
+        how = {"clp": f"clp, {o['weighting']}, top-k {o['top_k']}", "omp": f"omp, up to {o['top_k']} atoms", "fvt": "fvt, the mean of the source pieces"}.get(method, method)
+        counts = f"degenerate rows {w['degenerate_rows']}, signed rows {w['signed_rows']}, clipped rows {w['clipped_rows']}, uniform rows {w['uniform_rows']}"
+        lines.append(f"  method     {how}; {counts}" + (f", empty rows {w['empty_rows']}" if w.get("empty_rows") else ""))
         lines.append(f"  rebuilt    {', '.join(manifest['tensors']['rebuilt'])}")
         lines.append("  seconds    " + ", ".join(f"{k} {s:.2f}" for k, s in manifest["seconds"].items()))
     return "\n".join(lines)
@@ -237,7 +240,13 @@ def format_transfer_report(report: dict) -> str:
     for name, shape in w["rebuilt_tensors"].items():
         lines.append(f"rebuild      {name}  {shape}")
     lines.append(f"bytes        {format_bytes(w['bytes_to_compute'])} to compute, {format_bytes(w['bytes_to_copy'])} to copy; vocab_size {w['vocab_size']}")
-    lines.append(f"weighting    {w['weighting']}, {w['neighbours_per_token']} neighbours per new token")
+    method = report["options"]["method"]
+    if method == "fvt":
+        lines.append("method       fvt: each new token the mean of its pieces under the source tokenizer")
+    elif method == "omp":
+        lines.append(f"method       omp: up to {w['neighbours_per_token']} atoms per new token, least-squares coefficients")
+    else:
+        lines.append(f"weighting    {w['weighting']}, {w['neighbours_per_token']} neighbours per new token")
     if w.get("peak_memory_estimate") is not None:
         parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in w["memory_estimate"].items())
         lines.append(f"memory       about {format_bytes(w['peak_memory_estimate'])} at peak ({parts}) plus row blocks")
