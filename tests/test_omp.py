@@ -120,3 +120,15 @@ def test_init_method_omp_writes_the_float64_formula(gpt2_source, german_helper, 
         expected = reference_omp(atoms, h[m], candidates, 4)
         row = sum(w * src[source_ids[p]] for p, w in expected.items())
         assert written[m] == pytest.approx(row, rel=1e-4, abs=1e-5)
+
+
+def test_omp_refuses_the_dense_form_in_one_line(gpt2_source, german_helper, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "clpsurgery", "init", "--method", "omp", "--top-k", "all", str(gpt2_source), str(german_helper), str(tmp_path / "out")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 1 and proc.stderr == "error: --top-k: omp picks a few atoms per token: give a number, not 'all'\n"
+    assert not (tmp_path / "out").exists()
