@@ -189,7 +189,7 @@ def _write_blocks(fd: int, offset: int, spec: TensorSpec, blocks: Iterable[Buffe
     `digest` (a hashlib object) is fed every byte written."""
     written = 0
     for block in blocks:
-        data = memoryview(block).cast("B") if not isinstance(block, memoryview) or block.format != "B" or block.ndim != 1 else block
+        data = memoryview(block).cast("B")  # flat bytes, whatever the block's element type
         if data.nbytes and spec.shape and data.nbytes % spec.row_bytes:
             raise AssertionError(f"tensor {spec.name}: a block of {data.nbytes} bytes is not whole rows of {spec.row_bytes}")
         if written + data.nbytes > spec.nbytes:

@@ -36,6 +36,11 @@ RIDGE = 1e-10
 BLOCK_BYTES = OMP_BLOCK_BYTES
 
 
+def candidate_count(k: int, atoms: int) -> int:
+    """Candidates per target for up to k atoms among `atoms`."""
+    return min(atoms, max(OMP_CANDIDATES, CANDIDATES_PER_ATOM * k))
+
+
 @dataclass
 class OmpResult:
     """For each new token: up to k overlap positions and their coefficients (float64), and counts."""
@@ -116,10 +121,9 @@ def omp_mixing(
     on_rows: Callable[[int], None] | None = None,
 ) -> OmpResult:
     """OMP for every target, block by block: `search(start, stop)` gives each target's nearest
-    candidates (a Neighbours of OMP_CANDIDATES or fewer), so only a block's candidates are held."""
+    candidates (a Neighbours of candidate_count(k, len(atoms)) columns), so only a block's candidates are held."""
     m, d = targets.shape
-    candidates = max(OMP_CANDIDATES, CANDIDATES_PER_ATOM * k)
-    block = max(1, min(4096, BLOCK_BYTES // max(1, (candidates + k) * d * 8)))
+    block = max(1, min(4096, BLOCK_BYTES // max(1, (candidate_count(k, len(atoms)) + k) * d * 8)))
     parts: list[OmpResult] = []
     for start in range(0, m, block):
         stop = min(m, start + block)

@@ -22,7 +22,7 @@ from clpsurgery.mixing.combine import ColumnBlocks
 from clpsurgery.mixing.fvt import fvt_mixing
 from clpsurgery.mixing.matrix import MixingMatrix
 from clpsurgery.mixing.neighbours import Neighbours, dense_similarities, normalise_rows
-from clpsurgery.mixing.omp import CANDIDATES_PER_ATOM, OMP_CANDIDATES, omp_mixing
+from clpsurgery.mixing.omp import candidate_count, omp_mixing
 from clpsurgery.mixing.weights import WeightStats, mixing_weights
 from clpsurgery.pipeline import memory
 from clpsurgery.pipeline.plan import TransferPlan
@@ -77,17 +77,19 @@ def find_mixing(plan: TransferPlan, source_vocab_pieces, helper: Checkpoint | No
         with progress("source pieces", int(overlap.missing_ids.size)):
             pieces = source_vocab_pieces(overlap.missing_ids)
         return Mixing(plan, fvt_mixing(pieces, overlap.source_ids))
-    helper_rows = as_tensor(helper.read_rows(plan.helper_embedding, 0, plan.target_size))
-    if not torch.isfinite(helper_rows.to(torch.float32)).all():
-        bad = int((~torch.isfinite(helper_rows.to(torch.float32))).any(dim=1).nonzero()[0])
+    # One fp32 copy serves the finiteness check, the normalised vectors and OMP's raw vectors.
+    helper_rows = as_tensor(helper.read_rows(plan.helper_embedding, 0, plan.target_size)).to(torch.float32)
+    finite = torch.isfinite(helper_rows).all(dim=1)
+    if not finite.all():
+        bad = int((~finite).nonzero()[0])
         raise SurgeryError(plan.helper_path, f"helper embedding {plan.helper_embedding!r} has NaN or Inf in row {bad}")
     vectors, result.zero_helper_rows = normalise_rows(helper_rows)
     overlap_vectors = vectors[torch.from_numpy(overlap.target_ids)]
     missing_vectors = vectors[torch.from_numpy(overlap.missing_ids)]
     reached("search")  # test hook (stage_hooks.py): a no-op unless CLPSURGERY_PAUSE_AT names it
     if plan.options.method == "omp" and overlap.missing_ids.size:
-        raw = helper_rows.to(torch.float32).numpy()  # OMP rebuilds the helper's vectors as they are, norms included
-        candidates = min(overlap.count, max(OMP_CANDIDATES, CANDIDATES_PER_ATOM * plan.k))
+        raw = helper_rows.numpy()  # OMP rebuilds the helper's vectors as they are, norms included
+        candidates = candidate_count(plan.k, overlap.count)
 
         def search(start: int, stop: int) -> Neighbours:
             return backend.search_top_k(overlap_vectors, missing_vectors[start:stop], candidates)
