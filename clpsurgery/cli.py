@@ -100,6 +100,9 @@ def transfer_options(command: Callable) -> Callable:
         return command(*args, options=options, **kwargs)
 
     for name, spec in reversed(names.items()):
+        if spec.kind == "flag":
+            wrapper = click.option(spec.flag, name, is_flag=True, default=False, help=spec.help)(wrapper)
+            continue
         default = spec.shown_default or getattr(defaults, name)  # a shown default is parsed by the option's type
         wrapper = click.option(spec.flag, name, type=_click_type(spec), default=default, show_default=default is not None, help=spec.help)(wrapper)
     return wrapper
@@ -153,7 +156,8 @@ def init_command(source: Path, helper: Path, out: Path, options: TransferOptions
             f"vocabulary {summary['source_vocab_size']} -> {summary['target_vocab_size']}: "
             f"{summary['overlap']} tokens shared, {summary['missing']} to combine "
             + ("from their pieces under the source tokenizer (fvt)" if options.method == "fvt" else f"from {plan.k} {'atoms (omp)' if options.method == 'omp' else f'neighbours ({options.weighting})'}")
-            + f"; rebuilding {', '.join(plan.source_tensors.names)}",
+            + (f" (the output head's from {plan.side_method('output')})" if plan.two_mixings else "")
+            + f"; rebuilding {', '.join(plan.rebuilt_names)}",
             err=True,
         )
     result = run_transfer(plan, out, force=force, progress=progress_factory(quiet), command=["clpsurgery", *sys.argv[1:]])

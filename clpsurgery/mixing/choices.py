@@ -8,6 +8,12 @@ from __future__ import annotations
 # no helper model).
 METHODS = ("clp", "omp", "fvt")
 HELPER_FREE_METHODS = ("fvt",)
+# How fvt weights a token's pieces. mean: every piece alike (FVT). first-last: the input row is its
+# last piece's, the output row its first's (a word is read by its end and predicted by its start,
+# as tokensurgeon's first_last and AdaptiVocab do). linear: the same lean, with weights 1..n.
+PIECE_WEIGHTINGS = ("mean", "first-last", "linear")
+# The two sides of a vocabulary: the input rows (embedding) and the output rows (head, head bias).
+SIDES = ("input", "output")
 SCHEMES = ("clp", "clp-clipped", "softmax", "sparsemax")
 DEFAULT_TEMPERATURE = 0.1  # WECHSEL's tau
 DEVICES = ("auto", "cpu", "cuda")  # where search and combine run; auto takes the GPU when there is one

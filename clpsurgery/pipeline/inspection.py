@@ -131,9 +131,12 @@ def format_report(report: dict) -> str:
         lines.append(f"  from       {manifest['inputs']['source']['path']}  (helper {manifest['inputs']['helper']['path']})")
         lines.append(f"  vocabulary {v['source_size']} -> {v['target_size']}: {v['overlap']} copied, {v['missing']} combined ({v['match']} match)")
         method = o.get("method", "clp")  # manifests before --method are clp
-        how = {"clp": f"clp, {o['weighting']}, top-k {o['top_k']}", "omp": f"omp, up to {o['top_k']} atoms", "fvt": "fvt, the mean of the source pieces"}.get(method, method)
+        how = _method_words(method, o, "input") if method in ("clp", "omp", "fvt") else method
         counts = f"degenerate rows {w['degenerate_rows']}, signed rows {w['signed_rows']}, clipped rows {w['clipped_rows']}, uniform rows {w['uniform_rows']}"
         lines.append(f"  method     {how}; {counts}" + (f", empty rows {w['empty_rows']}" if w.get("empty_rows") else ""))
+        head = manifest.get("head_weights")
+        if head:
+            lines.append(f"  output     {', '.join(manifest['tensors'].get('output_side', []))}: {_method_words(head['method'], o, 'output')}")
         lines.append(f"  rebuilt    {', '.join(manifest['tensors']['rebuilt'])}")
         lines.append("  seconds    " + ", ".join(f"{k} {s:.2f}" for k, s in manifest["seconds"].items()))
     return "\n".join(lines)
@@ -205,6 +208,9 @@ def inspect_transfer(source: str | Path, helper: str | Path, options, source_tok
             "neighbours_per_token": summary["neighbours_per_token"],
             "weighting": options.weighting,
             "vocab_size": plan.output_rows,
+            "methods": summary["methods"],
+            "output_side": summary["output_side"],
+            "added_head": summary["added_head"],
         },
     }
     if "memory_estimate" in summary:
@@ -212,6 +218,17 @@ def inspect_transfer(source: str | Path, helper: str | Path, options, source_tok
         report["would_write"]["memory_estimate"] = estimate
         report["would_write"]["peak_memory_estimate"] = max(estimate.values()) if estimate else None
     return report
+
+
+def _method_words(method: str, options: dict, side: str) -> str:
+    if method == "fvt":
+        pieces = options.get("piece_weighting", "mean")
+        lean = {"mean": "the mean of its pieces", "first-last": f"its {'last' if side == 'input' else 'first'} piece",
+                "linear": f"its pieces weighted 1..n towards the {'last' if side == 'input' else 'first'}"}[pieces]
+        return f"fvt: each new token {lean} under the source tokenizer"
+    if method == "omp":
+        return f"omp: up to {options['top_k']} atoms per new token, least-squares coefficients"
+    return f"clp: {options['weighting']}, top-k {options['top_k']}"
 
 
 def format_transfer_report(report: dict) -> str:
@@ -241,8 +258,12 @@ def format_transfer_report(report: dict) -> str:
         lines.append(f"rebuild      {name}  {shape}")
     lines.append(f"bytes        {format_bytes(w['bytes_to_compute'])} to compute, {format_bytes(w['bytes_to_copy'])} to copy; vocab_size {w['vocab_size']}")
     method = report["options"]["method"]
+    if w.get("added_head"):
+        lines.append(f"untie        {w['added_head']} added (tie_word_embeddings false): the embedding's shared rows copied, its new rows mixed apart")
+    if "output" in w.get("methods", {}):
+        lines.append(f"output side  {', '.join(w['output_side'])}: new rows by {_method_words(w['methods']['output'], report['options'], 'output')}")
     if method == "fvt":
-        lines.append("method       fvt: each new token the mean of its pieces under the source tokenizer")
+        lines.append(f"method       {_method_words(method, report['options'], 'input')}")
     elif method == "omp":
         lines.append(f"method       omp: up to {w['neighbours_per_token']} atoms per new token, least-squares coefficients")
     else:

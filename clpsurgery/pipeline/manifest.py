@@ -101,7 +101,7 @@ def source_file_names(plan: TransferPlan) -> dict[str, str]:
 
 def files_copied_whole(plan: TransferPlan) -> dict[str, str]:
     """Output file name -> source file name, for source files without a rebuilt tensor."""
-    rebuilt = set(plan.source_tensors.names)
+    rebuilt = {t.source_name for t in plan.rebuilt}
     return {plan.output_file_name(h.path): h.path.name for h in plan.source.headers if not rebuilt & set(h.tensors)}
 
 
@@ -173,12 +173,21 @@ def build_manifest(plan: TransferPlan, staging: Path, result: TransferResult, co
             "head_bias": plan.source_tensors.head_bias,
             "tied": plan.source_tensors.tied,
             "rebuilt": summary["rebuilt_tensors"],
+            # a rebuilt tensor made from another source tensor's rows (a head --untie-head adds)
+            "rebuilt_from": {t.name: t.source_name for t in plan.rebuilt if t.name != t.source_name},
+            "output_side": summary["output_side"],
+            "untied_head": plan.unties_head,
             "helper_embedding": plan.helper_embedding,
         },
         "weights": {
             "neighbours_per_token": plan.k,
             **result.weight_stats.as_dict(),
             "zero_helper_vectors": result.zero_helper_rows,
+        },
+        "head_weights": None if result.head_weight_stats is None else {
+            "method": plan.side_method("output"),
+            "neighbours_per_token": plan.k_for("output"),
+            **result.head_weight_stats.as_dict(),
         },
         "config_changes": result.config_changes,
         "bytes": {

@@ -35,17 +35,23 @@ DENSE_CHUNK_ROWS = 4096
 
 def memory_estimate(
     source: CheckpointLayout, rebuilt: tuple[str, ...], helper: CheckpointLayout | None, helper_embedding: str | None,
-    target_size: int, overlap_count: int, missing_count: int, k: int, dense: bool, method: str = "clp",
+    target_size: int, overlap_count: int, missing_count: int, sides: tuple[tuple[str, int, bool], ...],
 ) -> dict[str, int]:
-    """Bytes held at once by the search and by the write stage (row blocks aside)."""
+    """Bytes held at once by the search and by the write stage (row blocks aside).
+
+    `sides`: (method, neighbours per token, dense) of each mixing (one, or the input's and the
+    output's when they differ); their neighbour lists are all alive while the tensors are written.
+    """
+    methods = {method for method, _, _ in sides}
+    dense = any(d for _, _, d in sides)
     # A helper-free method reads no helper vectors (its piece lists are counted as neighbour lists).
     helper_width = 0 if helper is None else helper.info(helper_embedding).shape[1]
     helper_bytes = 0 if helper is None else DTYPE_SIZES[helper.info(helper_embedding).dtype]
-    neighbour_lists = 0 if dense else missing_count * k * NEIGHBOUR_ENTRY_BYTES
+    neighbour_lists = sum(0 if d else missing_count * k * NEIGHBOUR_ENTRY_BYTES for _, k, d in sides)
     dense_vectors = target_size * helper_width * FP32 if dense else 0
     # helper rows as stored, in fp32, and normalised; the overlap's normalised vectors
     search = target_size * helper_width * (helper_bytes + FP32 + FP32) + overlap_count * helper_width * FP32 + neighbour_lists
-    if method == "omp":  # the raw fp32 helper vectors, and one block's candidate atoms and chosen atoms in fp64
+    if "omp" in methods:  # the raw fp32 helper vectors, and one block's candidate atoms and chosen atoms in fp64
         search += target_size * helper_width * FP32 + 2 * OMP_BLOCK_BYTES
     widest = max(source.info(n).row_bytes for n in rebuilt)
     largest = max(ref.info.nbytes for ref in source.tensors.values())

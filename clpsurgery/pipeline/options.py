@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from clpsurgery.errors import SurgeryError
-from clpsurgery.mixing.choices import DEFAULT_TEMPERATURE, DEVICES, METHODS, SCHEMES
+from clpsurgery.mixing.choices import DEFAULT_TEMPERATURE, DEVICES, HELPER_FREE_METHODS, METHODS, PIECE_WEIGHTINGS, SCHEMES
 
 MATCH_RULES = ("exact", "canonical")
 DEFAULT_DEVICE = "auto"
@@ -29,7 +29,7 @@ class OptionSpec:
 
     flag: str
     help: str
-    kind: str = "text"  # text, float, top_k (an integer or 'all'), size (256MiB), positive_int, or choice
+    kind: str = "text"  # text, float, top_k (an integer or 'all'), size (256MiB), positive_int, choice, or flag
     choices: tuple[str, ...] = ()
     shown_default: str | None = None  # the default as typed on the command line, where its value reads worse (1GiB)
 
@@ -44,6 +44,9 @@ class TransferOptions:
 
     method: str = _option("clp", "--method", "clp: neighbours in the helper weighted by similarity (the paper); omp: least-squares combinations of helper atoms (orthogonal matching pursuit); fvt: the mean of the token's pieces under the source tokenizer, no helper model needed.", kind="choice", choices=METHODS)
     top_k: int | None = _option(DEFAULT_TOP_K, "--top-k", "Neighbours per new token (atoms, for omp), or 'all' for the paper's dense form.", kind="top_k")
+    head_method: str | None = _option(None, "--head-method", "How the new rows of an untied output head (and its bias) are made, when not as the embedding's (default: --method). A tied source needs --untie-head.", kind="choice", choices=METHODS)
+    untie_head: bool = _option(False, "--untie-head", "A tied source: write a separate output head (the embedding's copied rows, new rows from --head-method) and tie_word_embeddings false.", kind="flag")
+    piece_weighting: str = _option("mean", "--piece-weighting", "fvt: how a token's pieces are weighted. mean: alike; first-last: input rows from the last piece, output rows from the first; linear: the same lean, weights 1..n.", kind="choice", choices=PIECE_WEIGHTINGS)
     weighting: str = _option(DEFAULT_WEIGHTING, "--weighting", "How similarities become mixing weights.", kind="choice", choices=SCHEMES)
     temperature: float = _option(DEFAULT_TEMPERATURE, "--temperature", "Softmax temperature (softmax weighting only).", kind="float")
     max_memory: int = _option(DEFAULT_MAX_MEMORY, "--max-memory", "Budget for tensors and buffers: row blocks, search chunks, copy buffers.", kind="size", shown_default="1GiB")
@@ -57,8 +60,12 @@ class TransferOptions:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise SurgeryError("--method", f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        if self.method == "omp" and self.top_k is None:
+        if "omp" in (self.method, self.head_method) and self.top_k is None:
             raise SurgeryError("--top-k", "omp picks a few atoms per token: give a number, not 'all'")
+        if self.head_method is not None and self.head_method not in METHODS:
+            raise SurgeryError("--head-method", f"unknown method {self.head_method!r}; choose from {', '.join(METHODS)}")
+        if self.piece_weighting not in PIECE_WEIGHTINGS:
+            raise SurgeryError("--piece-weighting", f"unknown weighting {self.piece_weighting!r}; choose from {', '.join(PIECE_WEIGHTINGS)}")
         if self.weighting not in SCHEMES:
             raise SurgeryError("--weighting", f"unknown scheme {self.weighting!r}; choose from {', '.join(SCHEMES)}")
         if self.top_k is not None and self.top_k < 1:
@@ -71,6 +78,14 @@ class TransferOptions:
             raise SurgeryError("--pad-vocab-to-multiple", f"must be a positive integer, not {self.pad_vocab_to_multiple}")
         if self.device not in DEVICES:
             raise SurgeryError("--device", f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
+
+    def method_for(self, side: str) -> str:
+        """The method that makes the new rows of one side ("input" or "output")."""
+        return self.head_method if side == "output" and self.head_method is not None else self.method
+
+    @property
+    def needs_helper(self) -> bool:
+        return any(self.method_for(side) not in HELPER_FREE_METHODS for side in ("input", "output"))
 
     def as_dict(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -13,7 +13,6 @@ from pathlib import Path
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.checkpoint import CheckpointLayout
 from clpsurgery.formats.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
-from clpsurgery.mixing.choices import HELPER_FREE_METHODS
 from clpsurgery.pipeline import memory
 from clpsurgery.pipeline.options import TransferOptions
 from clpsurgery.vocab.architecture import (
@@ -21,6 +20,7 @@ from clpsurgery.vocab.architecture import (
     VocabTensors,
     config_model_type,
     find_vocab_tensors,
+    head_name_for,
     read_config,
 )
 from clpsurgery.vocab.vocabulary import (
@@ -34,6 +34,16 @@ from clpsurgery.vocab.vocabulary import (
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class RebuiltTensor:
+    """One tensor of the output whose rows are rebuilt: shared tokens' rows copied from
+    `source_name`, new tokens' rows mixed from it by the mixing of its side."""
+
+    name: str
+    source_name: str
+    side: str  # "input" (the embedding and its copies) or "output" (an untied head, a vocab-sized bias)
 
 
 @dataclass(frozen=True)
@@ -56,13 +66,63 @@ class TransferPlan:
     options: TransferOptions
 
     @property
+    def head_untied(self) -> bool:
+        """Whether the output has an output head of its own (the source's, or one --untie-head adds)."""
+        return self.options.untie_head or (self.source_tensors.head is not None and self.source_tensors.tied_in_config is not True)
+
+    @property
+    def unties_head(self) -> bool:
+        """Whether the output's config unties a head the source ties (tie_word_embeddings false)."""
+        return self.options.untie_head and (self.source_tensors.head is None or self.source_tensors.tied_in_config is True)
+
+    @property
+    def added_head(self) -> str | None:
+        """The output head --untie-head adds to a tied source (None when it adds none)."""
+        if not self.options.untie_head or self.source_tensors.head is not None:
+            return None
+        return head_name_for(self.source_tensors.family)
+
+    @property
+    def rebuilt(self) -> tuple[RebuiltTensor, ...]:
+        """Every tensor of the output rebuilt row by row, the embedding first."""
+        tensors = self.source_tensors
+        out = [
+            RebuiltTensor(name, name, "output" if tensors.is_output_side(name, self.source.info(name).shape, self.head_untied) else "input")
+            for name in tensors.names
+        ]
+        if self.added_head is not None:
+            out.insert(1, RebuiltTensor(self.added_head, tensors.embedding, "output"))
+        return tuple(out)
+
+    @property
+    def rebuilt_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.rebuilt)
+
+    @property
+    def two_mixings(self) -> bool:
+        """Whether the output rows' mixing differs from the input rows' (another method, or fvt's
+        pieces weighted by position) and some rebuilt tensor is on the output side."""
+        if not any(t.side == "output" for t in self.rebuilt):
+            return False
+        options = self.options
+        return options.method_for("output") != options.method or (options.method == "fvt" and options.piece_weighting != "mean")
+
+    def side_method(self, side: str) -> str:
+        """The method that makes the new rows of one side: the output side follows --head-method
+        only where the output rows are mixed apart."""
+        return self.options.method_for(side) if side == "input" or self.two_mixings else self.options.method
+
+    @property
     def hidden_size(self) -> int:
         return self.source.info(self.source_tensors.embedding).shape[1]
 
     @property
     def dense(self) -> bool:
-        """The paper's dense form: clp over the whole overlap."""
-        return self.options.method == "clp" and self.options.top_k is None
+        """The paper's dense form: clp over the whole overlap (on the input side)."""
+        return self.dense_for("input")
+
+    def dense_for(self, side: str) -> bool:
+        return self.side_method(side) == "clp" and self.options.top_k is None
 
     @property
     def target_size(self) -> int:
@@ -82,17 +142,27 @@ class TransferPlan:
 
     @property
     def k(self) -> int:
+        """Neighbours per missing token on the input side."""
+        return self.k_for("input")
+
+    def k_for(self, side: str) -> int:
         """Neighbours per missing token (the whole overlap in the dense form; for fvt, the pieces
         the memory model allows for)."""
-        if self.options.method == "fvt":
+        if self.side_method(side) == "fvt":
             return memory.FVT_PIECES
         return self.overlap.count if self.options.top_k is None else min(self.options.top_k, self.overlap.count)
+
+    @property
+    def sides(self) -> tuple[str, ...]:
+        """The sides with a mixing of their own."""
+        return ("input", "output") if self.two_mixings else ("input",)
 
     def memory_estimate(self) -> dict[str, int]:
         """Bytes held at once by the search and by the write stage, besides the row blocks."""
         return memory.memory_estimate(
-            self.source, self.source_tensors.names, self.helper, self.helper_embedding, self.target_size,
-            self.overlap.count, int(self.overlap.missing_ids.size), self.k, self.dense, self.options.method,
+            self.source, tuple(t.source_name for t in self.rebuilt), self.helper, self.helper_embedding, self.target_size,
+            self.overlap.count, int(self.overlap.missing_ids.size),
+            tuple((self.side_method(side), self.k_for(side), self.dense_for(side)) for side in self.sides),
         )
 
     @property
@@ -114,9 +184,10 @@ class TransferPlan:
     def summary(self) -> dict:
         """The plan as plain data, for `inspect` and the manifest."""
         emb = self.source.info(self.source_tensors.embedding)
-        rebuilt = {name: [self.output_rows, *self.source.info(name).shape[1:]] for name in self.source_tensors.names}
+        rebuilt = {t.name: [self.output_rows, *self.source.info(t.source_name).shape[1:]] for t in self.rebuilt}
         rebuilt_bytes = sum(
-            math.prod(shape) * DTYPE_SIZES[self.source.info(name).dtype] for name, shape in rebuilt.items()
+            math.prod([self.output_rows, *self.source.info(t.source_name).shape[1:]]) * DTYPE_SIZES[self.source.info(t.source_name).dtype]
+            for t in self.rebuilt
         )
         untouched = sum(
             ref.info.nbytes for name, ref in self.source.tensors.items() if name not in self.source_tensors.names
@@ -132,11 +203,15 @@ class TransferPlan:
             "head": self.source_tensors.head,
             "head_bias": self.source_tensors.head_bias,
             "tied": self.source_tensors.tied,
+            "added_head": self.added_head,
+            "head_untied": self.head_untied,
+            "output_side": [t.name for t in self.rebuilt if t.side == "output"],
             "helper_embedding": None if self.helper is None else {"name": self.helper_embedding, "shape": list(self.helper.info(self.helper_embedding).shape)},
             "rebuilt_tensors": rebuilt,
             "bytes_to_compute": rebuilt_bytes,
             "bytes_to_copy": untouched,
             "neighbours_per_token": self.k,
+            "methods": {side: self.side_method(side) for side in self.sides},
             "memory_estimate": self.memory_estimate(),
         }
 
@@ -173,6 +248,21 @@ def find_helper_embedding(shapes: dict[str, tuple[int, ...]], place: str, config
         return find_vocab_tensors(shapes, place, config=None)
 
 
+def _check_head_options(tensors: VocabTensors, shapes: dict[str, tuple[int, ...]], options: TransferOptions, place: Path) -> None:
+    """--untie-head needs a model with a head to untie; --head-method needs an untied head."""
+    if options.untie_head and tensors.head is None:
+        name = head_name_for(tensors.family)
+        if name is None:
+            raise SurgeryError("--untie-head", f"{tensors.family} models tie the output head to the embedding in their code; it cannot be untied")
+        if name in shapes:
+            raise SurgeryError(place, f"--untie-head would add {name!r}, which is already a tensor of another shape")
+    if options.untie_head and tensors.family == "t5" and tensors.tied_in_config is not False:
+        raise SurgeryError("--untie-head", "T5 scales a tied head's input by d_model**-0.5 and an untied one's not: untying would change the model")
+    head_untied = options.untie_head or (tensors.head is not None and tensors.tied_in_config is not True)
+    if options.head_method is not None and options.head_method != options.method and not head_untied:
+        raise SurgeryError("--head-method", "the source's output head is its embedding (tied): add --untie-head to give it rows of its own")
+
+
 def make_plan(
     source_path: str | Path,
     helper_path: str | Path,
@@ -183,7 +273,7 @@ def make_plan(
     """Open and check both models, read both vocabularies and compute the overlap."""
     source_path, helper_path = Path(source_path), Path(helper_path)
     source = CheckpointLayout.open(source_path)
-    helper_free = options.method in HELPER_FREE_METHODS
+    helper_free = not options.needs_helper
     if not helper_path.is_dir():
         what = "the target tokenizer" if helper_free else "weights, tokenizer.json, config.json"
         raise SurgeryError(helper_path, f"the helper must be a model folder ({what})")
@@ -198,6 +288,7 @@ def make_plan(
         source_shapes, str(source_path), options.embedding_tensor, options.head_tensor, options.head_bias_tensor, config
     )
     helper_tensors = None if helper is None else find_helper_embedding({n: r.info.shape for n, r in helper.tensors.items()}, str(helper_path), helper_config)
+    _check_head_options(source_tensors, source_shapes, options, source_path)
     for name in source_tensors.names:
         dtype = source.info(name).dtype
         if dtype not in FLOAT_DTYPES or dtype.startswith("F8"):

@@ -25,7 +25,7 @@ from clpsurgery.mixing.neighbours import Neighbours, dense_similarities, normali
 from clpsurgery.mixing.omp import candidate_count, omp_mixing
 from clpsurgery.mixing.weights import WeightStats, mixing_weights
 from clpsurgery.pipeline import memory
-from clpsurgery.pipeline.plan import TransferPlan
+from clpsurgery.pipeline.plan import RebuiltTensor, TransferPlan
 from clpsurgery.pipeline.tensor_io import as_tensor
 from clpsurgery.stage_hooks import reached
 
@@ -68,38 +68,61 @@ class Mixing:
         return None, weights
 
 
-def find_mixing(plan: TransferPlan, source_vocab_pieces, helper: Checkpoint | None, progress: ProgressFactory, result: TransferResult, backend: ComputeBackend) -> Mixing:
-    """The method's source rows and weights for every missing token: fvt from the pieces under the
-    source tokenizer (`source_vocab_pieces(missing ids)`), clp and omp from the helper's vectors."""
+def find_mixings(plan: TransferPlan, source_vocab_pieces, helper: Checkpoint | None, progress: ProgressFactory, result: TransferResult, backend: ComputeBackend) -> dict[str, Mixing]:
+    """Each side's mixing (plan.sides: the input's, and the output's where it differs): fvt from
+    the pieces under the source tokenizer (`source_vocab_pieces(missing ids)`), clp and omp from
+    the helper's vectors. The output side shares the input's Mixing where they are the same."""
+    methods = {side: plan.side_method(side) for side in plan.sides}
+    pieces = None
+    if "fvt" in methods.values():
+        with progress("source pieces", int(plan.overlap.missing_ids.size)):
+            pieces = source_vocab_pieces(plan.overlap.missing_ids)
+    vectors = None
+    if any(m != "fvt" for m in methods.values()):
+        vectors = _helper_vectors(plan, helper, result)
+    reached("search")  # test hook (stage_hooks.py): a no-op unless CLPSURGERY_PAUSE_AT names it
+    mixings = {}
+    for side, method in methods.items():
+        if method == "fvt":
+            mixings[side] = Mixing(plan, fvt_mixing(pieces, plan.overlap.source_ids, plan.options.piece_weighting, side))
+        else:
+            mixings[side] = _helper_mixing(plan, side, vectors, progress, backend)
+    mixings.setdefault("output", mixings["input"])
+    return mixings
+
+
+def _helper_vectors(plan: TransferPlan, helper: Checkpoint, result: TransferResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The helper's rows in fp32 (as stored, checked finite), and the overlap's and the missing
+    tokens' normalised vectors. One fp32 copy serves the finiteness check, the normalised vectors
+    and OMP's raw vectors."""
     overlap = plan.overlap
-    if plan.options.method == "fvt":
-        reached("search")
-        with progress("source pieces", int(overlap.missing_ids.size)):
-            pieces = source_vocab_pieces(overlap.missing_ids)
-        return Mixing(plan, fvt_mixing(pieces, overlap.source_ids))
-    # One fp32 copy serves the finiteness check, the normalised vectors and OMP's raw vectors.
     helper_rows = as_tensor(helper.read_rows(plan.helper_embedding, 0, plan.target_size)).to(torch.float32)
     finite = torch.isfinite(helper_rows).all(dim=1)
     if not finite.all():
         bad = int((~finite).nonzero()[0])
         raise SurgeryError(plan.helper_path, f"helper embedding {plan.helper_embedding!r} has NaN or Inf in row {bad}")
     vectors, result.zero_helper_rows = normalise_rows(helper_rows)
-    overlap_vectors = vectors[torch.from_numpy(overlap.target_ids)]
-    missing_vectors = vectors[torch.from_numpy(overlap.missing_ids)]
-    reached("search")  # test hook (stage_hooks.py): a no-op unless CLPSURGERY_PAUSE_AT names it
-    if plan.options.method == "omp" and overlap.missing_ids.size:
+    return helper_rows, vectors[torch.from_numpy(overlap.target_ids)], vectors[torch.from_numpy(overlap.missing_ids)]
+
+
+def _helper_mixing(plan: TransferPlan, side: str, vectors, progress: ProgressFactory, backend: ComputeBackend) -> Mixing:
+    """One side's clp or omp mixing from the helper's vectors."""
+    helper_rows, overlap_vectors, missing_vectors = vectors
+    overlap = plan.overlap
+    k = plan.k_for(side)
+    if plan.side_method(side) == "omp" and overlap.missing_ids.size:
         raw = helper_rows.numpy()  # OMP rebuilds the helper's vectors as they are, norms included
-        candidates = candidate_count(plan.k, overlap.count)
+        candidates = candidate_count(k, overlap.count)
 
         def search(start: int, stop: int) -> Neighbours:
             return backend.search_top_k(overlap_vectors, missing_vectors[start:stop], candidates)
 
         with progress("orthogonal matching pursuit", int(overlap.missing_ids.size)) as advance:
-            pursuit = omp_mixing(raw[overlap.target_ids], raw[overlap.missing_ids], plan.k, search, on_rows=advance)
+            pursuit = omp_mixing(raw[overlap.target_ids], raw[overlap.missing_ids], k, search, on_rows=advance)
         return Mixing(plan, pursuit.matrix())
-    if plan.options.top_k is not None and overlap.missing_ids.size:
+    if not plan.dense_for(side) and overlap.missing_ids.size:
         with progress("neighbour search", int(overlap.missing_ids.size)) as advance:
-            neighbours = backend.search_top_k(overlap_vectors, missing_vectors, plan.k, on_chunk=advance)
+            neighbours = backend.search_top_k(overlap_vectors, missing_vectors, k, on_chunk=advance)
         return Mixing(plan, clp_matrix(neighbours, plan.options.weighting, plan.options.temperature))
     return Mixing(plan, None, overlap_vectors, missing_vectors)
 
@@ -114,7 +137,7 @@ def read_source_rows(plan: TransferPlan, source: Checkpoint, name: str, source_i
     return rows
 
 
-def rebuilt_rows(plan: TransferPlan, source: Checkpoint, mixing: Mixing, name: str, record: bool, clock: StageClock, backend: ComputeBackend) -> Iterator[torch.Tensor]:
+def rebuilt_rows(plan: TransferPlan, source: Checkpoint, mixing: Mixing, tensor: RebuiltTensor, record: bool, clock: StageClock, backend: ComputeBackend) -> Iterator[torch.Tensor]:
     """Row blocks of one rebuilt tensor: overlap rows copied, the others mixed, in row order.
 
     The source rows of the overlap are read when the first block is asked for and dropped after
@@ -123,7 +146,7 @@ def rebuilt_rows(plan: TransferPlan, source: Checkpoint, mixing: Mixing, name: s
     overlap = plan.overlap
     with clock.stage("read"):
         # the overlap's rows (copied, and mixed by clp and omp), then any other rows a method mixes
-        source_overlap_rows = read_source_rows(plan, source, name, np.concatenate([overlap.source_ids, mixing.extra_source_ids]))
+        source_overlap_rows = read_source_rows(plan, source, tensor.source_name, np.concatenate([overlap.source_ids, mixing.extra_source_ids]))
     dtype = source_overlap_rows.dtype
     row_shape = tuple(source_overlap_rows.shape[1:])
     source_2d = source_overlap_rows.reshape(source_overlap_rows.shape[0], -1)

@@ -28,6 +28,7 @@ class TransferResult:
 
     stage_seconds: dict[str, float] = field(default_factory=dict)
     weight_stats: WeightStats | None = None  # set when the rows are written
+    head_weight_stats: WeightStats | None = None  # the output side's, where its mixing is its own
     write_stats: WriteStats = field(default_factory=WriteStats)
     zero_helper_rows: int = 0
     config_changes: dict = field(default_factory=dict)

@@ -34,7 +34,7 @@ from clpsurgery.formats.writer import (
 )
 from clpsurgery.pipeline import memory
 from clpsurgery.pipeline.manifest import build_manifest
-from clpsurgery.pipeline.plan import TransferPlan
+from clpsurgery.pipeline.plan import RebuiltTensor, TransferPlan
 from clpsurgery.pipeline.result import (
     ProgressFactory,
     StageClock,
@@ -52,39 +52,46 @@ if TYPE_CHECKING:
 
 def planned_shards(
     plan: TransferPlan,
-    make_producer: Callable[[TensorSpec], Callable[[], Iterator[memoryview]]],
+    make_producer: Callable[[TensorSpec, RebuiltTensor], Callable[[], Iterator[memoryview]]],
 ) -> list[tuple[str, list[PlannedTensor] | None, object]]:
-    """For each source file: its output name, the tensors to write (None: copy the file whole), its header."""
+    """For each source file: its output name, the tensors to write (None: copy the file whole), its
+    header. A head that --untie-head adds is written right after the embedding, in its file."""
     shards = []
-    rebuilt = set(plan.source_tensors.names)
+    rebuilt = {t.source_name: [] for t in plan.rebuilt}
+    for tensor in plan.rebuilt:
+        rebuilt[tensor.source_name].append(tensor)
     for header in plan.source.headers:
         out_name = plan.output_file_name(header.path)
-        if not rebuilt & set(header.tensors):
+        if not rebuilt.keys() & set(header.tensors):
             shards.append((out_name, None, header))
             continue
         planned: list[PlannedTensor] = []
         for name, info in header.tensors.items():
-            if name in rebuilt:
-                spec = TensorSpec(name, info.dtype, (plan.output_rows, *info.shape[1:]))
-                planned.append(ComputedTensor(spec, make_producer(spec)))
-            else:
+            if name not in rebuilt:
                 planned.append(CopiedTensor(TensorSpec(name, info.dtype, info.shape), header.path, header.absolute_range(name)[0]))
+                continue
+            for tensor in rebuilt[name]:
+                spec = TensorSpec(tensor.name, info.dtype, (plan.output_rows, *info.shape[1:]))
+                planned.append(ComputedTensor(spec, make_producer(spec, tensor)))
         shards.append((out_name, planned, header))
     return shards
 
 
 def _tensor_bytes(plan: TransferPlan) -> int:
     """Bytes of all tensors of the target (the index's total_size)."""
+    rebuilt = {t.source_name for t in plan.rebuilt}
     total = 0
     for name, ref in plan.source.tensors.items():
-        rows = plan.output_rows if name in plan.source_tensors.names else ref.info.rows
+        rows = plan.output_rows if name in rebuilt else ref.info.rows
         total += rows * ref.info.row_bytes if ref.info.shape else ref.info.nbytes
+    if plan.added_head is not None:
+        total += plan.output_rows * plan.source.info(plan.source_tensors.embedding).row_bytes
     return total
 
 
 def _output_bytes(plan: TransferPlan) -> int:
     """Bytes the write stage moves: tensors, plus the headers of files copied whole."""
-    rebuilt = set(plan.source_tensors.names)
+    rebuilt = {t.source_name for t in plan.rebuilt}
     whole_file_headers = sum(h.data_start for h in plan.source.headers if not rebuilt & set(h.tensors))
     return _tensor_bytes(plan) + whole_file_headers
 
@@ -93,12 +100,13 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
     """Write the target model into OUT (built beside it and renamed in when complete)."""
     result = TransferResult()
     clock = StageClock()
-    mixing: Mixing | None = None
+    mixings: dict[str, Mixing] = {}
     backend = None
 
-    def make_producer(spec: TensorSpec) -> Callable[[], Iterator[memoryview]]:
-        record = spec.name == plan.source_tensors.embedding
-        return lambda: tensor_io.checked_blocks(spec, rebuild.rebuilt_rows(plan, source, mixing, spec.name, record, clock, backend))
+    def make_producer(spec: TensorSpec, tensor: RebuiltTensor) -> Callable[[], Iterator[memoryview]]:
+        # a side's weight statistics are recorded once, from its first tensor
+        record = tensor == next(t for t in plan.rebuilt if t.side == tensor.side)
+        return lambda: tensor_io.checked_blocks(spec, rebuild.rebuilt_rows(plan, source, mixings[tensor.side], tensor, record, clock, backend))
 
     # The plan holds layouts; the files are opened for reading here, at the edge.
     helper_reader = Checkpoint(plan.helper) if plan.helper is not None else contextlib.nullcontext(None)
@@ -116,13 +124,15 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
                 layouts.append(layout)
                 copy_jobs.append(functools.partial(copy_tensors, layout))
             weight_map.update({name: out_name for name in header.tensors})
+            if plan.added_head is not None and plan.source_tensors.embedding in header.tensors:
+                weight_map[plan.added_head] = out_name
             result.files.append(out_name)
         copier = BackgroundCopier(copy_jobs)
         copy_started = time.perf_counter()
         copier.start()
         # The overlap rows of every rebuilt tensor are read into the page cache by the kernel
         # while the search runs, so that the read stage finds them there.
-        for name in plan.source_tensors.names:
+        for name in dict.fromkeys(t.source_name for t in plan.rebuilt):
             source.prefetch_rows(name, plan.overlap.source_ids)
         try:
             # torch and the compute are imported only now, so the copies need not wait for the import.
@@ -138,7 +148,7 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
                 def pieces(ids):
                     return source_pieces(plan.source_vocab, plan.target_vocab, ids, source_rows)
 
-                mixing = rebuild.find_mixing(plan, pieces, helper, progress, result, backend)
+                mixings.update(rebuild.find_mixings(plan, pieces, helper, progress, result, backend))
             with progress("combine, copy and write", _output_bytes(plan)) as advance:
                 result.write_stats.on_bytes = lambda n: advance(n + copier.take_bytes())
                 write_started = time.perf_counter()
@@ -157,7 +167,9 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
             for layout in layouts:
                 finish_file(layout, result.write_stats)
         result.write_stats.add(copier.stats)
-        result.weight_stats = mixing.stats
+        result.weight_stats = mixings["input"].stats
+        if mixings["output"] is not mixings["input"]:
+            result.head_weight_stats = mixings["output"].stats
         result.paths = backend.describe()
         if plan.source.is_sharded:
             total = _tensor_bytes(plan)
@@ -172,7 +184,7 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
 
 
 def _write_side_files(plan: TransferPlan, staging: Path, result: TransferResult) -> None:
-    config, changes = target_config(plan.source_config, plan.helper_config, plan.source_vocab, plan.target_vocab, plan.output_rows)
+    config, changes = target_config(plan.source_config, plan.helper_config, plan.source_vocab, plan.target_vocab, plan.output_rows, untie=plan.unties_head)
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     result.config_changes = {"config.json": changes}
     if plan.generation_config_path is not None:

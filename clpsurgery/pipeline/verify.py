@@ -415,18 +415,21 @@ def _check_overlap_rows(manifest: dict, target: Checkpoint, source: Checkpoint, 
     except (KeyError, TypeError, ValueError) as e:
         report(Check(None, "overlap rows", f"the manifest holds no readable overlap pairs ({type(e).__name__})"))
         return
+    # a head --untie-head added copies the embedding's rows
+    rebuilt_from = manifest.get("tensors", {}).get("rebuilt_from") or {}
     for name in (n for n in rebuilt if n in target):
-        if name not in source:
-            report(Check(False, f"overlap rows {name}", "not in SOURCE"))
+        source_name = rebuilt_from.get(name, name) if isinstance(rebuilt_from, dict) else name
+        if not isinstance(source_name, str) or source_name not in source:
+            report(Check(False, f"overlap rows {name}", f"{source_name!r} is not in SOURCE"))
             continue
-        rows, source_rows = target.info(name).rows, source.info(name).rows
+        rows, source_rows = target.info(name).rows, source.info(source_name).rows
         if target_ids.size and (target_ids.min() < 0 or target_ids.max() >= rows or source_ids.min() < 0 or source_ids.max() >= source_rows):
             report(Check(False, f"overlap rows {name}", "the manifest's pairs name rows outside the tensors"))
             continue
         def equal_blocks() -> Iterator[tuple[int, np.ndarray]]:
             for start, stop in row_blocks(target_ids.size, max(1, BLOCK_BYTES // max(1, target.info(name).row_bytes))):
                 mine = target.gather_rows(name, target_ids[start:stop])
-                theirs = source.gather_rows(name, source_ids[start:stop])
+                theirs = source.gather_rows(source_name, source_ids[start:stop])
                 same_layout = mine.dtype == theirs.dtype and mine.data.shape == theirs.data.shape
                 yield start, (mine.data == theirs.data).all(axis=1) if same_layout else np.zeros(len(mine.data), dtype=bool)
 
@@ -434,4 +437,4 @@ def _check_overlap_rows(manifest: dict, target: Checkpoint, source: Checkpoint, 
         if bad is None:
             report(Check(True, f"overlap rows {name}", f"{target_ids.size} rows equal to the SOURCE rows they copy"))
         else:
-            report(Check(False, f"overlap rows {name}", f"row {int(target_ids[bad])} differs from SOURCE row {int(source_ids[bad])}"))
+            report(Check(False, f"overlap rows {name}", f"row {int(target_ids[bad])} differs from SOURCE row {int(source_ids[bad])}" + (f" of {source_name!r}" if source_name != name else "")))

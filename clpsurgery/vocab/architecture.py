@@ -121,6 +121,7 @@ ALL_NAMES = Family(
     tuple(dict.fromkeys(n for f in FAMILIES for n in f.head_bias)),
     copies=tuple(dict.fromkeys(n for f in FAMILIES for n in f.copies)),
 )
+FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,20 @@ class VocabTensors:
     def names(self) -> tuple[str, ...]:
         """Every tensor rebuilt row by row, the embedding first."""
         return tuple(n for n in (self.embedding, self.head, self.head_bias, *self.copies) if n)
+
+    def is_output_side(self, name: str, shape: tuple[int, ...], head_untied: bool) -> bool:
+        """Whether a rebuilt tensor holds output rows (a head, a vocab-sized bias, a copy of the bias)
+        rather than input rows (the embedding and its copies). A stored head of a model that ties
+        it to the embedding at load time counts as input rows, unless the output unties it."""
+        if name == self.head:
+            return head_untied
+        return name == self.head_bias or (name in self.copies and len(shape) == 1)
+
+
+def head_name_for(family: str | None) -> str | None:
+    """The name an untied output head takes in a family (None where the model has no separate head)."""
+    found = FAMILY_BY_NAME.get(family, ALL_NAMES) if family else ALL_NAMES
+    return None if found.always_tied or not found.head else found.head[0]
 
 
 def read_config(path: Path) -> dict:

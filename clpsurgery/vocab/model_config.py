@@ -90,14 +90,21 @@ def target_config(
     source_vocab: Vocabulary,
     target_vocab: Vocabulary,
     vocab_size: int,
+    untie: bool = False,
 ) -> tuple[dict, dict[str, dict]]:
-    """The source config with the target's vocab_size and token ids."""
+    """The source config with the target's vocab_size and token ids (and, with `untie`, its output
+    head untied: tie_word_embeddings false wherever the config says it)."""
     config = copy.deepcopy(source_config)
     section = text_config(config)
     changes: dict[str, dict] = {"vocab_size": {"source": section.get("vocab_size"), "target": vocab_size}}
     section["vocab_size"] = vocab_size
     if section is not config and "vocab_size" in config:
         config["vocab_size"] = vocab_size
+    if untie:
+        changes["tie_word_embeddings"] = {"source": section.get("tie_word_embeddings", config.get("tie_word_embeddings")), "target": False}
+        section["tie_word_embeddings"] = False
+        if section is not config and "tie_word_embeddings" in config:
+            config["tie_word_embeddings"] = False
     changes.update(update_token_ids(config, helper_config, source_vocab, target_vocab))
     return config, changes
 
