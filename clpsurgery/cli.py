@@ -126,9 +126,16 @@ def cli() -> None:
     """CLP-Transfer as weight surgery on safetensors files."""
 
 
+def _local(spec: str, role: str, quiet: bool, weights: bool = True) -> Path:
+    """A path, or a Hub id (org/name[@revision]) fetched into the Hugging Face cache."""
+    from clpsurgery.formats.hub import resolve_model
+
+    return resolve_model(spec, role=role, quiet=quiet, weights=weights)
+
+
 @cli.command("init")
-@click.argument("source", type=click.Path(path_type=Path))
-@click.argument("helper", type=click.Path(path_type=Path))
+@click.argument("source", type=click.Path())
+@click.argument("helper", type=click.Path())
 @click.argument("out", type=click.Path(path_type=Path))
 @transfer_options
 @click.option("--force", is_flag=True, help="Replace OUT if it is a previous clpsurgery output.")
@@ -137,18 +144,22 @@ def init_command(source: Path, helper: Path, out: Path, options: TransferOptions
     """Write OUT: SOURCE's weights with embeddings rebuilt for HELPER's tokenizer.
 
     SOURCE is a .safetensors file or a model folder; HELPER is a model folder that already speaks
-    the target language with the target tokenizer.
+    the target language with the target tokenizer. Either may be a Hub id, org/name[@revision]:
+    only what init reads is fetched into the Hugging Face cache (HF_HUB_OFFLINE=1 reads the cache).
     """
     from clpsurgery.formats.output_folder import check_out_path
     from clpsurgery.pipeline.plan import make_plan
     from clpsurgery.pipeline.transfer import run_transfer
 
-    _check_out_apart(out, source, helper, source_tokenizer, source_config)
-    check_out_path(out, force)  # before any slow work; checked again when OUT is written
+    _check_out_apart(out, Path(source), Path(helper), source_tokenizer, source_config)
+    check_out_path(out, force)  # before any slow work, a download included; checked again when OUT is written
     if options.device == "cuda":
         from clpsurgery.mixing.backend import resolve_device
 
         resolve_device(options.device)  # --device cuda without a GPU: one line, before any slow work
+    source = _local(source, "source", quiet)
+    helper = _local(helper, "helper", quiet, weights=options.needs_helper)
+    _check_out_apart(out, source, helper, source_tokenizer, source_config)
     plan = make_plan(source, helper, options, source_tokenizer, source_config)
     summary = plan.summary()
     if not quiet:
@@ -193,9 +204,9 @@ def _check_out_apart(out: Path, source: Path, helper: Path, source_tokenizer: st
 
 
 @cli.command("inspect")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--against", "helper", type=click.Path(path_type=Path), help="A helper folder: print what init PATH HELPER would do with the same options, writing nothing.")
+@click.option("--against", "helper", type=click.Path(), help="A helper folder (or Hub id): print what init PATH HELPER would do with the same options, writing nothing.")
 @transfer_options
 @common_options
 def inspect_command(path: Path, as_json: bool, helper, options: TransferOptions, source_tokenizer, source_config, quiet: bool) -> None:
@@ -209,7 +220,9 @@ def inspect_command(path: Path, as_json: bool, helper, options: TransferOptions,
         inspect_transfer,
     )
 
+    path = _local(path, "source" if helper is not None else "checkpoint", quiet)
     if helper is not None:
+        helper = _local(helper, "helper", quiet, weights=options.needs_helper)
         report = inspect_transfer(path, helper, options, source_tokenizer, source_config)
         click.echo(json.dumps(report, indent=2, ensure_ascii=False) if as_json else format_transfer_report(report))
         return
@@ -219,15 +232,17 @@ def inspect_command(path: Path, as_json: bool, helper, options: TransferOptions,
 
 @cli.command("verify")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--source", type=click.Path(path_type=Path), help="Also check unchanged tensors and overlap rows against this source checkpoint.")
+@click.option("--source", type=click.Path(), help="Also check unchanged tensors and overlap rows against this source checkpoint (a path or Hub id).")
 @common_options
-def verify_command(out: Path, source: Path | None, quiet: bool) -> None:
+def verify_command(out: Path, source: str | None, quiet: bool) -> None:
     """Check an init output: file hashes, shapes, finite rows; with --source, the copies too.
 
     Prints one PASS/FAIL line per check; the exit code is 0 when every check passes, 1 otherwise.
     """
     from clpsurgery.pipeline.verify import verify_output
 
+    if source is not None:
+        source = _local(source, "source", quiet)
     checks = verify_output(out, source, progress=progress_factory(quiet), echo=lambda line: click.echo(line))
     failed = [c for c in checks if c.ok is False]
     skipped = sum(1 for c in checks if c.ok is None)

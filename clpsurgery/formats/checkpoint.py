@@ -325,5 +325,12 @@ def _check_shard_name(index_path: Path, root: Path, tensor: str, shard: object) 
     if os.path.isabs(shard) or "/" in shard or "\\" in shard or shard in (".", "..") or "\x00" in shard:
         raise SurgeryError(index_path, f"weight_map entry for {tensor!r} points outside the folder: {shard!r}")
     resolved = (root / shard).resolve()
-    if resolved.parent != root.resolve():
+    if resolved.parent != root.resolve() and not _hub_cache_blob(root, shard, resolved):
         raise SurgeryError(index_path, f"weight_map entry for {tensor!r} points outside the folder: {shard!r}")
+
+
+def _hub_cache_blob(root: Path, shard: str, resolved: Path) -> bool:
+    """The Hugging Face cache's own layout: every file of models--org--name/snapshots/<commit>/ is
+    a symlink into the repository's blobs/ folder, where the shard itself lives."""
+    snapshots = root.resolve().parent
+    return (root / shard).is_symlink() and snapshots.name == "snapshots" and resolved.parent == snapshots.parent / "blobs"
