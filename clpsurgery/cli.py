@@ -1,4 +1,4 @@
-"""The `clpsurgery` command: init, inspect, verify and demo.
+"""The `clpsurgery` command: init, apply, inspect, verify and demo.
 
 Bad input ends with one line on stderr, `error: PLACE: PROBLEM`, and exit code 1; `--debug`
 shows the traceback instead.
@@ -185,6 +185,36 @@ def init_command(source: Path, helper: Path, out: Path, options: TransferOptions
         click.echo(f"note: {stats.degenerate_rows} rows had nearly dependent atoms (solved with a small ridge); {stats.uniform_rows} had a zero helper vector and got the mean of their nearest tokens", err=True)
     if stats.empty_rows:
         click.echo(f"note: {stats.empty_rows} target tokens have no piece the source tokenizer can encode (or no token at their id): their rows are zero", err=True)
+
+
+@cli.command("apply")
+@click.argument("transfer", type=click.Path(path_type=Path))
+@click.argument("sibling", type=click.Path())
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--max-memory", type=ByteSize(), default="1GiB", show_default=True, help=TransferOptions.specs()["max_memory"].help)
+@click.option("--device", type=click.Choice(TransferOptions.specs()["device"].choices), default="auto", show_default=True, help=TransferOptions.specs()["device"].help)
+@click.option("--source-tokenizer", type=click.Path(), help="The sibling's tokenizer.json (default: beside SIBLING).")
+@click.option("--source-config", type=click.Path(), help="The sibling's config.json (default: beside SIBLING).")
+@click.option("--force", is_flag=True, help="Replace OUT if it is a previous clpsurgery output.")
+@common_options
+def apply_command(transfer: Path, sibling: str, out: Path, max_memory: int, device: str, source_tokenizer, source_config, force, quiet) -> None:
+    """Replay the transfer that wrote TRANSFER (an init output) on SIBLING: a checkpoint with the
+    same vocabulary and shapes as that init's source (an instruct or fine-tuned sibling, a base
+    with a merged LoRA). The same overlap rows are copied and the same new rows mixed with the
+    same weights, with no helper and no search; on the source itself it reproduces init's output.
+    """
+    from clpsurgery.formats.output_folder import check_out_path
+    from clpsurgery.pipeline.replay import make_replay_plan
+    from clpsurgery.pipeline.transfer import run_transfer
+
+    _check_out_apart(out, Path(sibling), transfer, source_tokenizer, source_config)
+    check_out_path(out, force)
+    sibling_path = _local(sibling, "source", quiet)
+    _check_out_apart(out, sibling_path, transfer, source_tokenizer, source_config)
+    plan, recorded = make_replay_plan(transfer, sibling_path, max_memory, device, source_tokenizer, source_config)
+    result = run_transfer(plan, out, force=force, progress=progress_factory(quiet), recorded=recorded, command=["clpsurgery", *sys.argv[1:]])
+    seconds = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
+    click.echo(f"wrote {out} ({seconds})")
 
 
 def _check_out_apart(out: Path, source: Path, helper: Path, source_tokenizer: str | None = None, source_config: str | None = None) -> None:

@@ -598,7 +598,38 @@ def stage_helper(args, work: Path, corpus: dict[str, Path], tok_dir: Path) -> Pa
 
 
 def stage_name(variant: str) -> str:
-    return variant.replace(":", "-").replace("*", "x")
+    return variant.replace(":", "-").replace("*", "x").replace("/", "_")
+
+
+def method_options(spec: str, side: str) -> list[str]:
+    """CLI options for one side of a variant: `WEIGHTING:K[:TEMPERATURE]`, `omp:K`, or
+    `fvt[-PIECES]` (PIECES: a --piece-weighting, e.g. fvt-first-last); on the output side, a method
+    (`fvt[-PIECES]`, `clp`, `omp`) under --untie-head --head-method."""
+    if spec.startswith("fvt"):
+        pieces = spec[len("fvt-"):] if spec.startswith("fvt-") else None
+        method = ["--method", "fvt"] if side == "input" else ["--head-method", "fvt"]
+        return method + (["--piece-weighting", pieces] if pieces else [])
+    if side == "output":
+        return ["--head-method", spec]
+    weighting, k, *temperature = spec.split(":")
+    if weighting == "omp":  # orthogonal matching pursuit: k atoms per new token
+        return ["--method", "omp", "--top-k", k]
+    return ["--top-k", k, "--weighting", weighting] + (["--temperature", temperature[0]] if temperature else [])
+
+
+def variant_options(base: str) -> list[str]:
+    """`INPUT[/OUTPUT]`: the input side's method, and with /OUTPUT an untied head whose new rows
+    come from another method (`softmax:5/fvt-first-last`: clp rows in, first pieces out)."""
+    input_side, _, output_side = base.partition("/")
+    options = method_options(input_side, "input")
+    if not output_side:
+        return options
+    out = method_options(output_side, "output")
+    if "--piece-weighting" in options and "--piece-weighting" in out:
+        if options[options.index("--piece-weighting") + 1] != out[out.index("--piece-weighting") + 1]:
+            raise SystemExit(f"variant {base!r}: one --piece-weighting serves both sides")
+        out = out[: out.index("--piece-weighting")]
+    return options + ["--untie-head"] + out
 
 
 def new_token_ids(source: Path, helper: Path):
@@ -666,18 +697,9 @@ def stage_init(args, work: Path, source: Path, helper: Path, variant: str, new_i
         g = torch.Generator().manual_seed(args.seed)
         rewrite_embedding(out, lambda emb: mean + std * torch.randn(emb.shape, generator=g))
         info = {"random": {"mean_of_mean": float(mean.mean()), "mean_of_std": float(std.mean())}}
-    elif base == "fvt":  # helper-free, through the CLI: each new token the mean of its source pieces
-        manifest = run_init(source, helper, out, ["--method", "fvt"], args.init_max_memory)
-        info = {"manifest": {k2: manifest[k2] for k2 in ("overlap", "missing", "weights", "timings", "stats") if k2 in manifest}}
-    else:
-        weighting, k, *temperature = base.split(":")
-        if weighting == "omp":  # orthogonal matching pursuit: k atoms per new token
-            options = ["--method", "omp", "--top-k", k]
-        else:
-            options = ["--top-k", k, "--weighting", weighting] + (["--temperature", temperature[0]] if temperature else [])
-        manifest = run_init(source, helper, out, options, args.init_max_memory)
-        info = {k2: manifest[k2] for k2 in ("overlap", "missing", "weights", "timings", "stats") if k2 in manifest}
-        info = {"manifest": info}
+    else:  # through the CLI (fvt: helper-free, each new token the mean of its pieces)
+        manifest = run_init(source, helper, out, variant_options(base), args.init_max_memory)
+        info = {"manifest": {k2: manifest[k2] for k2 in ("overlap", "missing", "weights", "head_weights", "timings", "stats") if k2 in manifest}}
     info["command"] = " ".join(manifest["command"])
     if scale:
         new_rows = torch.as_tensor(new_ids, dtype=torch.long)

@@ -64,6 +64,7 @@ class TransferPlan:
     generation_config_path: Path | None
     helper_config: dict | None
     options: TransferOptions
+    replay: bool = False  # the mixing comes from a transfer record (apply): no helper, no search
 
     @property
     def head_untied(self) -> bool:
@@ -162,7 +163,7 @@ class TransferPlan:
         return memory.memory_estimate(
             self.source, tuple(t.source_name for t in self.rebuilt), self.helper, self.helper_embedding, self.target_size,
             self.overlap.count, int(self.overlap.missing_ids.size),
-            tuple((self.side_method(side), self.k_for(side), self.dense_for(side)) for side in self.sides),
+            tuple(("replay" if self.replay else self.side_method(side), self.k_for(side), self.dense_for(side)) for side in self.sides),
         )
 
     @property

@@ -35,6 +35,7 @@ from clpsurgery.formats.writer import (
 from clpsurgery.pipeline import memory
 from clpsurgery.pipeline.manifest import build_manifest
 from clpsurgery.pipeline.plan import RebuiltTensor, TransferPlan
+from clpsurgery.pipeline.replay import TRANSFER_NAME, write_record
 from clpsurgery.pipeline.result import (
     ProgressFactory,
     StageClock,
@@ -47,6 +48,7 @@ from clpsurgery.vocab.pieces import source_pieces
 from clpsurgery.vocab.vocabulary import TOKENIZER_FILES
 
 if TYPE_CHECKING:
+    from clpsurgery.mixing.matrix import MixingMatrix
     from clpsurgery.pipeline.rebuild import Mixing
 
 
@@ -96,8 +98,16 @@ def _output_bytes(plan: TransferPlan) -> int:
     return _tensor_bytes(plan) + whole_file_headers
 
 
-def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: ProgressFactory = no_progress, command: list[str] | None = None) -> TransferResult:
-    """Write the target model into OUT (built beside it and renamed in when complete)."""
+def run_transfer(
+    plan: TransferPlan, out: Path, force: bool = False, progress: ProgressFactory = no_progress, command: list[str] | None = None,
+    recorded: dict[str, MixingMatrix] | None = None,
+) -> TransferResult:
+    """Write the target model into OUT (built beside it and renamed in when complete).
+
+    `recorded`: each side's mixing as a transfer record holds it (`apply`): no helper, no search.
+    The decisions are saved beside the output (replay.TRANSFER_NAME) wherever they are a top-k
+    mixing matrix (the dense form's weights are computed block by block and not kept).
+    """
     result = TransferResult()
     clock = StageClock()
     mixings: dict[str, Mixing] = {}
@@ -148,7 +158,11 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
                 def pieces(ids):
                     return source_pieces(plan.source_vocab, plan.target_vocab, ids, source_rows)
 
-                mixings.update(rebuild.find_mixings(plan, pieces, helper, progress, result, backend))
+                if recorded is None:
+                    mixings.update(rebuild.find_mixings(plan, pieces, helper, progress, result, backend))
+                else:
+                    mixings.update({side: rebuild.Mixing(plan, matrix) for side, matrix in recorded.items()})
+                    mixings.setdefault("output", mixings["input"])
             with progress("combine, copy and write", _output_bytes(plan)) as advance:
                 result.write_stats.on_bytes = lambda n: advance(n + copier.take_bytes())
                 write_started = time.perf_counter()
@@ -178,6 +192,9 @@ def run_transfer(plan: TransferPlan, out: Path, force: bool = False, progress: P
             result.files.append("model.safetensors.index.json")
         with clock.stage("side files"):
             _write_side_files(plan, staging, result)
+            if not any(mixings[side].dense for side in plan.sides):
+                write_record(staging / TRANSFER_NAME, plan, {side: mixings[side].matrix for side in plan.sides})
+                result.files.append(TRANSFER_NAME)
         result.stage_seconds = clock.seconds
         _write_manifest(plan, staging, result, command)
     return result

@@ -1,0 +1,138 @@
+"""Replaying a transfer (issue 17): init saves its decisions beside the output, and `apply TRANSFER
+SIBLING OUT` rebuilds the same rows from a sibling checkpoint, with no helper."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from clpsurgery.cli import main
+from clpsurgery.formats.checkpoint import Checkpoint
+from clpsurgery.pipeline.replay import TRANSFER_NAME
+from clpsurgery.pipeline.tensor_io import as_tensor
+from clpsurgery.pipeline.verify import verify_output
+
+from conftest import tree_hashes
+
+
+def tensors_of(folder) -> dict[str, torch.Tensor]:
+    with Checkpoint.open(folder) as ckpt:
+        return {name: as_tensor(ckpt.read_tensor(name)).clone() for name in ckpt.tensors}
+
+
+def one_line_error(args) -> str:
+    proc = subprocess.run([sys.executable, "-m", "clpsurgery", *args], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("source_fixture", "options"),
+    [
+        ("llama_source", []),
+        ("gpt2_source", ["--untie-head", "--head-method", "fvt", "--piece-weighting", "first-last"]),
+        ("llama_source", ["--method", "omp", "--top-k", "3"]),
+    ],
+)
+def test_apply_on_the_source_reproduces_init(request, source_fixture, options, german_helper, tmp_path):
+    """Every file apply writes is init's byte for byte, the record included; only the manifest
+    (its command, time and inputs) differs."""
+    source = request.getfixturevalue(source_fixture)
+    first, again = tmp_path / "init", tmp_path / "apply"
+    main(["init", "--quiet", *options, str(source), str(german_helper), str(first)])
+    assert (first / TRANSFER_NAME).is_file()
+    main(["apply", "--quiet", "--max-memory", "64MiB", str(first), str(source), str(again)])
+    ours, theirs = tree_hashes(first), tree_hashes(again)
+    ours.pop("clpsurgery.json")
+    theirs.pop("clpsurgery.json")
+    assert ours == theirs
+    manifest = json.loads((again / "clpsurgery.json").read_text())
+    assert manifest["inputs"]["helper"] == {"path": str(first), "files": []}
+    assert all(c.ok is not False for c in verify_output(again, source))
+
+
+def test_apply_on_a_fine_tuned_sibling(llama_source, german_helper, tmp_path):
+    """A sibling with every weight changed: its shared rows are copied, its new rows are the
+    recorded weights times its own rows (float64 reference), every other tensor is its own."""
+    from safetensors.numpy import safe_open
+
+    sibling = tmp_path / "sibling"
+    shutil.copytree(llama_source, sibling)
+    tensors = tensors_of(llama_source)
+    g = torch.Generator().manual_seed(7)
+    tuned = {n: (t.float() + 0.01 * torch.randn(t.shape, generator=g)).to(t.dtype) for n, t in tensors.items()}
+    from safetensors.torch import save_file
+
+    save_file(tuned, str(sibling / "model.safetensors"), metadata={"format": "pt"})
+    first, out = tmp_path / "init", tmp_path / "out"
+    main(["init", "--quiet", str(llama_source), str(german_helper), str(first)])
+    main(["apply", "--quiet", str(first), str(sibling), str(out)])
+    written = tensors_of(out)
+    with safe_open(str(first / TRANSFER_NAME), "np") as f:
+        record = {n: f.get_tensor(n) for n in f.keys()}
+    target_ids, source_ids = record["overlap.target_ids"], record["overlap.source_ids"]
+    rows = np.concatenate([source_ids, record["input.extra_source_ids"]])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        mine, theirs = written[name], tuned[name]
+        assert torch.equal(mine[torch.from_numpy(target_ids)], theirs[torch.from_numpy(source_ids)])
+        expected = np.einsum("mk,mkd->md", record["input.weights"].astype(np.float64), theirs.double().numpy()[rows][record["input.positions"]])
+        got = mine[torch.from_numpy(record["missing_ids"])].double().numpy()
+        assert np.allclose(got, expected, rtol=2**-7, atol=1e-6)  # bf16 rows
+    for name in tuned:
+        if name not in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(written[name], tuned[name]), name
+    assert all(c.ok is not False for c in verify_output(out, sibling))
+
+
+def test_apply_refuses_another_vocabulary(gpt2_source, llama_source, german_helper, tmp_path):
+    """The LLaMA source and the GPT-2 source share the GPT-2 vocabulary but not their shapes; a
+    sibling with two tokens' ids swapped has the shapes but not the vocabulary: one line each."""
+    first = tmp_path / "init"
+    main(["init", "--quiet", str(llama_source), str(german_helper), str(first)])
+    err = one_line_error(["apply", "--quiet", str(first), str(gpt2_source), str(tmp_path / "a")])
+    assert "differ from the source's" in err
+    sibling = tmp_path / "sibling"
+    shutil.copytree(llama_source, sibling)
+    data = json.loads((sibling / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = (next(t for t, i in vocab.items() if i == n) for n in (1000, 1001))
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two tokens trade ids
+    (sibling / "tokenizer.json").write_text(json.dumps(data))
+    err = one_line_error(["apply", "--quiet", str(first), str(sibling), str(tmp_path / "b")])
+    assert "not the one the transfer was made from" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_apply_needs_a_record(llama_source, german_helper, tmp_path):
+    """The dense form keeps no mixing matrix, so it saves no record; a damaged record is one line."""
+    dense = tmp_path / "dense"
+    main(["init", "--quiet", "--top-k", "all", str(llama_source), str(german_helper), str(dense)])
+    assert not (dense / TRANSFER_NAME).exists()
+    err = one_line_error(["apply", "--quiet", str(dense), str(llama_source), str(tmp_path / "a")])
+    assert TRANSFER_NAME in err and "not found" in err
+    first = tmp_path / "init"
+    main(["init", "--quiet", str(llama_source), str(german_helper), str(first)])
+    damaged = tmp_path / "damaged"
+    shutil.copytree(first, damaged)
+    data = (damaged / TRANSFER_NAME).read_bytes()
+    (damaged / TRANSFER_NAME).write_bytes(data[: len(data) // 2])
+    err = one_line_error(["apply", "--quiet", str(damaged), str(llama_source), str(tmp_path / "b")])
+    assert TRANSFER_NAME in err
+    # positions that point past the rows: refused before anything is read
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(first / TRANSFER_NAME), "np") as f:
+        metadata = f.metadata()
+    arrays = load_file(str(first / TRANSFER_NAME))
+    arrays["input.positions"][0, 0] = 10**9
+    save_file(arrays, str(damaged / TRANSFER_NAME), metadata=metadata)
+    err = one_line_error(["apply", "--quiet", str(damaged), str(llama_source), str(tmp_path / "c")])
+    assert "outside the overlap" in err
+    assert not any((tmp_path / n).exists() for n in "abc")
