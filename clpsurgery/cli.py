@@ -1,4 +1,4 @@
-"""The `clpsurgery` command: init, apply, inspect, verify and demo.
+"""The `clpsurgery` command: init, extend, apply, inspect, verify and demo.
 
 Bad input ends with one line on stderr, `error: PLACE: PROBLEM`, and exit code 1; `--debug`
 shows the traceback instead.
@@ -185,6 +185,51 @@ def init_command(source: Path, helper: Path, out: Path, options: TransferOptions
         click.echo(f"note: {stats.degenerate_rows} rows had nearly dependent atoms (solved with a small ridge); {stats.uniform_rows} had a zero helper vector and got the mean of their nearest tokens", err=True)
     if stats.empty_rows:
         click.echo(f"note: {stats.empty_rows} target tokens have no piece the source tokenizer can encode (or no token at their id): their rows are zero", err=True)
+
+
+@cli.command("extend")
+@click.argument("source", type=click.Path())
+@click.argument("helper", type=click.Path())
+@click.argument("out", type=click.Path(path_type=Path))
+@transfer_options
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=None, help="Append only the N most useful target tokens (with the parts they are built from).")
+@click.option("--rank-text", "rank_texts", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True, help="Target-language text: ranks tokens for --max-new-tokens by how much they shorten it, and the fertility before and after is reported.")
+@click.option("--force", is_flag=True, help="Replace OUT if it is a previous clpsurgery output.")
+@common_options
+def extend_command(source: str, helper: str, out: Path, options: TransferOptions, max_new_tokens, rank_texts, source_tokenizer, source_config, force, quiet) -> None:
+    """Write OUT: SOURCE with its whole vocabulary kept (every token keeps its id and its rows, byte
+    for byte) and HELPER's tokens it lacks appended, their rows made as init makes them.
+
+    The tokenizer is extended in its model (new BPE merges after the source's, new pieces, new
+    WordPiece entries), not with added tokens.
+    """
+    from clpsurgery.formats.output_folder import check_out_path
+    from clpsurgery.pipeline.extend import extension_matrices, find_base_mixings, make_extend_plans
+    from clpsurgery.pipeline.transfer import run_transfer
+
+    _check_out_apart(out, Path(source), Path(helper), source_tokenizer, source_config)
+    check_out_path(out, force)
+    source = _local(source, "source", quiet)
+    helper = _local(helper, "helper", quiet, weights=options.needs_helper)
+    _check_out_apart(out, source, helper, source_tokenizer, source_config)
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in rank_texts]
+    base, plan, extension = make_extend_plans(source, helper, options, max_new_tokens, texts or None, source_tokenizer, source_config)
+    if not quiet:
+        click.echo(f"vocabulary {extension.source_size} kept, {len(extension.new_tokens)} appended ({extension.new_merges} merges); skipped: "
+                   + (", ".join(f"{why} {n}" for why, n in extension.skipped.items()) or "none"), err=True)
+    mixings = find_base_mixings(base, progress_factory(quiet))
+    matrices = extension_matrices(base, plan, extension, mixings)
+    result = run_transfer(plan, out, force=force, progress=progress_factory(quiet), recorded=matrices, command=["clpsurgery", *sys.argv[1:]])
+    seconds = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
+    click.echo(f"wrote {out} ({seconds})")
+    if texts:
+        from clpsurgery.vocab.extension import fertility
+        from clpsurgery.vocab.vocabulary import tokenizer_path
+
+        source_json = tokenizer_path(base.source_vocab.path)
+        if source_json.is_file():
+            before, after = fertility(source_json.read_bytes(), texts), fertility((out / "tokenizer.json").read_bytes(), texts)
+            click.echo(f"--rank-text: {before.per_word:.3f} -> {after.per_word:.3f} tokens per word, {before.per_byte:.4f} -> {after.per_byte:.4f} per byte")
 
 
 @cli.command("apply")

@@ -189,6 +189,7 @@ def build_manifest(plan: TransferPlan, staging: Path, result: TransferResult, co
             "neighbours_per_token": plan.k_for("output"),
             **result.head_weight_stats.as_dict(),
         },
+        "extension": plan.extension,
         "config_changes": result.config_changes,
         "bytes": {
             "copied": result.write_stats.copied_bytes,

@@ -64,7 +64,10 @@ class TransferPlan:
     generation_config_path: Path | None
     helper_config: dict | None
     options: TransferOptions
-    replay: bool = False  # the mixing comes from a transfer record (apply): no helper, no search
+    replay: bool = False  # the mixing comes from a transfer record (apply, extend): no helper, no search
+    # The output's tokenizer files when they are not the helper's (extend: the extended source tokenizer).
+    tokenizer_files: tuple[tuple[str, bytes], ...] | None = None
+    extension: dict | None = None  # extend: what was appended (for the manifest)
 
     @property
     def head_untied(self) -> bool:

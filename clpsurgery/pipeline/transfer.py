@@ -210,6 +210,11 @@ def _write_side_files(plan: TransferPlan, staging: Path, result: TransferResult)
         )
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         result.config_changes["generation_config.json"] = generation_changes
+    if plan.tokenizer_files is not None:
+        for name, data in plan.tokenizer_files:
+            (staging / name).write_bytes(data)
+            result.files.append(name)
+        return
     for name in TOKENIZER_FILES:
         helper_file = plan.helper_path / name
         if helper_file.is_file():

@@ -1,0 +1,144 @@
+"""`extend`: keep the source's whole vocabulary and append the target tokenizer's tokens it lacks.
+
+Two plans make one extension:
+
+- the **base** plan is init's for SOURCE and HELPER: the helper's tokens shared with the source,
+  and a mixing (clp, omp or fvt, as `--method` says) for the helper's other tokens;
+- the **extension** plan writes the output: every source row copied as it is (the overlap is the
+  identity on the source's rows, so every source token keeps its id and its bytes), and each new
+  token's row mixed from the source rows its helper token's mixing names.
+
+The mixing is computed once, on the base plan, and handed to the transfer as a recorded one, so the
+write stage is init's (and `apply` replays an extension like any other transfer).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from clpsurgery.errors import SurgeryError
+from clpsurgery.pipeline.options import TransferOptions
+from clpsurgery.pipeline.plan import TransferPlan, find_source_tokenizer, make_plan
+from clpsurgery.vocab.extension import TokenizerExtension, extend_tokenizer
+from clpsurgery.vocab.vocabulary import MATCH_KINDS, Overlap, load_vocabulary
+
+if TYPE_CHECKING:
+    from clpsurgery.mixing.matrix import MixingMatrix
+
+
+def make_extend_plans(
+    source: Path, helper: Path, options: TransferOptions, max_new_tokens: int | None = None, rank_texts: list[str] | None = None,
+    source_tokenizer: str | None = None, source_config: str | None = None,
+) -> tuple[TransferPlan, TransferPlan, TokenizerExtension]:
+    """(base plan, extension plan, the extended tokenizer)."""
+    if options.untie_head:
+        raise SurgeryError("--untie-head", "extend keeps the source's head as it is: tied stays tied")
+    base = make_plan(source, helper, options, source_tokenizer, source_config)
+    extension = extend_tokenizer(find_source_tokenizer(base.source_path, source_tokenizer), helper, options.match, max_new_tokens, rank_texts)
+    source_rows = base.source.info(base.source_tensors.embedding).shape[0]
+    if extension.source_size != source_rows:
+        raise SurgeryError(
+            base.source_path,
+            f"its embedding has {source_rows} rows and its tokenizer {extension.source_size} ids: new tokens would "
+            f"{'take rows past the tokenizer (vocab padding)' if source_rows > extension.source_size else 'not fit'}; extend needs the two to agree",
+        )
+    with tempfile.TemporaryDirectory(prefix="clpsurgery-extend-") as folder:
+        for name, data in extension.files.items():
+            (Path(folder) / name).write_bytes(data)
+        target_vocab = load_vocabulary(folder, base.source_config)
+        target_vocab = replace(target_vocab, path=base.helper_path / "(extended source tokenizer)")
+    identity = np.arange(source_rows, dtype=np.int64)
+    overlap = Overlap(
+        target_ids=identity,
+        source_ids=identity,
+        missing_ids=np.arange(source_rows, extension.size, dtype=np.int64),
+        target_size=extension.size,
+        kinds=np.full(source_rows, MATCH_KINDS.index("string"), dtype=np.int8),
+        match=options.match,
+    )
+    plan = replace(
+        base,
+        target_vocab=target_vocab,
+        overlap=overlap,
+        helper=None,
+        helper_embedding=None,
+        helper_config=base.source_config,  # the output's tokenizer is the source's: so are its token ids
+        replay=True,
+        tokenizer_files=tuple(sorted(extension.files.items())),
+        extension=extension_summary(extension),
+    )
+    plan.check_memory()
+    return base, plan, extension
+
+
+def extension_summary(extension: TokenizerExtension) -> dict:
+    """What the manifest says about the extension: the new ids (contiguous), and what was left out."""
+    return {
+        "source_size": extension.source_size,
+        "new_tokens": len(extension.new_tokens),
+        "new_token_ids": {"start": extension.source_size, "stop": extension.size},
+        "new_merges": extension.new_merges,
+        "skipped": extension.skipped,
+        "notes": list(extension.notes),
+    }
+
+
+def extension_matrices(base: TransferPlan, plan: TransferPlan, extension: TokenizerExtension, mixings: dict) -> dict[str, MixingMatrix]:
+    """Each side's mixing for the new tokens: the base mixing's row of the helper token each comes
+    from, with its positions turned into source ids (the extension's overlap is the identity, so a
+    position is a source id). A helper token the base overlap copies has that one source row."""
+    from clpsurgery.mixing.matrix import MixingMatrix
+    from clpsurgery.mixing.weights import WeightStats
+
+    helper_ids = np.asarray(extension.target_ids, dtype=np.int64)
+    copied_at = np.full(base.target_size, -1, dtype=np.int64)
+    copied_at[base.overlap.target_ids] = np.arange(base.overlap.count)
+    mixed_at = np.full(base.target_size, -1, dtype=np.int64)
+    mixed_at[base.overlap.missing_ids] = np.arange(base.overlap.missing_ids.size)
+    out = {}
+    for side in plan.sides:
+        matrix = mixings[side].matrix
+        if matrix is None:
+            raise SurgeryError("--top-k", "extend mixes a few source rows per new token: give a number, not 'all'")
+        rows = np.concatenate([base.overlap.source_ids, matrix.extra_source_ids])
+        positions = np.zeros((helper_ids.size, matrix.width), dtype=np.int64)
+        weights = np.zeros((helper_ids.size, matrix.width), dtype=np.float32)
+        mixed = mixed_at[helper_ids]
+        has_mix = mixed >= 0
+        positions[has_mix] = rows[matrix.positions[mixed[has_mix]]]
+        weights[has_mix] = matrix.weights[mixed[has_mix]]
+        copied = ~has_mix & (copied_at[helper_ids] >= 0)
+        positions[copied] = base.overlap.source_ids[copied_at[helper_ids[copied]]][:, None]
+        weights[copied, 0] = 1.0
+        # the base mixing's counts (degenerate, clipped rows) are over every helper token; these
+        # are the new tokens' own
+        stats = WeightStats(rows=int(helper_ids.size), empty_rows=int((weights == 0).all(axis=1).sum()), max_abs_weight=float(np.abs(weights).max(initial=0.0)))
+        out[side] = MixingMatrix(positions, weights, stats)
+    return out
+
+
+def find_base_mixings(base: TransferPlan, progress) -> dict:
+    """The base plan's mixing for each side (the search of init, on SOURCE and HELPER)."""
+    import contextlib
+
+    from clpsurgery.formats.checkpoint import Checkpoint
+    from clpsurgery.mixing.backend import make_backend
+    from clpsurgery.pipeline import memory
+    from clpsurgery.pipeline.rebuild import find_mixings
+    from clpsurgery.pipeline.result import TransferResult
+    from clpsurgery.vocab.pieces import source_pieces
+
+    backend = make_backend(base.options.device, memory.search_budget(base.options.max_memory))
+    source_rows = base.source.info(base.source_tensors.embedding).shape[0]
+
+    def pieces(ids):
+        return source_pieces(base.source_vocab, base.target_vocab, ids, source_rows)
+
+    helper_reader = Checkpoint(base.helper) if base.helper is not None else contextlib.nullcontext(None)
+    with helper_reader as helper:
+        return find_mixings(base, pieces, helper, progress, TransferResult(), backend)
