@@ -182,3 +182,27 @@ def test_untie_head_refused_where_the_model_ties_in_code(tmp_path, gpt2_source, 
     err = one_line_error(["init", "--quiet", "--untie-head", str(source), str(german_helper), str(tmp_path / "out")], tmp_path)
     assert "--untie-head" in err and "mpt" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_blend_is_the_share_of_clp_and_fvt_rows(llama_source, german_helper, tmp_path):
+    """clp+fvt: each new row is share * clp's row + (1 - share) * fvt's (float64 reference from the
+    two methods' own outputs); on an untied source it can serve the head alone."""
+    runs = {}
+    for name, options in (("clp", []), ("fvt", ["--method", "fvt"]), ("blend", ["--method", "clp+fvt", "--blend", "0.3"]),
+                          ("head", ["--head-method", "clp+fvt", "--blend", "0.3"])):
+        runs[name] = tmp_path / name
+        main(["init", "--quiet", *options, str(llama_source), str(german_helper), str(runs[name])])
+    manifest = json.loads((runs["blend"] / "clpsurgery.json").read_text())
+    target_ids, _ = decode_pairs(manifest["overlap_pairs"])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        clp, fvt, blended = (tensor(runs[r], name) for r in ("clp", "fvt", "blend"))
+        missing = np.setdiff1d(np.arange(blended.shape[0]), target_ids)
+        # bf16 outputs: each of the three rounded once, so within a few bf16 steps of the parts' sizes
+        scale = 0.3 * np.abs(clp[missing]) + 0.7 * np.abs(fvt[missing]) + np.abs(blended[missing])
+        assert (np.abs(blended[missing] - (0.3 * clp[missing] + 0.7 * fvt[missing])) <= 2**-7 * scale + 1e-7).all()
+        assert np.array_equal(blended[target_ids], clp[target_ids])
+    head_run = runs["head"]
+    assert np.array_equal(tensor(head_run, "model.embed_tokens.weight"), tensor(runs["clp"], "model.embed_tokens.weight"))
+    assert np.array_equal(tensor(head_run, "lm_head.weight"), tensor(runs["blend"], "lm_head.weight"))
+    assert json.loads((head_run / "clpsurgery.json").read_text())["head_weights"]["method"] == "clp+fvt"
+    assert all(c.ok is not False for c in verify_output(runs["blend"], llama_source))

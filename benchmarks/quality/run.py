@@ -605,6 +605,10 @@ def method_options(spec: str, side: str) -> list[str]:
     """CLI options for one side of a variant: `WEIGHTING:K[:TEMPERATURE]`, `omp:K`, or
     `fvt[-PIECES]` (PIECES: a --piece-weighting, e.g. fvt-first-last); on the output side, a method
     (`fvt[-PIECES]`, `clp`, `omp`) under --untie-head --head-method."""
+    if spec.startswith("clp+fvt"):  # clp+fvt[:SHARE]: clp's rows (the default top-k and weighting) blended with fvt's
+        share = spec.partition(":")[2]
+        method = ["--method", "clp+fvt"] if side == "input" else ["--head-method", "clp+fvt"]
+        return method + (["--blend", share] if share else [])
     if spec.startswith("fvt"):
         pieces = spec[len("fvt-"):] if spec.startswith("fvt-") else None
         method = ["--method", "fvt"] if side == "input" else ["--head-method", "fvt"]

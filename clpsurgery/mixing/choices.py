@@ -5,8 +5,10 @@ from __future__ import annotations
 
 # Methods of initialisation: clp (helper neighbours weighted by similarity), omp (helper atoms
 # with least-squares coefficients), fvt (the mean of the token's pieces under the source tokenizer,
-# no helper model).
-METHODS = ("clp", "omp", "fvt")
+# no helper model), clp+fvt (the two rows blended, --blend of clp's).
+METHODS = ("clp", "omp", "fvt", "clp+fvt")
+PIECE_METHODS = ("fvt", "clp+fvt")  # the methods that read the token's pieces under the source tokenizer
+DEFAULT_BLEND = 0.5
 HELPER_FREE_METHODS = ("fvt",)
 # How fvt weights a token's pieces. mean: every piece alike (FVT). first-last: the input row is its
 # last piece's, the output row its first's (a word is read by its end and predicted by its start,

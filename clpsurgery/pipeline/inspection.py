@@ -131,7 +131,7 @@ def format_report(report: dict) -> str:
         lines.append(f"  from       {manifest['inputs']['source']['path']}  (helper {manifest['inputs']['helper']['path']})")
         lines.append(f"  vocabulary {v['source_size']} -> {v['target_size']}: {v['overlap']} copied, {v['missing']} combined ({v['match']} match)")
         method = o.get("method", "clp")  # manifests before --method are clp
-        how = _method_words(method, o, "input") if method in ("clp", "omp", "fvt") else method
+        how = _method_words(method, o, "input") if method in ("clp", "omp", "fvt", "clp+fvt") else method
         counts = f"degenerate rows {w['degenerate_rows']}, signed rows {w['signed_rows']}, clipped rows {w['clipped_rows']}, uniform rows {w['uniform_rows']}"
         lines.append(f"  method     {how}; {counts}" + (f", empty rows {w['empty_rows']}" if w.get("empty_rows") else ""))
         head = manifest.get("head_weights")
@@ -228,6 +228,9 @@ def _method_words(method: str, options: dict, side: str) -> str:
         return f"fvt: each new token {lean} under the source tokenizer"
     if method == "omp":
         return f"omp: up to {options['top_k']} atoms per new token, least-squares coefficients"
+    if method == "clp+fvt":
+        share = options.get("blend", 0.5)
+        return f"clp+fvt: {share:g} of clp's row ({options['weighting']}, top-k {options['top_k']}) and {1 - share:g} of {_method_words('fvt', options, side)[5:]}"
     return f"clp: {options['weighting']}, top-k {options['top_k']}"
 
 
@@ -262,7 +265,7 @@ def format_transfer_report(report: dict) -> str:
         lines.append(f"untie        {w['added_head']} added (tie_word_embeddings false): the embedding's shared rows copied, its new rows mixed apart")
     if "output" in w.get("methods", {}):
         lines.append(f"output side  {', '.join(w['output_side'])}: new rows by {_method_words(w['methods']['output'], report['options'], 'output')}")
-    if method == "fvt":
+    if method in ("fvt", "clp+fvt"):
         lines.append(f"method       {_method_words(method, report['options'], 'input')}")
     elif method == "omp":
         lines.append(f"method       omp: up to {w['neighbours_per_token']} atoms per new token, least-squares coefficients")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from clpsurgery.errors import SurgeryError
-from clpsurgery.mixing.choices import DEFAULT_TEMPERATURE, DEVICES, HELPER_FREE_METHODS, METHODS, PIECE_WEIGHTINGS, SCHEMES
+from clpsurgery.mixing.choices import DEFAULT_BLEND, DEFAULT_TEMPERATURE, DEVICES, HELPER_FREE_METHODS, METHODS, PIECE_WEIGHTINGS, SCHEMES
 
 MATCH_RULES = ("exact", "canonical")
 DEFAULT_DEVICE = "auto"
@@ -42,10 +42,11 @@ def _option(default, flag: str, help: str, **spec) -> Any:
 class TransferOptions:
     """Every option of a transfer; `top_k=None` is the paper's dense form over the whole overlap."""
 
-    method: str = _option("clp", "--method", "clp: neighbours in the helper weighted by similarity (the paper); omp: least-squares combinations of helper atoms (orthogonal matching pursuit); fvt: the mean of the token's pieces under the source tokenizer, no helper model needed.", kind="choice", choices=METHODS)
+    method: str = _option("clp", "--method", "clp: neighbours in the helper weighted by similarity (the paper); omp: least-squares combinations of helper atoms (orthogonal matching pursuit); fvt: the mean of the token's pieces under the source tokenizer, no helper model needed; clp+fvt: the two rows blended (--blend).", kind="choice", choices=METHODS)
     top_k: int | None = _option(DEFAULT_TOP_K, "--top-k", "Neighbours per new token (atoms, for omp), or 'all' for the paper's dense form.", kind="top_k")
     head_method: str | None = _option(None, "--head-method", "How the new rows of an untied output head (and its bias) are made, when not as the embedding's (default: --method). A tied source needs --untie-head.", kind="choice", choices=METHODS)
     untie_head: bool = _option(False, "--untie-head", "A tied source: write a separate output head (the embedding's copied rows, new rows from --head-method) and tie_word_embeddings false.", kind="flag")
+    blend: float = _option(DEFAULT_BLEND, "--blend", "clp+fvt: the share of clp's row in each new row (the rest is fvt's).", kind="float")
     piece_weighting: str = _option("mean", "--piece-weighting", "fvt: how a token's pieces are weighted. mean: alike; first-last: input rows from the last piece, output rows from the first; linear: the same lean, weights 1..n.", kind="choice", choices=PIECE_WEIGHTINGS)
     weighting: str = _option(DEFAULT_WEIGHTING, "--weighting", "How similarities become mixing weights.", kind="choice", choices=SCHEMES)
     temperature: float = _option(DEFAULT_TEMPERATURE, "--temperature", "Softmax temperature (softmax weighting only).", kind="float")
@@ -60,8 +61,11 @@ class TransferOptions:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise SurgeryError("--method", f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        if "omp" in (self.method, self.head_method) and self.top_k is None:
-            raise SurgeryError("--top-k", "omp picks a few atoms per token: give a number, not 'all'")
+        for method in {self.method, self.head_method} & {"omp", "clp+fvt"}:
+            if self.top_k is None:
+                raise SurgeryError("--top-k", f"{method} mixes a few rows per token: give a number, not 'all'")
+        if not 0.0 <= self.blend <= 1.0:
+            raise SurgeryError("--blend", f"is a share between 0 and 1, not {self.blend}")
         if self.head_method is not None and self.head_method not in METHODS:
             raise SurgeryError("--head-method", f"unknown method {self.head_method!r}; choose from {', '.join(METHODS)}")
         if self.piece_weighting not in PIECE_WEIGHTINGS:

@@ -13,6 +13,7 @@ from pathlib import Path
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.checkpoint import CheckpointLayout
 from clpsurgery.formats.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
+from clpsurgery.mixing.choices import PIECE_METHODS
 from clpsurgery.pipeline import memory
 from clpsurgery.pipeline.options import TransferOptions
 from clpsurgery.vocab.architecture import (
@@ -109,7 +110,7 @@ class TransferPlan:
         if not any(t.side == "output" for t in self.rebuilt):
             return False
         options = self.options
-        return options.method_for("output") != options.method or (options.method == "fvt" and options.piece_weighting != "mean")
+        return options.method_for("output") != options.method or (options.method in PIECE_METHODS and options.piece_weighting != "mean")
 
     def side_method(self, side: str) -> str:
         """The method that makes the new rows of one side: the output side follows --head-method
@@ -152,9 +153,11 @@ class TransferPlan:
     def k_for(self, side: str) -> int:
         """Neighbours per missing token (the whole overlap in the dense form; for fvt, the pieces
         the memory model allows for)."""
-        if self.side_method(side) == "fvt":
+        method = self.side_method(side)
+        if method == "fvt":
             return memory.FVT_PIECES
-        return self.overlap.count if self.options.top_k is None else min(self.options.top_k, self.overlap.count)
+        neighbours = self.overlap.count if self.options.top_k is None else min(self.options.top_k, self.overlap.count)
+        return neighbours + (memory.FVT_PIECES if method == "clp+fvt" else 0)
 
     @property
     def sides(self) -> tuple[str, ...]:

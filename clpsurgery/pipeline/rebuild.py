@@ -17,6 +17,8 @@ from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.formats.writer import row_blocks
 from clpsurgery.mixing.backend import ComputeBackend
+from clpsurgery.mixing.blend import blend
+from clpsurgery.mixing.choices import PIECE_METHODS
 from clpsurgery.mixing.clp import clp_matrix
 from clpsurgery.mixing.combine import ColumnBlocks
 from clpsurgery.mixing.fvt import fvt_mixing
@@ -74,7 +76,7 @@ def find_mixings(plan: TransferPlan, source_vocab_pieces, helper: Checkpoint | N
     the helper's vectors. The output side shares the input's Mixing where they are the same."""
     methods = {side: plan.side_method(side) for side in plan.sides}
     pieces = None
-    if "fvt" in methods.values():
+    if set(methods.values()) & set(PIECE_METHODS):
         with progress("source pieces", int(plan.overlap.missing_ids.size)):
             pieces = source_vocab_pieces(plan.overlap.missing_ids)
     vectors = None
@@ -85,6 +87,10 @@ def find_mixings(plan: TransferPlan, source_vocab_pieces, helper: Checkpoint | N
     for side, method in methods.items():
         if method == "fvt":
             mixings[side] = Mixing(plan, fvt_mixing(pieces, plan.overlap.source_ids, plan.options.piece_weighting, side))
+        elif method == "clp+fvt":
+            clp = _helper_mixing(plan, side, vectors, progress, backend).matrix
+            fvt = fvt_mixing(pieces, plan.overlap.source_ids, plan.options.piece_weighting, side)
+            mixings[side] = Mixing(plan, blend(clp, fvt, plan.options.blend, plan.overlap.count) if clp is not None else fvt)
         else:
             mixings[side] = _helper_mixing(plan, side, vectors, progress, backend)
     mixings.setdefault("output", mixings["input"])
@@ -109,7 +115,7 @@ def _helper_mixing(plan: TransferPlan, side: str, vectors, progress: ProgressFac
     """One side's clp or omp mixing from the helper's vectors."""
     helper_rows, overlap_vectors, missing_vectors = vectors
     overlap = plan.overlap
-    k = plan.k_for(side)
+    k = plan.k_for(side) - (memory.FVT_PIECES if plan.side_method(side) == "clp+fvt" else 0)  # the helper's part
     if plan.side_method(side) == "omp" and overlap.missing_ids.size:
         raw = helper_rows.numpy()  # OMP rebuilds the helper's vectors as they are, norms included
         candidates = candidate_count(k, overlap.count)
