@@ -103,6 +103,9 @@ def transfer_options(command: Callable) -> Callable:
         if spec.kind == "flag":
             wrapper = click.option(spec.flag, name, is_flag=True, default=False, help=spec.help)(wrapper)
             continue
+        if spec.kind == "multiple":
+            wrapper = click.option(spec.flag, name, multiple=True, help=spec.help)(wrapper)
+            continue
         default = spec.shown_default or getattr(defaults, name)  # a shown default is parsed by the option's type
         wrapper = click.option(spec.flag, name, type=_click_type(spec), default=default, show_default=default is not None, help=spec.help)(wrapper)
     return wrapper

@@ -148,7 +148,7 @@ EXAMPLES = 5
 
 
 def _overlap_section(plan, match: str) -> dict:
-    from clpsurgery.vocab.vocabulary import match_overlap
+    from clpsurgery.vocab.vocabulary import MATCH_KINDS, match_overlap
 
     source_rows = plan.source.info(plan.source_tensors.embedding).shape[0]
     overlap = plan.overlap if plan.overlap.match == match else match_overlap(plan.source_vocab, plan.target_vocab, source_rows, match)
@@ -160,7 +160,7 @@ def _overlap_section(plan, match: str) -> dict:
 
     examples: dict[str, list] = {"string": [], "canonical": []}
     for t, s, kind in zip(overlap.target_ids.tolist(), overlap.source_ids.tolist(), overlap.kinds.tolist()):
-        key = ("role", "string", "canonical")[kind]
+        key = MATCH_KINDS[kind]
         if key in examples and t not in plan.target_vocab.byte_ids:
             examples[key].append([target_tokens[t], source_tokens[s]])
     examples = {k: spread(v) for k, v in examples.items()}
@@ -201,6 +201,7 @@ def inspect_transfer(source: str | Path, helper: str | Path, options, source_tok
         "match": options.match,
         "overlap": {rule: _overlap_section(plan, rule) for rule in ("exact", "canonical")},
         "special_tokens": special_mapping(plan.source_vocab, plan.target_vocab, plan.overlap),
+        "maps": [m.as_dict() for m in plan.maps],
         "would_write": {
             "rebuilt_tensors": summary["rebuilt_tensors"],
             "bytes_to_compute": summary["bytes_to_compute"],
@@ -256,6 +257,9 @@ def format_transfer_report(report: dict) -> str:
         f"{row['target']}({row['role'] or '-'})<-{row['source'] if row['source'] is not None else 'combined'}" for row in report["special_tokens"]
     )
     lines.append(f"special      {specials or 'none'}")
+    for m in report.get("maps", []):
+        how = f"copies source {m['source']!r} ({m['source_id']})" if "source_id" in m else f"the mean of {m['text']!r}'s {len(m['pieces'])} source pieces {m['pieces']}"
+        lines.append(f"map          {m['target']!r} ({m['target_id']}) {how}")
     w = report["would_write"]
     for name, shape in w["rebuilt_tensors"].items():
         lines.append(f"rebuild      {name}  {shape}")

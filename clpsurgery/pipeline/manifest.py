@@ -190,6 +190,7 @@ def build_manifest(plan: TransferPlan, staging: Path, result: TransferResult, co
             **result.head_weight_stats.as_dict(),
         },
         "extension": plan.extension,
+        "maps": [m.as_dict() for m in plan.maps],
         "config_changes": result.config_changes,
         "bytes": {
             "copied": result.write_stats.copied_bytes,

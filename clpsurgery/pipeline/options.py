@@ -29,7 +29,7 @@ class OptionSpec:
 
     flag: str
     help: str
-    kind: str = "text"  # text, float, top_k (an integer or 'all'), size (256MiB), positive_int, choice, or flag
+    kind: str = "text"  # text, float, top_k (an integer or 'all'), size (256MiB), positive_int, choice, flag, or multiple (repeatable text)
     choices: tuple[str, ...] = ()
     shown_default: str | None = None  # the default as typed on the command line, where its value reads worse (1GiB)
 
@@ -55,6 +55,8 @@ class TransferOptions:
     head_tensor: str | None = _option(None, "--head-tensor", "Name of the source's untied output-head tensor, if not found by itself.")
     head_bias_tensor: str | None = _option(None, "--head-bias-tensor", "Name of the source's vocab-sized head bias, if not found by itself.")
     match: str = _option(DEFAULT_MATCH, "--match", "Token overlap: identical strings (the paper), or identical meaning across tokenizer families.", kind="choice", choices=MATCH_RULES)
+    maps: tuple[str, ...] = _option((), "--map", "TARGET=SOURCE: the target token's row copied from a source token, or TARGET=text:TEXT: the mean of TEXT's source pieces (repeatable).", kind="multiple")
+    map_file: str | None = _option(None, "--map-file", "A file of TARGET=SOURCE lines, as --map.")
     pad_vocab_to_multiple: int | None = _option(None, "--pad-vocab-to-multiple", "Pad the written vocab_size up to a multiple of N (extra rows: the mean of the combined rows).", kind="positive_int")
     device: str = _option(DEFAULT_DEVICE, "--device", "Where search and combine run: auto takes the GPU when there is one.", kind="choice", choices=DEVICES)
 
@@ -93,7 +95,7 @@ class TransferOptions:
 
     def as_dict(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {**values, "top_k": "all" if self.top_k is None else self.top_k}
+        return {**values, "top_k": "all" if self.top_k is None else self.top_k, "maps": list(self.maps)}
 
     @classmethod
     def specs(cls) -> dict[str, OptionSpec]:

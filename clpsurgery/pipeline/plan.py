@@ -24,6 +24,7 @@ from clpsurgery.vocab.architecture import (
     head_name_for,
     read_config,
 )
+from clpsurgery.vocab.token_map import TokenMap, mapped_overlap, read_map_lines, resolve_maps
 from clpsurgery.vocab.vocabulary import (
     Overlap,
     Vocabulary,
@@ -68,6 +69,7 @@ class TransferPlan:
     replay: bool = False  # the mixing comes from a transfer record (apply, extend): no helper, no search
     # The output's tokenizer files when they are not the helper's (extend: the extended source tokenizer).
     tokenizer_files: tuple[tuple[str, bytes], ...] | None = None
+    maps: tuple[TokenMap, ...] = ()  # --map: rows set by hand (copy maps are in the overlap already)
     extension: dict | None = None  # extend: what was appended (for the manifest)
 
     @property
@@ -327,6 +329,14 @@ def make_plan(
                     f"helper embedding width {helper_hidden} does not match hidden size {configured_hidden} in its config.json",
                 )
     overlap = match_overlap(source_vocab, target_vocab, source_rows, options.match)
+    maps = ()
+    if options.maps or options.map_file:
+        from clpsurgery.vocab.pieces import text_pieces
+
+        maps = resolve_maps(read_map_lines(options.maps, options.map_file), source_vocab, target_vocab, source_rows, lambda texts: text_pieces(source_vocab, texts))
+        if any(m.text is not None for m in maps) and options.method == "clp" and options.top_k is None:
+            raise SurgeryError("--map", "text maps set rows of a mixing matrix, which the dense form (--top-k all) does not keep: give --top-k K")
+        overlap = mapped_overlap(overlap, maps)
     if overlap.count == overlap.counts().get("role", 0) and not helper_free:
         raise SurgeryError(
             helper_path,
@@ -348,6 +358,7 @@ def make_plan(
         generation_config_path=generation_config_path if generation_config_path.is_file() else None,
         helper_config=helper_config,
         options=options,
+        maps=maps,
     )
     plan.check_memory()
     return plan

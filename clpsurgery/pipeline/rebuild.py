@@ -25,6 +25,7 @@ from clpsurgery.mixing.fvt import fvt_mixing
 from clpsurgery.mixing.matrix import MixingMatrix
 from clpsurgery.mixing.neighbours import Neighbours, dense_similarities, normalise_rows
 from clpsurgery.mixing.omp import candidate_count, omp_mixing
+from clpsurgery.mixing.overrides import with_rows
 from clpsurgery.mixing.weights import WeightStats, mixing_weights
 from clpsurgery.pipeline import memory
 from clpsurgery.pipeline.plan import RebuiltTensor, TransferPlan
@@ -93,6 +94,11 @@ def find_mixings(plan: TransferPlan, source_vocab_pieces, helper: Checkpoint | N
             mixings[side] = Mixing(plan, blend(clp, fvt, plan.options.blend, plan.overlap.count) if clp is not None else fvt)
         else:
             mixings[side] = _helper_mixing(plan, side, vectors, progress, backend)
+    text_maps = [m for m in plan.maps if m.text is not None]
+    if text_maps:
+        at = np.searchsorted(plan.overlap.missing_ids, [m.target_id for m in text_maps])
+        for side, mixing in mixings.items():
+            mixings[side] = Mixing(plan, with_rows(mixing.matrix, at, [list(m.pieces) for m in text_maps], plan.overlap.source_ids))
     mixings.setdefault("output", mixings["input"])
     return mixings
 

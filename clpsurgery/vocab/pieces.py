@@ -31,6 +31,12 @@ def _byte_pieces(source: Vocabulary, data: bytes) -> list[int] | None:
     return None if any(i is None for i in ids) else [int(i) for i in ids]
 
 
+def text_pieces(source: Vocabulary, texts: list[str]) -> list[list[int]]:
+    """The source ids of each text under the source's own tokenizer."""
+    tokenizer = _source_tokenizer(source)
+    return [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
 def source_pieces(source: Vocabulary, target: Vocabulary, target_ids: np.ndarray, source_rows: int) -> list[list[int]]:
     """For each target id, the source ids of its text under the source tokenizer (an empty list
     where it has no token, or its bytes are neither text nor bytes the source has)."""

@@ -50,7 +50,7 @@ TOKENIZER_FILES = (
     "spiece.model",
     "sentencepiece.bpe.model",
 )
-MATCH_KINDS = ("role", "string", "canonical")
+MATCH_KINDS = ("role", "string", "canonical", "map")  # map: a pair set by hand (--map)
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,10 @@ class Overlap:
         """Pairs by kind: role (special tokens), string (same spelling), canonical (same meaning only)."""
         if self.kinds is None:
             return {"string": self.count}
-        return {kind: int((self.kinds == i).sum()) for i, kind in enumerate(MATCH_KINDS)}
+        counts = {kind: int((self.kinds == i).sum()) for i, kind in enumerate(MATCH_KINDS)}
+        if not counts["map"]:
+            del counts["map"]  # only where --map set some
+        return counts
 
 
 def role_pairs(source: Vocabulary, target: Vocabulary, source_rows: int) -> list[tuple[int, int, str]]:
