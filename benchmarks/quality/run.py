@@ -571,7 +571,7 @@ def stage_helper(args, work: Path, corpus: dict[str, Path], tok_dir: Path) -> Pa
     torch.manual_seed(args.seed)
     tok = load_tokenizer(tok_dir)
     rows = pack(tok, read_docs(corpus["helper"]), args.helper_seq)
-    log(f"helper: {rows.numel()} training tokens of German")
+    log(f"helper: {rows.numel()} training tokens of {args.language} text")
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=args.helper_hidden, intermediate_size=args.helper_hidden * 8 // 3 // 64 * 64 or 64,
         num_hidden_layers=args.helper_layers, num_attention_heads=max(1, args.helper_hidden // 64),
