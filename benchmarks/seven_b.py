@@ -204,8 +204,8 @@ def _sync_seconds() -> float:
     return time.perf_counter() - started
 
 
-def run_init(source: Path, helper: Path, out: Path, extra: list[str]) -> dict:
-    argv = [sys.executable, "-m", "clpsurgery", "init", str(source), str(helper), str(out), "--quiet", *extra]
+def run_init(source: Path, helper: Path, out: Path, extra: list[str], command: str = "init") -> dict:
+    argv = [sys.executable, "-m", "clpsurgery", command, str(source), str(helper), str(out), "--quiet", *extra]
     result = run_polled(argv)
     result["seconds"] += _sync_seconds()
     if result["returncode"] != 0:
@@ -225,6 +225,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "tmp-seven-b")
     parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--command", choices=("init", "extend"), default="init", help="what the init runs run: init, or extend (keep the source vocabulary, append the helper's tokens)")
     parser.add_argument("--init-options", default="", help="extra init flags for the init runs, e.g. '--method omp --top-k 8'")
     parser.add_argument("--json-out", type=Path,
                         help="write the results here instead of benchmarks/results/seven_b/current.json (a trial run)")
@@ -259,7 +260,7 @@ def main() -> int:
                 print(f"  cp -r    {runs['cp'][-1]['seconds']:7.1f} s  peak {runs['cp'][-1]['peak_rss_kib'] / 1024:7.0f} MiB", flush=True)
             for _ in range(args.repeats):
                 cold()
-                runs["init"].append(run_init(source, helper, work / "out", args.init_options.split()))
+                runs["init"].append(run_init(source, helper, work / "out", args.init_options.split(), args.command))
                 r = runs["init"][-1]
                 print(f"  init     {r['seconds']:7.1f} s  peak {r['peak_rss_kib'] / 1024:7.0f} MiB  {r['stage_seconds']}", flush=True)
             for _ in range(0 if args.skip_dense else args.repeats):
