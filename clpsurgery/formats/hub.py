@@ -61,6 +61,7 @@ TOKENIZER_FILE_NAMES = (
     "tokenizer.model",
     "spiece.model",
     "sentencepiece.bpe.model",
+    "chat_template.jinja",
 )
 # clpsurgery.json: what init did, which `inspect` shows for an output pushed to the Hub.
 SIDE_FILES = (*CONFIG_FILES, INDEX_NAME, *TOKENIZER_FILE_NAMES, MANIFEST_NAME)

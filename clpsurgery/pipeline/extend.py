@@ -38,7 +38,8 @@ def make_extend_plans(
     """(base plan, extension plan, the extended tokenizer)."""
     if options.untie_head:
         raise SurgeryError("--untie-head", "extend keeps the source's head as it is: tied stays tied")
-    base = make_plan(source, helper, options, source_tokenizer, source_config)
+    # the extended tokenizer holds every source token: nothing to keep apart
+    base = make_plan(source, helper, replace(options, keep_source_specials="no"), source_tokenizer, source_config)
     extension = extend_tokenizer(find_source_tokenizer(base.source_path, source_tokenizer), helper, options.match, max_new_tokens, rank_texts)
     source_rows = base.source.info(base.source_tensors.embedding).shape[0]
     if extension.source_size != source_rows:

@@ -191,6 +191,7 @@ def build_manifest(plan: TransferPlan, staging: Path, result: TransferResult, co
         },
         "extension": plan.extension,
         "maps": [m.as_dict() for m in plan.maps],
+        "kept_source_specials": list(plan.kept_specials),
         "config_changes": result.config_changes,
         "bytes": {
             "copied": result.write_stats.copied_bytes,

@@ -57,6 +57,7 @@ class TransferOptions:
     match: str = _option(DEFAULT_MATCH, "--match", "Token overlap: identical strings (the paper), or identical meaning across tokenizer families.", kind="choice", choices=MATCH_RULES)
     maps: tuple[str, ...] = _option((), "--map", "TARGET=SOURCE: the target token's row copied from a source token, or TARGET=text:TEXT: the mean of TEXT's source pieces (repeatable).", kind="multiple")
     map_file: str | None = _option(None, "--map-file", "A file of TARGET=SOURCE lines, as --map.")
+    keep_source_specials: str = _option("auto", "--keep-source-specials", "Source special tokens the target lacks, added to the output with the source's rows: auto: those the source's chat template names; yes: every one; no: none (the template is not carried over either).", kind="choice", choices=("auto", "yes", "no"))
     pad_vocab_to_multiple: int | None = _option(None, "--pad-vocab-to-multiple", "Pad the written vocab_size up to a multiple of N (extra rows: the mean of the combined rows).", kind="positive_int")
     device: str = _option(DEFAULT_DEVICE, "--device", "Where search and combine run: auto takes the GPU when there is one.", kind="choice", choices=DEVICES)
 

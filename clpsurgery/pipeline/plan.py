@@ -7,7 +7,8 @@ and no tensor data, so `inspect` can print it before anything is written.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from clpsurgery.errors import SurgeryError
@@ -24,6 +25,7 @@ from clpsurgery.vocab.architecture import (
     head_name_for,
     read_config,
 )
+from clpsurgery.vocab.chat_template import missing_specials, read_chat_template, tokenizer_files_with_specials
 from clpsurgery.vocab.token_map import TokenMap, mapped_overlap, read_map_lines, resolve_maps
 from clpsurgery.vocab.vocabulary import (
     Overlap,
@@ -69,7 +71,8 @@ class TransferPlan:
     replay: bool = False  # the mixing comes from a transfer record (apply, extend): no helper, no search
     # The output's tokenizer files when they are not the helper's (extend: the extended source tokenizer).
     tokenizer_files: tuple[tuple[str, bytes], ...] | None = None
-    maps: tuple[TokenMap, ...] = ()  # --map: rows set by hand (copy maps are in the overlap already)
+    maps: tuple[TokenMap, ...] = ()
+    kept_specials: tuple[str, ...] = ()  # source special tokens added to the output (a chat template's)  # --map: rows set by hand (copy maps are in the overlap already)
     extension: dict | None = None  # extend: what was appended (for the manifest)
 
     @property
@@ -272,6 +275,33 @@ def _check_head_options(tensors: VocabTensors, shapes: dict[str, tuple[int, ...]
         raise SurgeryError("--head-method", "the source's output head is its embedding (tied): add --untie-head to give it rows of its own")
 
 
+def _keep_source_specials(source_vocab: Vocabulary, target_vocab: Vocabulary, helper_path: Path, helper_config: dict | None, mode: str):
+    """The source's chat template, and the source special tokens the target lacks (those the
+    template names, or with `yes` every one), added to the output's tokenizer: the target
+    vocabulary with them, the helper config with the source's end-of-turn eos where it is one of
+    them, and the tokenizer files to write (None where nothing changes)."""
+    template = read_chat_template(source_vocab.path, source_vocab)
+    wanted = tuple(source_vocab.special_tokens) if mode == "yes" else (template.tokens if template else ())
+    kept = missing_specials(tuple(dict.fromkeys(wanted)), target_vocab)
+    if template is None and not kept:
+        return target_vocab, helper_config, None, ()
+    source_eos = source_vocab.id_to_token().get(source_vocab.roles["eos"]) if "eos" in source_vocab.roles else None
+    eos = source_eos if source_eos is not None and template is not None and source_eos in template.tokens else None
+    files = tokenizer_files_with_specials(helper_path, target_vocab, kept, template, eos)
+    with tempfile.TemporaryDirectory(prefix="clpsurgery-specials-") as folder:
+        for name, data in files.items():
+            (Path(folder) / name).write_bytes(data)
+        extended = load_vocabulary(folder, helper_config)
+    extended = replace(extended, path=target_vocab.path)
+    if eos is not None:
+        helper_config = dict(helper_config or {})
+        eos_id = extended.token_to_id[eos]
+        helper_config["eos_token_id"] = eos_id
+        if isinstance(helper_config.get("text_config"), dict):
+            helper_config["text_config"] = {**helper_config["text_config"], "eos_token_id": eos_id}
+    return extended, helper_config, tuple(sorted(files.items())), kept
+
+
 def make_plan(
     source_path: str | Path,
     helper_path: str | Path,
@@ -307,6 +337,7 @@ def make_plan(
 
     source_vocab = load_vocabulary(find_source_tokenizer(source_path, source_tokenizer), config)
     target_vocab = load_vocabulary(helper_path, helper_config)
+
     source_rows = source.info(source_tensors.embedding).shape[0]
     if source_vocab.size > source_rows:
         raise SurgeryError(
@@ -328,6 +359,12 @@ def make_plan(
                     helper_path,
                     f"helper embedding width {helper_hidden} does not match hidden size {configured_hidden} in its config.json",
                 )
+    tokenizer_files, kept_specials = None, ()
+    if options.keep_source_specials != "no":
+        # after the helper's checks: the kept tokens have no helper row, they copy the source's
+        target_vocab, helper_config, tokenizer_files, kept_specials = _keep_source_specials(
+            source_vocab, target_vocab, helper_path, helper_config, options.keep_source_specials
+        )
     overlap = match_overlap(source_vocab, target_vocab, source_rows, options.match)
     maps = ()
     if options.maps or options.map_file:
@@ -359,6 +396,8 @@ def make_plan(
         helper_config=helper_config,
         options=options,
         maps=maps,
+        tokenizer_files=tokenizer_files,
+        kept_specials=kept_specials,
     )
     plan.check_memory()
     return plan

@@ -108,12 +108,18 @@ def _helper_vectors(plan: TransferPlan, helper: Checkpoint, result: TransferResu
     tokens' normalised vectors. One fp32 copy serves the finiteness check, the normalised vectors
     and OMP's raw vectors."""
     overlap = plan.overlap
-    helper_rows = as_tensor(helper.read_rows(plan.helper_embedding, 0, plan.target_size)).to(torch.float32)
+    # Ids past the helper's own (source special tokens the output keeps, which copy the source's
+    # rows) have no helper vector: zero, so never a neighbour by positive similarity.
+    stored = min(plan.target_size, plan.helper.info(plan.helper_embedding).shape[0])
+    helper_rows = as_tensor(helper.read_rows(plan.helper_embedding, 0, stored)).to(torch.float32)
     finite = torch.isfinite(helper_rows).all(dim=1)
     if not finite.all():
         bad = int((~finite).nonzero()[0])
         raise SurgeryError(plan.helper_path, f"helper embedding {plan.helper_embedding!r} has NaN or Inf in row {bad}")
     vectors, result.zero_helper_rows = normalise_rows(helper_rows)
+    if stored < plan.target_size:
+        pad = torch.zeros(plan.target_size - stored, helper_rows.shape[1])
+        helper_rows, vectors = torch.cat([helper_rows, pad]), torch.cat([vectors, pad])
     return helper_rows, vectors[torch.from_numpy(overlap.target_ids)], vectors[torch.from_numpy(overlap.missing_ids)]
 
 

@@ -49,6 +49,7 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "spiece.model",
     "sentencepiece.bpe.model",
+    "chat_template.jinja",
 )
 MATCH_KINDS = ("role", "string", "canonical", "map")  # map: a pair set by hand (--map)
 
