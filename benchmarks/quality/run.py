@@ -650,7 +650,10 @@ def new_token_ids(source: Path, helper: Path):
 def run_init(source: Path, helper: Path, out: Path, options: list[str], max_memory: str) -> dict:
     """`clpsurgery init` through the real CLI; the files land in `out`; returns the manifest."""
     target = out / "model"
-    cmd = [sys.executable, "-m", "clpsurgery", "init", str(source), str(helper), str(target), *options, "--quiet", "--max-memory", max_memory]
+    # --keep-source-specials no: the source is an instruct model whose chat-template tokens the
+    # output would keep (two more rows, another eos); plain-text scores compare the same vocabularies.
+    cmd = [sys.executable, "-m", "clpsurgery", "init", str(source), str(helper), str(target), *options, "--quiet", "--max-memory", max_memory,
+           "--keep-source-specials", "no"]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()}")
