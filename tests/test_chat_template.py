@@ -110,3 +110,14 @@ def test_no_keeps_the_target_tokenizer_as_it_is(instruct_source, german_helper, 
     assert (out / "tokenizer.json").read_bytes() == (german_helper / "tokenizer.json").read_bytes()
     assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
     assert json.loads((out / "clpsurgery.json").read_text())["kept_source_specials"] == []
+
+
+def test_apply_replays_the_kept_tokens(converted, instruct_source, tmp_path):
+    from conftest import tree_hashes
+
+    again = tmp_path / "again"
+    main(["apply", "--quiet", str(converted), str(instruct_source), str(again)])
+    ours, theirs = tree_hashes(converted), tree_hashes(again)
+    ours.pop("clpsurgery.json")
+    theirs.pop("clpsurgery.json")
+    assert ours == theirs
