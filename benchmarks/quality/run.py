@@ -35,6 +35,8 @@ import math
 import os
 import platform
 import random
+
+import numpy as np
 import re
 import shutil
 import subprocess
@@ -647,12 +649,12 @@ def new_token_ids(source: Path, helper: Path):
     return match_overlap(load_vocabulary(source), load_vocabulary(helper), rows).missing_ids
 
 
-def run_init(source: Path, helper: Path, out: Path, options: list[str], max_memory: str) -> dict:
-    """`clpsurgery init` through the real CLI; the files land in `out`; returns the manifest."""
+def run_init(source: Path, helper: Path, out: Path, options: list[str], max_memory: str, command: str = "init") -> dict:
+    """`clpsurgery init` (or `extend`) through the real CLI; the files land in `out`; returns the manifest."""
     target = out / "model"
     # --keep-source-specials no: the source is an instruct model whose chat-template tokens the
     # output would keep (two more rows, another eos); plain-text scores compare the same vocabularies.
-    cmd = [sys.executable, "-m", "clpsurgery", "init", str(source), str(helper), str(target), *options, "--quiet", "--max-memory", max_memory,
+    cmd = [sys.executable, "-m", "clpsurgery", command, str(source), str(helper), str(target), *options, "--quiet", "--max-memory", max_memory,
            "--keep-source-specials", "no"]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if res.returncode != 0:
@@ -704,6 +706,9 @@ def stage_init(args, work: Path, source: Path, helper: Path, variant: str, new_i
         g = torch.Generator().manual_seed(args.seed)
         rewrite_embedding(out, lambda emb: mean + std * torch.randn(emb.shape, generator=g))
         info = {"random": {"mean_of_mean": float(mean.mean()), "mean_of_std": float(std.mean())}}
+    elif base.startswith("extend"):  # extend[:INPUT]: the source vocabulary kept, the helper's tokens appended
+        manifest = run_init(source, helper, out, variant_options(base.partition(":")[2] or "softmax:5"), args.init_max_memory, command="extend")
+        info = {"manifest": {k2: manifest[k2] for k2 in ("vocabulary", "weights", "extension") if k2 in manifest}}
     else:  # through the CLI (fvt: helper-free, each new token the mean of its pieces)
         manifest = run_init(source, helper, out, variant_options(base), args.init_max_memory)
         info = {"manifest": {k2: manifest[k2] for k2 in ("overlap", "missing", "weights", "head_weights", "timings", "stats") if k2 in manifest}}
@@ -739,6 +744,28 @@ def stage_eval(args, work: Path, model_dir: Path, eval_path: Path, label: str, m
         b = res["by_target"]
         log(f"  new tokens: {b['new_share']:.3f} of the text, {b['mass_on_new']:.3f} of the model's probability; "
             f"NLL per token new {b['new_nll_per_token']:.2f}, shared {b['shared_nll_per_token']:.2f} nats")
+    st.finish({"result": res})
+    return res
+
+
+def english_documents(work: Path) -> list[str]:
+    """The source's English check text (Debian fortunes-min), as stage_source reads it."""
+    debdir = work / "debs"
+    debdir.mkdir(exist_ok=True)
+    english = [t for _, t in deb_documents(ENGLISH_CHECK_DEB, debdir)]
+    return [t for t in english if len(t) > 200][:40]
+
+
+def stage_english(args, work: Path, model_dir: Path, label: str) -> dict:
+    """Bits per byte on the source's English check text, through the model's own tokenizer: an
+    extended model reads English as the source does; a replaced vocabulary cannot."""
+    params = {"model": model_dir.name, "deb": ENGLISH_CHECK_DEB, "bytes": 40_000, "ctx": 512, "v": 1}
+    st = Stage(work, "english-" + stage_name(label), params, args.force_stage)
+    if st.done:
+        return st.info()["result"]
+    st.start()
+    res = evaluate(model_dir, english_documents(work), ctx=512, max_bytes=40_000, batch=4)
+    log(f"English {label}: ppl {res['ppl']:.2f}, {res['bpb']:.4f} bits/byte ({res['tokens']} tokens)")
     st.finish({"result": res})
     return res
 
@@ -862,6 +889,14 @@ def table(results: dict) -> str:
         last = curve[-1] if curve and curve[-1]["step"] > 0 else None
         after = f"{last['bpb']:.3f} | {last['bpb'] - cur['bpb']:+.3f}" if last and cur else " | "
         lines.append(f"| `{label}` | {z['ppl']:.4g} | {z['bpb']:.3f} | {z['bpb'] - src['bpb']:+.3f} | {split} | {first} | {after} |")
+    english = {label: r["english"] for label, r in results["variants"].items() if "english" in r}
+    if english:
+        lines += ["", "| init | target-language bits/byte | English bits/byte | target-language tokens per byte |", "| --- | ---: | ---: | ---: |"]
+        source_english = results["source"].get("english_check", {})
+        lines.append(f"| source, own tokenizer | {src['bpb']:.3f} | {source_english.get('bpb', float('nan')):.3f} | {1 / src['bytes_per_token']:.4f} |")
+        for label, e in english.items():
+            z = results["variants"][label]["zero_shot"]
+            lines.append(f"| `{label}` | {z['bpb']:.3f} | {e['bpb']:.3f} | {1 / z['bytes_per_token']:.4f} |")
     return "\n".join(lines)
 
 
@@ -892,6 +927,7 @@ def parse(argv=None):
     p.add_argument("--variants", nargs="+", default=None,
                    help="random, fvt, WEIGHTING:K[:TEMPERATURE] (K a number or all), each optionally *SCALE (new rows scaled)")
     p.add_argument("--init-max-memory", default="2GiB")
+    p.add_argument("--english-eval", action="store_true", help="also score every variant on the source's English check text (extend keeps English)")
     p.add_argument("--eval-bytes", type=int, default=200_000, help="held-out text for zero-shot scores")
     p.add_argument("--eval-batch", type=int, default=4)
     p.add_argument("--ctx", type=int, default=1024)
@@ -945,8 +981,12 @@ def main(argv=None) -> int:
     new_ids = new_token_ids(source, helper)
     for v in args.variants:
         d = stage_init(args, work, source, helper, v, new_ids)
-        z = stage_eval(args, work, d, corpus["eval"], v, new_ids=new_ids)
+        extension = json.loads((d / "done.json").read_text()).get("manifest", {}).get("extension")
+        own_new = np.arange(extension["new_token_ids"]["start"], extension["new_token_ids"]["stop"]) if extension else new_ids
+        z = stage_eval(args, work, d, corpus["eval"], v, new_ids=own_new)
         entry: dict[str, Any] = {"dir": d.name, "zero_shot": z, "init": json.loads((d / "done.json").read_text())}
+        if args.english_eval:
+            entry["english"] = stage_english(args, work, d, v)
         if args.train_steps > 0:
             tr = stage_train(args, work, d, corpus, v)
             entry["curve"] = tr["curve"]
