@@ -35,8 +35,6 @@ import math
 import os
 import platform
 import random
-
-import numpy as np
 import re
 import shutil
 import subprocess
@@ -44,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
