@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,15 @@ def german_helper(tmp_path_factory, german_tokenizer) -> Path:
         model.transformer.wte.weight.copy_(anisotropic_helper_embedding(config.vocab_size, 16, seed=3))
     folder = tmp_path_factory.mktemp("german-helper")
     return save_model(model, folder, german_tokenizer, bos="<s>", eos="</s>", unk="<unk>", pad="<pad>")
+
+
+def copy_tokenizer_only(helper: Path, folder: Path) -> Path:
+    """A HELPER for helper-free methods: a folder with the helper's tokenizer files and nothing else."""
+    folder.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (helper / name).is_file():
+            shutil.copy2(helper / name, folder / name)
+    return folder
 
 
 def sha256_of(path: Path) -> str:

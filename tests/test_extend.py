@@ -4,7 +4,6 @@ to the tokenizer's model, their rows made by init's engine."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ from clpsurgery.pipeline.replay import TRANSFER_NAME
 from clpsurgery.pipeline.tensor_io import as_tensor
 from clpsurgery.pipeline.verify import verify_output
 
-from conftest import tree_hashes
+from conftest import copy_tokenizer_only, tree_hashes
 
 GERMAN = "Die Bundesregierung hat heute beschlossen, dass die Schulen wieder geöffnet werden."
 ENGLISH = "The government decided today that the schools will open again next week."
@@ -89,11 +88,7 @@ def test_apply_replays_an_extension(extended, gpt2_source, tmp_path):
 
 def test_extend_without_a_helper_model(gpt2_source, german_helper, tmp_path):
     """fvt needs only the target tokenizer: each new row the mean of its pieces' source rows."""
-    tokenizer_only = tmp_path / "tokenizer"
-    tokenizer_only.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (german_helper / name).is_file():
-            shutil.copy2(german_helper / name, tokenizer_only / name)
+    tokenizer_only = copy_tokenizer_only(german_helper, tmp_path / "tokenizer")
     out = tmp_path / "out"
     main(["extend", "--quiet", "--method", "fvt", "--max-new-tokens", "50", str(gpt2_source), str(tokenizer_only), str(out)])
     from tokenizers import Tokenizer

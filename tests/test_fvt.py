@@ -11,6 +11,8 @@ import pytest
 
 from clpsurgery.mixing.fvt import fvt_mixing
 
+from conftest import copy_tokenizer_only
+
 
 def test_positions_point_at_overlap_rows_then_extra_rows():
     overlap_source_ids = np.array([7, 3, 9, 3])  # 3 serves two target ids: its first position
@@ -33,11 +35,7 @@ def test_init_method_fvt_needs_only_the_target_tokenizer(gpt2_source, german_hel
     from clpsurgery.pipeline.verify import verify_output
     from clpsurgery.vocab.vocabulary import load_vocabulary
 
-    tokenizer_only = tmp_path / "german-tokenizer"
-    tokenizer_only.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (german_helper / name).is_file():
-            shutil.copy2(german_helper / name, tokenizer_only / name)
+    tokenizer_only = copy_tokenizer_only(german_helper, tmp_path / "german-tokenizer")
     out = tmp_path / "out"
     main(["init", "--quiet", "--method", "fvt", str(gpt2_source), str(tokenizer_only), str(out)])
     manifest = json.loads((out / "clpsurgery.json").read_text())
