@@ -127,7 +127,14 @@ def format_report(report: dict) -> str:
         v = manifest["vocabulary"]
         w = manifest["weights"]
         o = manifest["options"]
-        lines.append("clpsurgery init")
+        command = manifest.get("command") or []
+        verb = command[1] if len(command) > 1 and command[1] in ("init", "extend", "apply") else "init"
+        lines.append(f"clpsurgery {verb}")
+        if manifest.get("extension"):
+            e = manifest["extension"]
+            lines.append(f"  extended   {e['source_size']} source ids kept, {e['new_tokens']} appended (ids {e['new_token_ids']['start']}..{e['new_token_ids']['stop'] - 1})")
+        if manifest.get("kept_source_specials"):
+            lines.append(f"  kept       {', '.join(manifest['kept_source_specials'])} (the source's chat-template tokens, with its rows)")
         lines.append(f"  from       {manifest['inputs']['source']['path']}  (helper {manifest['inputs']['helper']['path']})")
         lines.append(f"  vocabulary {v['source_size']} -> {v['target_size']}: {v['overlap']} copied, {v['missing']} combined ({v['match']} match)")
         method = o.get("method", "clp")  # manifests before --method are clp
