@@ -169,7 +169,7 @@ def init_command(source: Path, helper: Path, out: Path, options: TransferOptions
         click.echo(
             f"vocabulary {summary['source_vocab_size']} -> {summary['target_vocab_size']}: "
             f"{summary['overlap']} tokens shared, {summary['missing']} to combine "
-            + ("from their pieces under the source tokenizer (fvt)" if options.method == "fvt" else f"from {plan.k} {'atoms (omp)' if options.method == 'omp' else f'neighbours ({options.weighting})'}")
+            + _method_summary(plan)
             + (f" (the output head's from {plan.side_method('output')})" if plan.two_mixings else "")
             + f"; rebuilding {', '.join(plan.rebuilt_names)}",
             err=True,
@@ -263,6 +263,17 @@ def apply_command(transfer: Path, sibling: str, out: Path, max_memory: int, devi
     result = run_transfer(plan, out, force=force, progress=progress_factory(quiet), recorded=recorded, command=["clpsurgery", *sys.argv[1:]])
     seconds = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
     click.echo(f"wrote {out} ({seconds})")
+
+
+def _method_summary(plan) -> str:
+    options = plan.options
+    if options.method == "fvt":
+        return "from their pieces under the source tokenizer (fvt)"
+    if options.method == "omp":
+        return f"from {plan.k} atoms (omp)"
+    if options.method == "clp+fvt":
+        return f"{options.blend:g} from {options.top_k} neighbours ({options.weighting}) and {1 - options.blend:g} from their pieces (clp+fvt)"
+    return f"from {plan.k} neighbours ({options.weighting})"
 
 
 def _check_out_apart(out: Path, source: Path, helper: Path, source_tokenizer: str | None = None, source_config: str | None = None) -> None:

@@ -70,7 +70,7 @@ def wide_helper(german_helper, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("options", [("--top-k", "10", "--weighting", "clp"), ("--top-k", "all", "--weighting", "clp")], ids=["top-k", "dense"])
+@pytest.mark.parametrize("options", [("--method", "clp", "--top-k", "10", "--weighting", "clp"), ("--method", "clp", "--top-k", "all", "--weighting", "clp")], ids=["top-k", "dense"])
 def test_same_bytes_with_one_or_two_threads(options, gpt2_source, wide_helper, tmp_path):
     with ThreadPoolExecutor(max_workers=2) as pool:
         one, two = pool.map(lambda t: init_with_threads(gpt2_source, wide_helper, tmp_path / f"threads-{t}", t, *options), (1, 2))

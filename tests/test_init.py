@@ -108,7 +108,7 @@ def test_gpt2_tied_end_to_end(gpt2_source, german_helper, tmp_path):
 
 def test_llama_untied_head_rebuilt(llama_source, german_helper, tmp_path):
     out = tmp_path / "llama-de"
-    run_init(llama_source, german_helper, out, "--top-k", "5", "--weighting", "clp")
+    run_init(llama_source, german_helper, out, "--method", "clp", "--top-k", "5", "--weighting", "clp")
     pairs = shared_tokens(llama_source, german_helper)
     target_ids = np.array([p[1] for p in pairs])
     source_ids = np.array([p[2] for p in pairs])
@@ -144,7 +144,7 @@ def test_llama_untied_head_rebuilt(llama_source, german_helper, tmp_path):
 def test_dense_clp_equals_paper_formula(gpt2_source, german_helper, tmp_path):
     """--top-k all --weighting clp reproduces cos / sum(cos) over the whole overlap."""
     out = tmp_path / "dense"
-    run_init(gpt2_source, german_helper, out, "--top-k", "all", "--weighting", "clp")
+    run_init(gpt2_source, german_helper, out, "--method", "clp", "--top-k", "all", "--weighting", "clp")
     pairs = shared_tokens(gpt2_source, german_helper)
     target_ids = np.array([p[1] for p in pairs])
     source_ids = np.array([p[2] for p in pairs])

@@ -82,7 +82,7 @@ def test_inspect_against_plans_what_init_runs(gpt2_source, german_helper, tmp_pa
     """The same flags give inspect the plan init runs: its options and vocab size are the manifest's."""
     from clpsurgery.cli import main
 
-    flags = ["--top-k", "3", "--weighting", "clp", "--temperature", "0.2", "--max-memory", "512MiB",
+    flags = ["--method", "clp", "--top-k", "3", "--weighting", "clp", "--temperature", "0.2", "--max-memory", "512MiB",
              "--match", "canonical", "--pad-vocab-to-multiple", "64", "--device", "cpu"]
     result = run_inspect(gpt2_source, "--against", german_helper, "--json", *flags)
     assert result.returncode == 0, result.stderr

@@ -112,7 +112,7 @@ def test_apply_refuses_another_vocabulary(gpt2_source, llama_source, german_help
 def test_apply_needs_a_record(llama_source, german_helper, tmp_path):
     """The dense form keeps no mixing matrix, so it saves no record; a damaged record is one line."""
     dense = tmp_path / "dense"
-    main(["init", "--quiet", "--top-k", "all", str(llama_source), str(german_helper), str(dense)])
+    main(["init", "--quiet", "--method", "clp", "--top-k", "all", str(llama_source), str(german_helper), str(dense)])
     assert not (dense / TRANSFER_NAME).exists()
     err = one_line_error(["apply", "--quiet", str(dense), str(llama_source), str(tmp_path / "a")])
     assert TRANSFER_NAME in err and "not found" in err

@@ -61,8 +61,8 @@ def plain_and_untied(gpt2_source, german_helper, tmp_path_factory):
     --piece-weighting first-last."""
     base = tmp_path_factory.mktemp("untie")
     plain, untied = base / "plain", base / "untied"
-    main(["init", "--quiet", str(gpt2_source), str(german_helper), str(plain)])
-    main(["init", "--quiet", "--untie-head", "--head-method", "fvt", "--piece-weighting", "first-last", str(gpt2_source), str(german_helper), str(untied)])
+    main(["init", "--quiet", "--method", "clp", str(gpt2_source), str(german_helper), str(plain)])
+    main(["init", "--quiet", "--method", "clp", "--untie-head", "--head-method", "fvt", "--piece-weighting", "first-last", str(gpt2_source), str(german_helper), str(untied)])
     return plain, untied
 
 
@@ -112,8 +112,8 @@ def test_head_method_on_an_untied_source(llama_source, german_helper, tmp_path):
     """An untied source needs no --untie-head: --head-method fvt makes the head's new rows the mean
     of their pieces' head rows, the embedding's stay clp's."""
     plain, out = tmp_path / "plain", tmp_path / "out"
-    main(["init", "--quiet", str(llama_source), str(german_helper), str(plain)])
-    main(["init", "--quiet", "--head-method", "fvt", "--untie-head", str(llama_source), str(german_helper), str(out)])
+    main(["init", "--quiet", "--method", "clp", str(llama_source), str(german_helper), str(plain)])
+    main(["init", "--quiet", "--method", "clp", "--head-method", "fvt", "--untie-head", str(llama_source), str(german_helper), str(out)])
     manifest = json.loads((out / "clpsurgery.json").read_text())
     assert manifest["tensors"]["untied_head"] is False and manifest["tensors"]["rebuilt_from"] == {}
     assert "tie_word_embeddings" not in manifest["config_changes"]["config.json"]
@@ -188,8 +188,8 @@ def test_blend_is_the_share_of_clp_and_fvt_rows(llama_source, german_helper, tmp
     """clp+fvt: each new row is share * clp's row + (1 - share) * fvt's (float64 reference from the
     two methods' own outputs); on an untied source it can serve the head alone."""
     runs = {}
-    for name, options in (("clp", []), ("fvt", ["--method", "fvt"]), ("blend", ["--method", "clp+fvt", "--blend", "0.3"]),
-                          ("head", ["--head-method", "clp+fvt", "--blend", "0.3"])):
+    for name, options in (("clp", ["--method", "clp"]), ("fvt", ["--method", "fvt"]), ("blend", ["--method", "clp+fvt", "--blend", "0.3"]),
+                          ("head", ["--method", "clp", "--head-method", "clp+fvt", "--blend", "0.3"])):
         runs[name] = tmp_path / name
         main(["init", "--quiet", *options, str(llama_source), str(german_helper), str(runs[name])])
     manifest = json.loads((runs["blend"] / "clpsurgery.json").read_text())

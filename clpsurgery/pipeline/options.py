@@ -11,10 +11,12 @@ from clpsurgery.mixing.choices import DEFAULT_BLEND, DEFAULT_TEMPERATURE, DEVICE
 MATCH_RULES = ("exact", "canonical")
 DEFAULT_DEVICE = "auto"
 DEFAULT_MATCH = "exact"
-# Chosen by benchmarks/quality (SmolLM2-135M to German, bits per byte of held-out text): softmax
-# over few neighbours at WECHSEL's temperature won zero-shot and after continued training; k = 5
-# tied k = 3 after training and the reconstruction proxy (benchmarks/choose_defaults) favours it
-# over 3. See the README.
+# Chosen by benchmarks/quality (SmolLM2-135M to German and to Italian, bits per byte of held-out
+# text): clp+fvt, 0.3 of clp's row (softmax over 5 neighbours at WECHSEL's temperature) and 0.7 of
+# fvt's (the mean of the token's source pieces), won zero-shot in both languages (0.11 bits/byte
+# better than clp alone) and after continued training. Within clp, softmax over few neighbours won
+# (issue 8); k = 5 tied k = 3 after training. See the README.
+DEFAULT_METHOD = "clp+fvt"
 DEFAULT_TOP_K = 5
 DEFAULT_WEIGHTING = "softmax"
 # Peak memory of a run, tensors and buffers (the Python runtime, torch and FAISS come on top, about
@@ -42,7 +44,7 @@ def _option(default, flag: str, help: str, **spec) -> Any:
 class TransferOptions:
     """Every option of a transfer; `top_k=None` is the paper's dense form over the whole overlap."""
 
-    method: str = _option("clp", "--method", "clp: neighbours in the helper weighted by similarity (the paper); omp: least-squares combinations of helper atoms (orthogonal matching pursuit); fvt: the mean of the token's pieces under the source tokenizer, no helper model needed; clp+fvt: the two rows blended (--blend).", kind="choice", choices=METHODS)
+    method: str = _option(DEFAULT_METHOD, "--method", "clp: neighbours in the helper weighted by similarity (the paper); omp: least-squares combinations of helper atoms (orthogonal matching pursuit); fvt: the mean of the token's pieces under the source tokenizer, no helper model needed; clp+fvt: the two rows blended (--blend).", kind="choice", choices=METHODS)
     top_k: int | None = _option(DEFAULT_TOP_K, "--top-k", "Neighbours per new token (atoms, for omp), or 'all' for the paper's dense form.", kind="top_k")
     head_method: str | None = _option(None, "--head-method", "How the new rows of an untied output head (and its bias) are made, when not as the embedding's (default: --method). A tied source needs --untie-head.", kind="choice", choices=METHODS)
     untie_head: bool = _option(False, "--untie-head", "A tied source: write a separate output head (the embedding's copied rows, new rows from --head-method) and tie_word_embeddings false.", kind="flag")
@@ -64,9 +66,10 @@ class TransferOptions:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise SurgeryError("--method", f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        for method in {self.method, self.head_method} & {"omp", "clp+fvt"}:
+        for method in sorted({self.method, self.head_method} & {"omp", "clp+fvt"}):
             if self.top_k is None:
-                raise SurgeryError("--top-k", f"{method} mixes a few rows per token: give a number, not 'all'")
+                few = "picks a few atoms" if method == "omp" else "blends a few neighbours"
+                raise SurgeryError("--top-k", f"{method} {few} per token: give a number, not 'all' (the dense form is --method clp's)")
         if not 0.0 <= self.blend <= 1.0:
             raise SurgeryError("--blend", f"is a share between 0 and 1, not {self.blend}")
         if self.head_method is not None and self.head_method not in METHODS:
