@@ -340,6 +340,21 @@ def evict(path) -> None:
         os.close(fd)
 
 
+def filesystem_of(folder: Path) -> str:
+    """The type of the filesystem holding `folder` (its longest mount point in /proc/mounts)."""
+    best, kind = "", "an unknown filesystem"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    resolved = str(folder.resolve())
+    for line in mounts:
+        fields = line.split()
+        if len(fields) >= 3 and (resolved == fields[1] or resolved.startswith(fields[1].rstrip("/") + "/")) and len(fields[1]) >= len(best):
+            best, kind = fields[1], fields[2]
+    return kind
+
+
 def without_direct_io(folder: Path) -> str | None:
     """Why `folder` offers no direct I/O (tmpfs before Linux 6.6, many network filesystems), or None."""
     from clpsurgery.formats.writer import DIRECT_BLOCK, DirectCopier
