@@ -101,9 +101,10 @@ NOTES = [
 
 # Run inside the converter's process: register extra pre-tokenizer hashes (JSON {hash: name} in
 # $GGUF_EXPORT_EXTRA_PRE) in TextModel.get_vocab_base_pre, then run convert_hf_to_gguf.py as
-# __main__. The hash is computed as get_vocab_base_pre computes it, on the text it defines.
+# __main__. The hash is computed as get_vocab_base_pre computes it, on the text it defines
+# ($GGUF_EXPORT_CHKTXT, read from it by read_chktxt).
 WRAPPER = r'''
-import ast, hashlib, json, os, runpy, sys
+import hashlib, json, os, runpy, sys
 from pathlib import Path
 
 llama = Path(sys.argv[1])
@@ -114,16 +115,7 @@ extra = json.loads(os.environ.get("GGUF_EXPORT_EXTRA_PRE", "{}"))
 
 from conversion import base
 
-def _chktxt():
-    tree = ast.parse((llama / "conversion" / "base.py").read_text(encoding="utf-8"))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name == "get_vocab_base_pre":
-            for stmt in node.body:
-                if isinstance(stmt, ast.Assign) and getattr(stmt.targets[0], "id", None) == "chktxt":
-                    return ast.literal_eval(stmt.value)
-    raise RuntimeError("chktxt not found in get_vocab_base_pre")
-
-CHKTXT = _chktxt()
+CHKTXT = os.environ["GGUF_EXPORT_CHKTXT"]  # read_chktxt(llama), computed by the parent
 original = base.TextModel.get_vocab_base_pre
 
 def get_vocab_base_pre(self, tokenizer):
@@ -209,6 +201,7 @@ def convert(llama: Path, cache: Path, folder: Path, outfile: Path, extra_pre: di
     if extra_pre:
         argv = [sys.executable, str(cache / "run_converter.py"), str(llama), *args]
         env["GGUF_EXPORT_EXTRA_PRE"] = json.dumps(extra_pre)
+        env["GGUF_EXPORT_CHKTXT"] = read_chktxt(llama)
     else:
         argv = [sys.executable, str(llama / "convert_hf_to_gguf.py"), *args]
     t0 = time.perf_counter()
