@@ -78,7 +78,7 @@ class TransferPlan:
     @property
     def head_untied(self) -> bool:
         """Whether the output has an output head of its own (the source's, or one --untie-head adds)."""
-        return self.options.untie_head or (self.source_tensors.head is not None and self.source_tensors.tied_in_config is not True)
+        return head_untied(self.source_tensors, self.options)
 
     @property
     def unties_head(self) -> bool:
@@ -260,6 +260,12 @@ def find_helper_embedding(shapes: dict[str, tuple[int, ...]], place: str, config
         return find_vocab_tensors(shapes, place, config=None)
 
 
+def head_untied(tensors: VocabTensors, options: TransferOptions) -> bool:
+    """Whether the output has an output head of its own: one --untie-head adds, or a stored head
+    the model does not tie to the embedding at load time."""
+    return options.untie_head or (tensors.head is not None and tensors.tied_in_config is not True)
+
+
 def _check_head_options(tensors: VocabTensors, shapes: dict[str, tuple[int, ...]], options: TransferOptions, place: Path) -> None:
     """--untie-head needs a model with a head to untie; --head-method needs an untied head."""
     if options.untie_head and tensors.head is None:
@@ -270,8 +276,7 @@ def _check_head_options(tensors: VocabTensors, shapes: dict[str, tuple[int, ...]
             raise SurgeryError(place, f"--untie-head would add {name!r}, which is already a tensor of another shape")
     if options.untie_head and tensors.family == "t5" and tensors.tied_in_config is not False:
         raise SurgeryError("--untie-head", "T5 scales a tied head's input by d_model**-0.5 and an untied one's not: untying would change the model")
-    head_untied = options.untie_head or (tensors.head is not None and tensors.tied_in_config is not True)
-    if options.head_method is not None and options.head_method != options.method and not head_untied:
+    if options.head_method is not None and options.head_method != options.method and not head_untied(tensors, options):
         raise SurgeryError("--head-method", "the source's output head is its embedding (tied): add --untie-head to give it rows of its own")
 
 
