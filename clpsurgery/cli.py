@@ -208,6 +208,7 @@ def extend_command(source: str, helper: str, out: Path, options: TransferOptions
     """
     from clpsurgery.formats.output_folder import check_out_path
     from clpsurgery.pipeline.extend import extension_matrices, find_base_mixings, make_extend_plans
+    from clpsurgery.pipeline.plan import with_recorded_mixing
     from clpsurgery.pipeline.transfer import run_transfer
 
     _check_out_apart(out, Path(source), Path(helper), source_tokenizer, source_config)
@@ -222,6 +223,7 @@ def extend_command(source: str, helper: str, out: Path, options: TransferOptions
                    + (", ".join(f"{why} {n}" for why, n in extension.skipped.items()) or "none"), err=True)
     mixings = find_base_mixings(base, progress_factory(quiet))
     matrices = extension_matrices(base, plan, extension, mixings)
+    plan = with_recorded_mixing(plan, matrices)
     result = run_transfer(plan, out, force=force, progress=progress_factory(quiet), recorded=matrices, command=["clpsurgery", *sys.argv[1:]])
     seconds = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
     click.echo(f"wrote {out} ({seconds})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +24,9 @@ ENGLISH = "The government decided today that the schools will open again next we
 
 
 def rows(folder, name) -> np.ndarray:
+    """A tensor's rows (bf16 as fp32, exactly)."""
     with Checkpoint.open(folder) as ckpt:
-        return as_tensor(ckpt.read_tensor(name)).numpy()
+        return as_tensor(ckpt.read_tensor(name)).float().numpy()
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +116,111 @@ def test_extend_refusals(gpt2_source, german_helper, tmp_path):
     assert "--top-k" in one_line_error(["extend", "--quiet", "--top-k", "all", str(gpt2_source), str(german_helper), str(tmp_path / "a")])
     assert "--untie-head" in one_line_error(["extend", "--quiet", "--untie-head", str(gpt2_source), str(german_helper), str(tmp_path / "b")])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.fixture(scope="module")
+def padded_source(tmp_path_factory, gpt2_tokenizer) -> Path:
+    """An untied LLaMA model whose embedding and head have 47 rows past the tokenizer's 50,257 ids
+    (vocab padded to a multiple of 64, as BLOOM, Qwen and Pythia pad theirs)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from conftest import save_model
+
+    torch.manual_seed(4)
+    config = transformers.LlamaConfig(
+        vocab_size=50304, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=50256, eos_token_id=50256,
+    )
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    return save_model(model, tmp_path_factory.mktemp("padded-source"), gpt2_tokenizer, bos="<|endoftext|>", eos="<|endoftext|>")
+
+
+@pytest.mark.parametrize("new_tokens", [20, None], ids=["within-padding", "past-padding"])
+def test_extend_a_padded_source(padded_source, german_helper, tmp_path, new_tokens):
+    """New ids continue the tokenizer's numbering, so the first new tokens take the source's vocab
+    padding rows; padding rows left over are kept as they are, and the embedding never shrinks.
+    Every token row, of the embedding and of the head, is byte for byte the source's."""
+    out, init = tmp_path / "out", tmp_path / "init"
+    limit = ["--max-new-tokens", str(new_tokens)] if new_tokens else []
+    main(["extend", "--quiet", *limit, str(padded_source), str(german_helper), str(out)])
+    main(["init", "--quiet", str(padded_source), str(german_helper), str(init)])
+    manifest = json.loads((out / "clpsurgery.json").read_text())
+    ext = manifest["extension"]
+    start, stop = ext["new_token_ids"]["start"], ext["new_token_ids"]["stop"]
+    assert start == 50257 and stop - start == ext["new_tokens"]
+    assert ext["source_padding_rows"] == {"taken": min(stop, 50304) - 50257, "kept": max(0, 50304 - stop)}
+    rows_out = max(stop, 50304)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == rows_out
+    from clpsurgery.pipeline.extend import make_extend_plans
+    from clpsurgery.pipeline.options import TransferOptions
+
+    _, _, extension = make_extend_plans(padded_source, german_helper, TransferOptions(), new_tokens)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        written, source = rows(out, name), rows(padded_source, name)
+        assert written.shape == (rows_out, 32)
+        assert written[:start].tobytes() == source[:start].tobytes()
+        assert written[stop:].tobytes() == source[stop:].tobytes()  # the padding rows left over
+        assert np.array_equal(written[start:stop], rows(init, name)[list(extension.target_ids)])
+    kinds = manifest["vocabulary"]["pairs_by_kind"]
+    assert kinds["string"] == 50257 and kinds.get("padding", 0) == max(0, 50304 - stop)
+    checks = verify_output(out, padded_source)
+    assert all(c.ok is not False for c in checks), [c.line() for c in checks if c.ok is False]
+    again = tmp_path / "again"
+    main(["apply", "--quiet", str(out), str(padded_source), str(again)])
+    ours, theirs = tree_hashes(out), tree_hashes(again)
+    ours.pop("clpsurgery.json")
+    theirs.pop("clpsurgery.json")
+    assert ours == theirs
+
+
+def test_a_padded_extension_loads_in_transformers(padded_source, german_helper, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    out = tmp_path / "out"
+    main(["extend", "--quiet", "--pad-vocab-to-multiple", "256", str(padded_source), str(german_helper), str(out)])
+    stop = json.loads((out / "clpsurgery.json").read_text())["extension"]["new_token_ids"]["stop"]
+    assert stop > 50304 and json.loads((out / "config.json").read_text())["vocab_size"] == -(-stop // 256) * 256
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    ids = tok(GERMAN)["input_ids"]
+    assert max(ids) >= 50257 and tok.decode(ids) == GERMAN
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([ids])).logits.float()).all()
+
+
+def test_the_write_stage_holds_only_the_rows_the_mixing_combines(gpt2_source, german_helper):
+    """An extension copies every source row to its own id: those are read block by block, and the
+    rows held for the whole tensor are only those the new tokens mix."""
+    from clpsurgery.pipeline.extend import extension_matrices, find_base_mixings, make_extend_plans
+    from clpsurgery.pipeline.options import TransferOptions
+    from clpsurgery.pipeline.plan import with_recorded_mixing
+    from clpsurgery.pipeline.rebuild import HeldRows, Mixing
+    from clpsurgery.pipeline.result import no_progress
+
+    base, plan, extension = make_extend_plans(gpt2_source, german_helper, TransferOptions())
+    matrices = extension_matrices(base, plan, extension, find_base_mixings(base, no_progress))
+    plan = with_recorded_mixing(plan, matrices)
+    held = HeldRows.of(plan, Mixing(plan, matrices["input"]))
+    combined = np.unique(matrices["input"].positions)
+    assert np.array_equal(held.source_ids, combined) and plan.held_rows == combined.size < 50257 // 5
+    assert held.own_row[:50257].all() and not held.own_row[50257:].any() and (held.copy_at == -1).all()
+
+
+def test_a_copied_row_with_nan_is_one_line(padded_source, german_helper, tmp_path):
+    """Rows read block by block are checked as the held ones are: one line naming the row."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "source"
+    shutil.copytree(padded_source, source)
+    tensors = load_file(str(source / "model.safetensors"))
+    tensors["lm_head.weight"][1234, 5] = float("nan")  # in a row that is copied, never mixed
+    assert tensors["lm_head.weight"].dtype == torch.bfloat16
+    save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
+    err = one_line_error(["extend", "--quiet", "--max-new-tokens", "5", str(source), str(german_helper), str(tmp_path / "out")])
+    assert "lm_head.weight" in err and "row 1234" in err
+    assert not (tmp_path / "out").exists()

@@ -42,47 +42,54 @@ def make_extend_plans(
     base = make_plan(source, helper, replace(options, keep_source_specials="no"), source_tokenizer, source_config)
     extension = extend_tokenizer(find_source_tokenizer(base.source_path, source_tokenizer), helper, options.match, max_new_tokens, rank_texts)
     source_rows = base.source.info(base.source_tensors.embedding).shape[0]
-    if extension.source_size != source_rows:
-        raise SurgeryError(
-            base.source_path,
-            f"its embedding has {source_rows} rows and its tokenizer {extension.source_size} ids: new tokens would "
-            f"{'take rows past the tokenizer (vocab padding)' if source_rows > extension.source_size else 'not fit'}; extend needs the two to agree",
-        )
+    if source_rows < extension.source_size:
+        raise SurgeryError(base.source_path, f"its embedding has {source_rows} rows and its tokenizer {extension.source_size} ids: the tokenizer's last ids have no row to keep")
     with tempfile.TemporaryDirectory(prefix="clpsurgery-extend-") as folder:
         for name, data in extension.files.items():
             (Path(folder) / name).write_bytes(data)
         target_vocab = load_vocabulary(folder, base.source_config)
         target_vocab = replace(target_vocab, path=base.helper_path / "(extended source tokenizer)")
-    identity = np.arange(source_rows, dtype=np.int64)
-    overlap = Overlap(
-        target_ids=identity,
-        source_ids=identity,
-        missing_ids=np.arange(source_rows, extension.size, dtype=np.int64),
-        target_size=extension.size,
-        kinds=np.full(source_rows, MATCH_KINDS.index("string"), dtype=np.int8),
-        match=options.match,
-    )
     plan = replace(
         base,
         target_vocab=target_vocab,
-        overlap=overlap,
+        overlap=extension_overlap(extension, source_rows, options.match),
         helper=None,
         helper_embedding=None,
         helper_config=base.source_config,  # the output's tokenizer is the source's: so are its token ids
         replay=True,
         tokenizer_files=tuple(sorted(extension.files.items())),
-        extension=extension_summary(extension),
+        extension=extension_summary(extension, source_rows),
     )
-    plan.check_memory()
     return base, plan, extension
 
 
-def extension_summary(extension: TokenizerExtension) -> dict:
-    """What the manifest says about the extension: the new ids (contiguous), and what was left out."""
+def extension_overlap(extension: TokenizerExtension, source_rows: int, match: str) -> Overlap:
+    """Every source id copied to itself; the new tokens after them. A source whose embedding has
+    rows past its tokenizer's ids (vocab padding: BLOOM, Qwen, Pythia) puts its first new tokens
+    in those rows, as a tokenizer numbers them; padding rows left over are kept as they are, so
+    the embedding never shrinks."""
+    kept_padding = np.arange(extension.size, source_rows, dtype=np.int64)
+    copied = np.concatenate([np.arange(extension.source_size, dtype=np.int64), kept_padding])
+    kinds = np.full(copied.size, MATCH_KINDS.index("string"), dtype=np.int8)
+    kinds[extension.source_size :] = MATCH_KINDS.index("padding")
+    return Overlap(
+        target_ids=copied,
+        source_ids=copied,
+        missing_ids=np.arange(extension.source_size, extension.size, dtype=np.int64),
+        target_size=max(source_rows, extension.size),
+        kinds=kinds,
+        match=match,
+    )
+
+
+def extension_summary(extension: TokenizerExtension, source_rows: int) -> dict:
+    """What the manifest says about the extension: the new ids (contiguous), the source's vocab
+    padding rows they took and those kept, and what was left out."""
     return {
         "source_size": extension.source_size,
         "new_tokens": len(extension.new_tokens),
         "new_token_ids": {"start": extension.source_size, "stop": extension.size},
+        "source_padding_rows": {"taken": min(extension.size, source_rows) - extension.source_size, "kept": max(0, source_rows - extension.size)},
         "new_merges": extension.new_merges,
         "skipped": extension.skipped,
         "notes": list(extension.notes),

@@ -4,8 +4,9 @@ rebuilt rows may be, and how much a search chunk may take, all within --max-memo
 A run has two stages that hold memory at once:
 - search: the helper's vectors (as stored, in fp32, normalised in fp32), the overlap's vectors,
   and the neighbour lists it produces;
-- write: one rebuilt tensor's overlap rows (in the source dtype), a gather window of the mapped
-  file, a copy buffer, the neighbour lists still alive, plus blocks of rebuilt rows.
+- write: one rebuilt tensor's held rows (the overlap's copied to another id and the rows the mixing
+  combines, in the source dtype), a gather window of the mapped file, a copy buffer, the neighbour
+  lists still alive, plus blocks of rebuilt rows.
 The helper's vectors are dropped before writing starts; the neighbour lists are not.
 """
 
@@ -35,7 +36,7 @@ DENSE_CHUNK_ROWS = 4096
 
 def memory_estimate(
     source: CheckpointLayout, rebuilt: tuple[str, ...], helper: CheckpointLayout | None, helper_embedding: str | None,
-    target_size: int, overlap_count: int, missing_count: int, sides: tuple[tuple[str, int, bool], ...],
+    target_size: int, overlap_count: int, held_rows: int, missing_count: int, sides: tuple[tuple[str, int, bool], ...],
 ) -> dict[str, int]:
     """Bytes held at once by the search and by the write stage (row blocks aside).
 
@@ -57,7 +58,7 @@ def memory_estimate(
     largest = max(ref.info.nbytes for ref in source.tensors.values())
     gather_window = min(GATHER_WINDOW_BYTES, max(source.info(n).nbytes for n in rebuilt))
     copy_buffer = min(COPY_BUFFER_BYTES, largest)
-    write = overlap_count * widest + gather_window + copy_buffer + neighbour_lists + dense_vectors
+    write = held_rows * widest + gather_window + copy_buffer + neighbour_lists + dense_vectors
     return {"search": search, "write": write}
 
 

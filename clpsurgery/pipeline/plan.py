@@ -11,6 +11,8 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.checkpoint import CheckpointLayout
 from clpsurgery.formats.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
@@ -71,9 +73,11 @@ class TransferPlan:
     replay: bool = False  # the mixing comes from a transfer record (apply, extend): no helper, no search
     # The output's tokenizer files when they are not the helper's (extend: the extended source tokenizer).
     tokenizer_files: tuple[tuple[str, bytes], ...] | None = None
-    maps: tuple[TokenMap, ...] = ()
-    kept_specials: tuple[str, ...] = ()  # source special tokens added to the output (a chat template's)  # --map: rows set by hand (copy maps are in the overlap already)
+    maps: tuple[TokenMap, ...] = ()  # --map: rows set by hand (copy maps are in the overlap already)
+    kept_specials: tuple[str, ...] = ()  # source special tokens added to the output (a chat template's)
     extension: dict | None = None  # extend: what was appended (for the manifest)
+    # The distinct source rows a recorded mixing combines (extend), where known before writing.
+    mixed_source_rows: int | None = None
 
     @property
     def head_untied(self) -> bool:
@@ -173,9 +177,19 @@ class TransferPlan:
         """Bytes held at once by the search and by the write stage, besides the row blocks."""
         return memory.memory_estimate(
             self.source, tuple(t.source_name for t in self.rebuilt), self.helper, self.helper_embedding, self.target_size,
-            self.overlap.count, int(self.overlap.missing_ids.size),
+            self.overlap.count, self.held_rows, int(self.overlap.missing_ids.size),
             tuple(("replay" if self.replay else self.side_method(side), self.k_for(side), self.dense_for(side)) for side in self.sides),
         )
+
+    @property
+    def held_rows(self) -> int:
+        """Source rows the write stage holds for one rebuilt tensor (rebuild.HeldRows): the
+        overlap's at most. Pairs copied to their own id are read block by block instead, so an
+        extension holds only the rows its mixing combines."""
+        if self.mixed_source_rows is None or any(self.dense_for(side) for side in self.sides):
+            return self.overlap.count
+        moved = int(np.count_nonzero(self.overlap.target_ids != self.overlap.source_ids))
+        return moved + self.mixed_source_rows
 
     @property
     def block_budget(self) -> int:
@@ -404,5 +418,15 @@ def make_plan(
         tokenizer_files=tokenizer_files,
         kept_specials=kept_specials,
     )
+    plan.check_memory()
+    return plan
+
+
+def with_recorded_mixing(plan: TransferPlan, matrices: dict) -> TransferPlan:
+    """The plan of a mixing known before writing (`apply`'s record, `extend`'s): it counts the
+    source rows the mixing combines (the write stage holds only those and the rows copied to
+    another id), and is checked against --max-memory before anything is written."""
+    combined = max((int(np.unique(m.positions).size) for m in matrices.values() if m is not None and m.positions.size), default=0)
+    plan = replace(plan, mixed_source_rows=combined)
     plan.check_memory()
     return plan

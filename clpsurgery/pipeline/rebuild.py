@@ -5,16 +5,18 @@ apart from transfer.py, which imports it only once the byte copies are running.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from clpsurgery.errors import SurgeryError
-from clpsurgery.formats.checkpoint import Checkpoint
+from clpsurgery.formats.checkpoint import Checkpoint, StoredRows
 from clpsurgery.formats.writer import row_blocks
 from clpsurgery.mixing.backend import ComputeBackend
 from clpsurgery.mixing.blend import blend
@@ -147,30 +149,79 @@ def _helper_mixing(plan: TransferPlan, side: str, vectors, progress: ProgressFac
 
 def read_source_rows(plan: TransferPlan, source: Checkpoint, name: str, source_ids: np.ndarray) -> torch.Tensor:
     """The source rows of a rebuilt tensor that the target copies or mixes, checked finite."""
-    rows = as_tensor(source.gather_rows(name, source_ids))
-    finite = torch.isfinite(rows.to(torch.float32).reshape(rows.shape[0], -1)).all(dim=1)
+    return _checked_finite(plan, name, source_ids, source.gather_rows(name, source_ids))
+
+
+def _checked_finite(plan: TransferPlan, name: str, source_ids: np.ndarray, stored: StoredRows) -> torch.Tensor:
+    """Stored rows as a tensor, after checking them finite (from their bits, no conversion)."""
+    finite = stored.finite_rows()
     if not finite.all():
-        source_id = int(source_ids[int((~finite).nonzero()[0])])
+        source_id = int(source_ids[int(np.flatnonzero(~finite)[0])])
         raise SurgeryError(plan.source_path, f"tensor {name!r} has NaN or Inf in row {source_id}, which the target copies or mixes")
-    return rows
+    return as_tensor(stored)
+
+
+@dataclass(frozen=True)
+class HeldRows:
+    """Which source rows the write stage holds for one rebuilt tensor, and where each row goes.
+
+    Rows copied to their own id (every source row of an extension) are not held: each block
+    reads them from the file, one range where they are contiguous. The others copied, and the
+    rows the mixing combines, are held once each, sorted by source id; the dense form holds the
+    whole overlap in its order, since its weights run over the overlap's positions."""
+
+    source_ids: np.ndarray  # the rows read and held
+    copy_at: np.ndarray  # per target row: the held row it copies, -1 where none
+    own_row: np.ndarray  # per target row: copied from the same source row, read block by block
+    position_at: np.ndarray | None  # the mixing's positions -> held rows (None: the same)
+
+    @classmethod
+    def of(cls, plan: TransferPlan, mixing: Mixing) -> HeldRows:
+        overlap = plan.overlap
+        copy_at = np.full(plan.target_size, -1, dtype=np.int64)
+        own_row = np.zeros(plan.target_size, dtype=bool)
+        space = np.concatenate([overlap.source_ids, mixing.extra_source_ids])  # what positions index
+        if mixing.dense:
+            copy_at[overlap.target_ids] = np.arange(overlap.count)
+            return cls(space, copy_at, own_row, None)
+        same = overlap.target_ids == overlap.source_ids
+        own_row[overlap.target_ids[same]] = True
+        used = space[np.unique(mixing.matrix.positions)] if mixing.matrix.positions.size else space[:0]
+        held = np.unique(np.concatenate([overlap.source_ids[~same], used]))
+        copy_at[overlap.target_ids[~same]] = np.searchsorted(held, overlap.source_ids[~same])
+        # positions no row uses may point past the held rows: clipped, never read
+        position_at = np.minimum(np.searchsorted(held, space), max(0, held.size - 1))
+        return cls(held, copy_at, own_row, position_at)
+
+
+def own_rows(plan: TransferPlan, source: Checkpoint, name: str, ids: np.ndarray) -> torch.Tensor:
+    """Source rows `ids` (sorted) of a tensor read for one block: one range when contiguous."""
+    if ids.size and int(ids[-1]) - int(ids[0]) + 1 == ids.size:
+        stored = source.read_rows(name, int(ids[0]), int(ids[-1]) + 1)
+    else:
+        stored = source.gather_rows(name, ids)
+    return _checked_finite(plan, name, ids, stored)
 
 
 def rebuilt_rows(plan: TransferPlan, source: Checkpoint, mixing: Mixing, tensor: RebuiltTensor, record: bool, clock: StageClock, backend: ComputeBackend) -> Iterator[torch.Tensor]:
     """Row blocks of one rebuilt tensor: overlap rows copied, the others mixed, in row order.
 
-    The source rows of the overlap are read when the first block is asked for and dropped after
-    the last, so only one rebuilt tensor's rows are held at a time.
+    The held source rows (HeldRows) are read when the first block is asked for and dropped after
+    the last, so only one rebuilt tensor's rows are held at a time; rows copied to their own id
+    are read block by block.
     """
     overlap = plan.overlap
+    held = HeldRows.of(plan, mixing)
+    info = source.info(tensor.source_name)
     with clock.stage("read"):
-        # the overlap's rows (copied, and mixed by clp and omp), then any other rows a method mixes
-        source_overlap_rows = read_source_rows(plan, source, tensor.source_name, np.concatenate([overlap.source_ids, mixing.extra_source_ids]))
-    dtype = source_overlap_rows.dtype
-    row_shape = tuple(source_overlap_rows.shape[1:])
-    source_2d = source_overlap_rows.reshape(source_overlap_rows.shape[0], -1)
-    width = source_2d.shape[1]
+        source_held_rows = read_source_rows(plan, source, tensor.source_name, held.source_ids)
+    dtype = source_held_rows.dtype
+    row_shape = tuple(info.shape[1:])
+    width = math.prod(row_shape)
+    source_2d = source_held_rows.reshape(source_held_rows.shape[0], width)
     budget = plan.block_budget
-    # The overlap rows in fp32 once (in column blocks for the top-k combine), when that takes at
+    position_at = None if held.position_at is None else torch.from_numpy(held.position_at)
+    # The held rows in fp32 once (in column blocks for the top-k combine), when that takes at
     # most half the block budget: converting them per block costs more than the combine itself.
     if backend.gpu:
         mixing_rows = backend.rows_for_combine(source_2d)  # on the GPU, in the source dtype
@@ -183,16 +234,29 @@ def rebuilt_rows(plan: TransferPlan, source: Checkpoint, mixing: Mixing, tensor:
             budget -= mixing_rows.numel() * 4 if mixing_rows.dtype != source_2d.dtype else 0
     else:
         mixing_rows = source_2d
-    overlap_position = np.full(plan.target_size, -1, dtype=np.int64)
-    overlap_position[overlap.target_ids] = np.arange(overlap.count)
     missing_position = np.full(plan.target_size, -1, dtype=np.int64)
     missing_position[overlap.missing_ids] = np.arange(overlap.missing_ids.size)
     mixed_sum = torch.zeros(width, dtype=torch.float64)
+    # with nothing mixed, vocab padding takes the copied rows' mean
+    copied_sum = torch.zeros(width, dtype=torch.float64) if not overlap.missing_ids.size and plan.output_rows > plan.target_size else None
     for start, stop in row_blocks(plan.target_size, memory.block_rows(budget, plan.target_size, width, mixing.width, plan.overlap.count, mixing.dense)):
+        own = held.own_row[start:stop]
+        if own.all():  # a block of rows copied as they are: straight from the file
+            with clock.stage("read"):
+                block = own_rows(plan, source, tensor.source_name, np.arange(start, stop)).reshape(stop - start, width)
+            if copied_sum is not None:
+                copied_sum += block.to(torch.float64).sum(dim=0)
+            yield block.reshape(stop - start, *row_shape)
+            continue
         block = torch.empty((stop - start, width), dtype=dtype)
-        copied = overlap_position[start:stop]
+        if own.any():
+            with clock.stage("read"):
+                block[torch.from_numpy(own)] = own_rows(plan, source, tensor.source_name, np.flatnonzero(own) + start).reshape(-1, width)
+        copied = held.copy_at[start:stop]
         is_copied = torch.from_numpy(copied >= 0)
         block[is_copied] = source_2d[torch.from_numpy(copied[copied >= 0])]
+        if copied_sum is not None:
+            copied_sum += block[is_copied | torch.from_numpy(own)].to(torch.float64).sum(dim=0)
         mixed = missing_position[start:stop]
         if (mixed >= 0).any():
             first, last = int(mixed[mixed >= 0][0]), int(mixed[mixed >= 0][-1]) + 1
@@ -201,8 +265,8 @@ def rebuilt_rows(plan: TransferPlan, source: Checkpoint, mixing: Mixing, tensor:
                 if positions is None:
                     rows = backend.combine_dense(mixing_rows, weights, dtype, memory.DENSE_CHUNK_ROWS)
                 else:
-                    rows = backend.combine_top_k(mixing_rows, positions, weights, dtype)
-            block[~is_copied] = rows
+                    rows = backend.combine_top_k(mixing_rows, position_at[positions], weights, dtype)
+            block[torch.from_numpy(mixed >= 0)] = rows
             mixed_sum += rows.to(torch.float64).sum(dim=0)
         yield block.reshape(stop - start, *row_shape)
         reached("combine")  # test hook
@@ -210,7 +274,7 @@ def rebuilt_rows(plan: TransferPlan, source: Checkpoint, mixing: Mixing, tensor:
     if padding:
         # Rows past the tokenizer's ids (vocab padded for speed) are never looked up as inputs,
         # but a head scores them: the mean of the combined rows keeps them unremarkable.
-        fill = mixed_sum / max(1, overlap.missing_ids.size) if overlap.missing_ids.size else source_2d.to(torch.float64).mean(dim=0)
+        fill = mixed_sum / overlap.missing_ids.size if overlap.missing_ids.size else copied_sum / max(1, overlap.count)
         yield fill.to(dtype).expand(padding, width).reshape(padding, *row_shape).contiguous()
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.checkpoint import CheckpointLayout
 from clpsurgery.pipeline.options import TransferOptions
-from clpsurgery.pipeline.plan import TransferPlan, find_source_file, find_source_tokenizer
+from clpsurgery.pipeline.plan import TransferPlan, find_source_file, find_source_tokenizer, with_recorded_mixing
 from clpsurgery.vocab.architecture import find_vocab_tensors, read_config
 from clpsurgery.vocab.vocabulary import MATCH_KINDS, Overlap, Vocabulary, load_vocabulary
 
@@ -220,6 +220,5 @@ def make_replay_plan(transfer: Path, sibling: Path, max_memory: int, device: str
     )
     if set(plan.sides) != set(record.matrices):
         raise SurgeryError(record.path, f"records mixings for {sorted(record.matrices)}, this transfer needs {sorted(plan.sides)}")
-    plan.check_memory()
-    return plan, record.matrices
+    return with_recorded_mixing(plan, record.matrices), record.matrices
 

@@ -51,7 +51,8 @@ TOKENIZER_FILES = (
     "sentencepiece.bpe.model",
     "chat_template.jinja",
 )
-MATCH_KINDS = ("role", "string", "canonical", "map")  # map: a pair set by hand (--map)
+MATCH_KINDS = ("role", "string", "canonical", "map", "padding")
+# map: a pair set by hand (--map); padding: a source vocab-padding row an extension keeps at its id
 
 
 @dataclass(frozen=True)
@@ -216,8 +217,9 @@ class Overlap:
         if self.kinds is None:
             return {"string": self.count}
         counts = {kind: int((self.kinds == i).sum()) for i, kind in enumerate(MATCH_KINDS)}
-        if not counts["map"]:
-            del counts["map"]  # only where --map set some
+        for rare in ("map", "padding"):  # only where --map set some, or extend kept padding rows
+            if not counts[rare]:
+                del counts[rare]
         return counts
 
 
