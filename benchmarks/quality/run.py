@@ -776,6 +776,8 @@ def stage_train(args, work: Path, model_dir: Path, corpus: dict[str, Path], labe
         "seq": args.train_seq, "lr": args.train_lr, "eval_every": args.eval_every, "eval_bytes": args.train_eval_bytes,
         "seed": args.seed, "v": 2,
     }
+    if args.english_eval:  # the English check text scored again after training
+        params["english"] = ENGLISH_CHECK_DEB
     st = Stage(work, "train-" + stage_name(label), params, args.force_stage)
     if st.done:
         return st.info()
@@ -797,7 +799,11 @@ def stage_train(args, work: Path, model_dir: Path, corpus: dict[str, Path], labe
 
     info = train_loop(model, rows, args.train_steps, args.train_batch, args.train_lr, args.train_warmup, None, args.seed,
                       on_eval=on_eval, eval_every=args.eval_every)
-    st.finish({"train": info, "curve": curve})
+    english = None
+    if args.english_eval:
+        english = evaluate(model, english_documents(work), ctx=512, max_bytes=40_000, batch=4, tokenizer=tok)
+        log(f"  {label} after {args.train_steps} steps: English {english['bpb']:.4f} bits/byte")
+    st.finish({"train": info, "curve": curve, "english_after": english})
     return st.info()
 
 
@@ -891,12 +897,21 @@ def table(results: dict) -> str:
         lines.append(f"| `{label}` | {z['ppl']:.4g} | {z['bpb']:.3f} | {z['bpb'] - src['bpb']:+.3f} | {split} | {first} | {after} |")
     english = {label: r["english"] for label, r in results["variants"].items() if "english" in r}
     if english:
-        lines += ["", "| init | target-language bits/byte | English bits/byte | target-language tokens per byte |", "| --- | ---: | ---: | ---: |"]
+        trained = {label: r for label, r in results["variants"].items() if "english_after_training" in r}
+        after = f" | after {steps} steps: target-language | English" if trained else ""
+        lines += ["", f"| init | target-language bits/byte | English bits/byte | target-language tokens per byte{after} |",
+                  "| --- | ---: | ---: | ---:" + (" | ---: | ---:" if trained else "") + " |"]
         source_english = results["source"].get("english_check", {})
-        lines.append(f"| source, own tokenizer | {src['bpb']:.3f} | {source_english.get('bpb', float('nan')):.3f} | {1 / src['bytes_per_token']:.4f} |")
+        lines.append(f"| source, own tokenizer | {src['bpb']:.3f} | {source_english.get('bpb', float('nan')):.3f} | {1 / src['bytes_per_token']:.4f}"
+                     + (f" | {cur.get('bpb', float('nan')):.3f} (untrained) | |" if trained else " |"))
         for label, e in english.items():
-            z = results["variants"][label]["zero_shot"]
-            lines.append(f"| `{label}` | {z['bpb']:.3f} | {e['bpb']:.3f} | {1 / z['bytes_per_token']:.4f} |")
+            r = results["variants"][label]
+            z = r["zero_shot"]
+            row = f"| `{label}` | {z['bpb']:.3f} | {e['bpb']:.3f} | {1 / z['bytes_per_token']:.4f}"
+            if trained:
+                t = trained.get(label)
+                row += f" | {r['curve'][-1]['bpb']:.3f} | {t['english_after_training']['bpb']:.3f}" if t else " | | "
+            lines.append(row + " |")
     return "\n".join(lines)
 
 
@@ -992,6 +1007,8 @@ def main(argv=None) -> int:
             entry["curve"] = tr["curve"]
             entry["train"] = {k: v2 for k, v2 in tr["train"].items() if k != "losses"}
             entry["train_losses"] = tr["train"]["losses"]
+            if tr.get("english_after"):
+                entry["english_after_training"] = tr["english_after"]
         variants[v] = entry
     # the source's own curve reference: training the source on the same text is not part of the comparison
     results = {
