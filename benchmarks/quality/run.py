@@ -680,10 +680,11 @@ def rewrite_embedding(out: Path, change) -> None:
         save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def stage_init(args, work: Path, source: Path, helper: Path, variant: str, new_ids) -> Path:
+def stage_init(args, work: Path, source: Path, helper: Path, variant: str, new_ids, rank_docs: Path) -> Path:
     """One initialisation. Variants: `WEIGHTING:K[:TEMPERATURE]`, `omp:K` and `fvt` (helper-free:
     each new token the mean of the source rows of its pieces) through the CLI; `random` (the
-    paper's baseline) written by this script;
+    paper's baseline) written by this script; `extend[@N][:VARIANT]` (`rank_docs`: the text that
+    ranks the new tokens for @N);
     any of them followed by `*S` has its new rows scaled by S (a calibration probe). `new_ids`:
     new_token_ids(source, helper)."""
     params = {"source": source.name, "helper": helper.name, "variant": variant, "seed": args.seed, "v": 1}
@@ -706,8 +707,16 @@ def stage_init(args, work: Path, source: Path, helper: Path, variant: str, new_i
         g = torch.Generator().manual_seed(args.seed)
         rewrite_embedding(out, lambda emb: mean + std * torch.randn(emb.shape, generator=g))
         info = {"random": {"mean_of_mean": float(mean.mean()), "mean_of_std": float(std.mean())}}
-    elif base.startswith("extend"):  # extend[:INPUT]: the source vocabulary kept, the helper's tokens appended
-        manifest = run_init(source, helper, out, variant_options(base.partition(":")[2] or "softmax:5"), args.init_max_memory, command="extend")
+    elif base.startswith("extend"):
+        # extend[@N][:INPUT]: the source vocabulary kept, the helper's tokens appended (with @N only
+        # the N that most shorten the tokenizer's training text, --max-new-tokens and --rank-text)
+        head, _, spec = base.partition(":")
+        options = variant_options(spec or "softmax:5")
+        if "@" in head:
+            rank_text = out / "rank-text.txt"
+            rank_text.write_text("\n\n".join(read_docs(rank_docs)), encoding="utf-8")
+            options += ["--max-new-tokens", head.partition("@")[2], "--rank-text", str(rank_text)]
+        manifest = run_init(source, helper, out, options, args.init_max_memory, command="extend")
         info = {"manifest": {k2: manifest[k2] for k2 in ("vocabulary", "weights", "extension") if k2 in manifest}}
     else:  # through the CLI (fvt: helper-free, each new token the mean of its pieces)
         manifest = run_init(source, helper, out, variant_options(base), args.init_max_memory)
@@ -995,7 +1004,7 @@ def main(argv=None) -> int:
     variants: dict[str, dict] = {}
     new_ids = new_token_ids(source, helper)
     for v in args.variants:
-        d = stage_init(args, work, source, helper, v, new_ids)
+        d = stage_init(args, work, source, helper, v, new_ids, corpus["tokenizer"])
         extension = json.loads((d / "done.json").read_text()).get("manifest", {}).get("extension")
         own_new = np.arange(extension["new_token_ids"]["start"], extension["new_token_ids"]["stop"]) if extension else new_ids
         z = stage_eval(args, work, d, corpus["eval"], v, new_ids=own_new)
