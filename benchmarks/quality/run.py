@@ -765,16 +765,23 @@ def english_documents(work: Path) -> list[str]:
     return [t for t in english if len(t) > 200][:40]
 
 
-def stage_english(args, work: Path, model_dir: Path, label: str) -> dict:
+def stage_english(args, work: Path, model_dir: Path, label: str, new_ids=None) -> dict:
     """Bits per byte on the source's English check text, through the model's own tokenizer: an
-    extended model reads English as the source does; a replaced vocabulary cannot."""
+    extended model reads English as the source does; a replaced vocabulary cannot. With `new_ids`
+    (an extension's appended ids), also how much of the English the new tokens cover and the
+    probability the model puts on them."""
     params = {"model": model_dir.name, "deb": ENGLISH_CHECK_DEB, "bytes": 40_000, "ctx": 512, "v": 1}
+    if new_ids is not None:
+        params["split_new"] = True
     st = Stage(work, "english-" + stage_name(label), params, args.force_stage)
     if st.done:
         return st.info()["result"]
     st.start()
-    res = evaluate(model_dir, english_documents(work), ctx=512, max_bytes=40_000, batch=4)
+    res = evaluate(model_dir, english_documents(work), ctx=512, max_bytes=40_000, batch=4, new_ids=new_ids)
     log(f"English {label}: ppl {res['ppl']:.2f}, {res['bpb']:.4f} bits/byte ({res['tokens']} tokens)")
+    if "by_target" in res:
+        b = res["by_target"]
+        log(f"  new tokens: {b['new_share']:.4f} of the English, {b['mass_on_new']:.4f} of the model's probability")
     st.finish({"result": res})
     return res
 
@@ -1010,7 +1017,7 @@ def main(argv=None) -> int:
         z = stage_eval(args, work, d, corpus["eval"], v, new_ids=own_new)
         entry: dict[str, Any] = {"dir": d.name, "zero_shot": z, "init": json.loads((d / "done.json").read_text())}
         if args.english_eval:
-            entry["english"] = stage_english(args, work, d, v)
+            entry["english"] = stage_english(args, work, d, v, new_ids=own_new if extension else None)
         if args.train_steps > 0:
             tr = stage_train(args, work, d, corpus, v)
             entry["curve"] = tr["curve"]
