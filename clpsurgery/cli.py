@@ -207,8 +207,7 @@ def extend_command(source: str, helper: str, out: Path, options: TransferOptions
     WordPiece entries), not with added tokens.
     """
     from clpsurgery.formats.output_folder import check_out_path
-    from clpsurgery.pipeline.extend import extension_matrices, find_base_mixings, make_extend_plans
-    from clpsurgery.pipeline.plan import with_recorded_mixing
+    from clpsurgery.pipeline.extend import extension_mixing, make_extend_plans
     from clpsurgery.pipeline.transfer import run_transfer
 
     _check_out_apart(out, Path(source), Path(helper), source_tokenizer, source_config)
@@ -221,10 +220,8 @@ def extend_command(source: str, helper: str, out: Path, options: TransferOptions
     if not quiet:
         click.echo(f"vocabulary {extension.source_size} kept, {len(extension.new_tokens)} appended ({extension.new_merges} merges); skipped: "
                    + (", ".join(f"{why} {n}" for why, n in extension.skipped.items()) or "none"), err=True)
-    mixings = find_base_mixings(base, progress_factory(quiet))
-    matrices = extension_matrices(base, plan, extension, mixings)
-    plan = with_recorded_mixing(plan, matrices)
-    result = run_transfer(plan, out, force=force, progress=progress_factory(quiet), recorded=matrices, command=["clpsurgery", *sys.argv[1:]])
+    mixing = extension_mixing(base, plan, extension)
+    result = run_transfer(plan, out, force=force, progress=progress_factory(quiet), recorded=mixing, command=["clpsurgery", *sys.argv[1:]])
     seconds = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
     click.echo(f"wrote {out} ({seconds})")
     if texts:

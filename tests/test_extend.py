@@ -193,6 +193,7 @@ def test_a_padded_extension_loads_in_transformers(padded_source, german_helper, 
 def test_the_write_stage_holds_only_the_rows_the_mixing_combines(gpt2_source, german_helper):
     """An extension copies every source row to its own id: those are read block by block, and the
     rows held for the whole tensor are only those the new tokens mix."""
+    from clpsurgery.mixing.backend import make_backend
     from clpsurgery.pipeline.extend import extension_matrices, find_base_mixings, make_extend_plans
     from clpsurgery.pipeline.options import TransferOptions
     from clpsurgery.pipeline.plan import with_recorded_mixing
@@ -200,7 +201,7 @@ def test_the_write_stage_holds_only_the_rows_the_mixing_combines(gpt2_source, ge
     from clpsurgery.pipeline.result import no_progress
 
     base, plan, extension = make_extend_plans(gpt2_source, german_helper, TransferOptions())
-    matrices = extension_matrices(base, plan, extension, find_base_mixings(base, no_progress))
+    matrices = extension_matrices(base, plan, extension, find_base_mixings(base, no_progress, make_backend("cpu", 1 << 28)))
     plan = with_recorded_mixing(plan, matrices)
     held = HeldRows.of(plan, Mixing(plan, matrices["input"]))
     combined = np.unique(matrices["input"].positions)

@@ -8,13 +8,15 @@ Two plans make one extension:
   identity on the source's rows, so every source token keeps its id and its bytes), and each new
   token's row mixed from the source rows its helper token's mixing names.
 
-The mixing is computed once, on the base plan, and handed to the transfer as a recorded one, so the
-write stage is init's (and `apply` replays an extension like any other transfer).
+The mixing is computed once, on the base plan, by the transfer once its byte copies are running
+(extension_mixing), and used as a recorded one, so the write stage is init's (and `apply` replays
+an extension like any other transfer).
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +30,9 @@ from clpsurgery.vocab.extension import TokenizerExtension, extend_tokenizer
 from clpsurgery.vocab.vocabulary import MATCH_KINDS, Overlap, load_vocabulary
 
 if TYPE_CHECKING:
+    from clpsurgery.mixing.backend import ComputeBackend
     from clpsurgery.mixing.matrix import MixingMatrix
+    from clpsurgery.pipeline.result import ProgressFactory
 
 
 def make_extend_plans(
@@ -59,7 +63,9 @@ def make_extend_plans(
         replay=True,
         tokenizer_files=tuple(sorted(extension.files.items())),
         extension=extension_summary(extension, source_rows),
+        mixed_source_rows=0,  # known once the search has run (transfer checks the memory again then)
     )
+    plan.check_memory()
     return base, plan, extension
 
 
@@ -130,18 +136,15 @@ def extension_matrices(base: TransferPlan, plan: TransferPlan, extension: Tokeni
     return out
 
 
-def find_base_mixings(base: TransferPlan, progress) -> dict:
+def find_base_mixings(base: TransferPlan, progress: ProgressFactory, backend: ComputeBackend) -> dict:
     """The base plan's mixing for each side (the search of init, on SOURCE and HELPER)."""
     import contextlib
 
     from clpsurgery.formats.checkpoint import Checkpoint
-    from clpsurgery.mixing.backend import make_backend
-    from clpsurgery.pipeline import memory
     from clpsurgery.pipeline.rebuild import find_mixings
     from clpsurgery.pipeline.result import TransferResult
     from clpsurgery.vocab.pieces import source_pieces
 
-    backend = make_backend(base.options.device, memory.search_budget(base.options.max_memory))
     source_rows = base.source.info(base.source_tensors.embedding).shape[0]
 
     def pieces(ids):
@@ -150,3 +153,13 @@ def find_base_mixings(base: TransferPlan, progress) -> dict:
     helper_reader = Checkpoint(base.helper) if base.helper is not None else contextlib.nullcontext(None)
     with helper_reader as helper:
         return find_mixings(base, pieces, helper, progress, TransferResult(), backend)
+
+
+def extension_mixing(base: TransferPlan, plan: TransferPlan, extension: TokenizerExtension) -> Callable[[ProgressFactory, ComputeBackend], dict[str, MixingMatrix]]:
+    """What the transfer calls, once its byte copies are running, for the new tokens' mixing:
+    init's search on the base plan, turned into rows of the extension."""
+
+    def find(progress: ProgressFactory, backend: ComputeBackend) -> dict[str, MixingMatrix]:
+        return extension_matrices(base, plan, extension, find_base_mixings(base, progress, backend))
+
+    return find

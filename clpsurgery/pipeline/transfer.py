@@ -34,7 +34,7 @@ from clpsurgery.formats.writer import (
 )
 from clpsurgery.pipeline import memory
 from clpsurgery.pipeline.manifest import build_manifest
-from clpsurgery.pipeline.plan import RebuiltTensor, TransferPlan
+from clpsurgery.pipeline.plan import RebuiltTensor, TransferPlan, with_recorded_mixing
 from clpsurgery.pipeline.replay import TRANSFER_NAME, write_record
 from clpsurgery.pipeline.result import (
     ProgressFactory,
@@ -48,6 +48,7 @@ from clpsurgery.vocab.pieces import source_pieces
 from clpsurgery.vocab.vocabulary import TOKENIZER_FILES
 
 if TYPE_CHECKING:
+    from clpsurgery.mixing.backend import ComputeBackend
     from clpsurgery.mixing.matrix import MixingMatrix
     from clpsurgery.pipeline.rebuild import Mixing
 
@@ -100,11 +101,13 @@ def _output_bytes(plan: TransferPlan) -> int:
 
 def run_transfer(
     plan: TransferPlan, out: Path, force: bool = False, progress: ProgressFactory = no_progress, command: list[str] | None = None,
-    recorded: dict[str, MixingMatrix] | None = None,
+    recorded: dict[str, MixingMatrix] | Callable[[ProgressFactory, ComputeBackend], dict[str, MixingMatrix]] | None = None,
 ) -> TransferResult:
     """Write the target model into OUT (built beside it and renamed in when complete).
 
-    `recorded`: each side's mixing as a transfer record holds it (`apply`): no helper, no search.
+    `recorded`: each side's mixing as a transfer record holds it (`apply`): no helper, no search;
+    or a function that finds it (`extend`: init's search on the base plan), called once the byte
+    copies are running.
     The decisions are saved beside the output (replay.TRANSFER_NAME) wherever they are a top-k
     mixing matrix (the dense form's weights are computed block by block and not kept).
     """
@@ -161,7 +164,13 @@ def run_transfer(
                 if recorded is None:
                     mixings.update(rebuild.find_mixings(plan, pieces, helper, progress, result, backend))
                 else:
-                    mixings.update({side: rebuild.Mixing(plan, matrix) for side, matrix in recorded.items()})
+                    matrices = recorded
+                    if callable(recorded):  # extend: the mixing is found now, while the copies run
+                        matrices = recorded(progress, backend)
+                        # The rows it combines are known now, and checked against --max-memory
+                        # before a rebuilt row is written; the producers read `plan` when called.
+                        plan = with_recorded_mixing(plan, matrices)
+                    mixings.update({side: rebuild.Mixing(plan, matrix) for side, matrix in matrices.items()})
                     mixings.setdefault("output", mixings["input"])
             with progress("combine, copy and write", _output_bytes(plan)) as advance:
                 result.write_stats.on_bytes = lambda n: advance(n + copier.take_bytes())
