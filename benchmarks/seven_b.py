@@ -215,7 +215,7 @@ def run_init(source: Path, helper: Path, out: Path, extra: list[str], command: s
     result["vocabulary"] = manifest["vocabulary"]
     result["weights"] = manifest["weights"]
     result["bytes"] = manifest["bytes"]
-    if "extension" in manifest:  # extend: how many tokens were appended, and the padding rows they took
+    if manifest.get("extension"):  # extend: how many tokens were appended, and the padding rows they took
         result["extension"] = {k: v for k, v in manifest["extension"].items() if k != "notes"}
     shutil.rmtree(out, ignore_errors=True)
     return result
