@@ -140,6 +140,18 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def apply_reproduces(output: Path, source: Path, again: Path) -> bool:
+    """Whether `clpsurgery apply OUTPUT SOURCE AGAIN` writes every file of OUTPUT byte for byte
+    (the manifest aside: it names its own paths and timings)."""
+    from clpsurgery.cli import main
+
+    main(["apply", "--quiet", str(output), str(source), str(again)])
+    ours, theirs = tree_hashes(output), tree_hashes(again)
+    ours.pop("clpsurgery.json")
+    theirs.pop("clpsurgery.json")
+    return ours == theirs
+
+
 def tree_hashes(folder: Path) -> dict[str, str]:
     """SHA-256 of every file under a folder (to prove inputs were not touched)."""
     return {str(p.relative_to(folder)): sha256_of(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}

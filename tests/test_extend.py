@@ -17,7 +17,7 @@ from clpsurgery.pipeline.replay import TRANSFER_NAME
 from clpsurgery.pipeline.tensor_io import as_tensor
 from clpsurgery.pipeline.verify import verify_output
 
-from conftest import copy_tokenizer_only, tree_hashes
+from conftest import apply_reproduces, copy_tokenizer_only
 
 GERMAN = "Die Bundesregierung hat heute beschlossen, dass die Schulen wieder geöffnet werden."
 ENGLISH = "The government decided today that the schools will open again next week."
@@ -80,12 +80,7 @@ def test_the_extended_model_loads_and_reads_german_with_new_tokens(extended, gpt
 
 def test_apply_replays_an_extension(extended, gpt2_source, tmp_path):
     out, _ = extended
-    again = tmp_path / "again"
-    main(["apply", "--quiet", str(out), str(gpt2_source), str(again)])
-    ours, theirs = tree_hashes(out), tree_hashes(again)
-    ours.pop("clpsurgery.json")
-    theirs.pop("clpsurgery.json")
-    assert ours == theirs and TRANSFER_NAME in ours
+    assert apply_reproduces(out, gpt2_source, tmp_path / "again") and (out / TRANSFER_NAME).is_file()
 
 
 def test_extend_without_a_helper_model(gpt2_source, german_helper, tmp_path):
@@ -166,12 +161,7 @@ def test_extend_a_padded_source(padded_source, german_helper, tmp_path, new_toke
     assert kinds["string"] == 50257 and kinds.get("padding", 0) == max(0, 50304 - stop)
     checks = verify_output(out, padded_source)
     assert all(c.ok is not False for c in checks), [c.line() for c in checks if c.ok is False]
-    again = tmp_path / "again"
-    main(["apply", "--quiet", str(out), str(padded_source), str(again)])
-    ours, theirs = tree_hashes(out), tree_hashes(again)
-    ours.pop("clpsurgery.json")
-    theirs.pop("clpsurgery.json")
-    assert ours == theirs
+    assert apply_reproduces(out, padded_source, tmp_path / "again")
 
 
 def test_a_padded_extension_loads_in_transformers(padded_source, german_helper, tmp_path):
