@@ -345,3 +345,40 @@ def test_the_plan_is_a_value_that_holds_no_open_file(gpt2_source, german_helper)
     assert set(os.listdir("/proc/self/fd")) == before
     assert isinstance(plan.source, CheckpointLayout) and isinstance(plan.helper, CheckpointLayout)
     assert not any(isinstance(getattr(plan, f), Checkpoint) for f in plan.__dataclass_fields__)
+
+
+def test_rows_at_their_own_id_and_moved_rows_in_one_block(gpt2_source, tmp_path):
+    """A target that keeps most source tokens at their ids, moves some (ids 1000-1999 rotated) and
+    adds 300: rows copied to their own id are read block by block, the moved ones come from the
+    held rows, the new ones are mixed, the first two in the same blocks."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer
+
+    doc = json.loads((gpt2_source / "tokenizer.json").read_text())
+    source_ids = dict(doc["model"]["vocab"])
+    by_id = {i: t for t, i in source_ids.items()}
+    moved = {by_id[i]: 1000 + (i - 1000 + 7) % 1000 for i in range(1000, 2000)}
+    vocab = {t: moved.get(t, i) for t, i in source_ids.items()}
+    vocab.update({f"ZZneu{k}": 50257 + k for k in range(300)})  # target-only tokens
+    doc["model"]["vocab"] = vocab
+    helper = tmp_path / "helper"
+    shutil.copytree(gpt2_source, helper)
+    (helper / "tokenizer.json").write_text(json.dumps(doc))
+    assert Tokenizer.from_file(str(helper / "tokenizer.json")).get_vocab_size() == 50557
+    torch.manual_seed(5)
+    config = transformers.GPT2Config(vocab_size=50557, n_embd=16, n_layer=1, n_head=2, n_positions=64, bos_token_id=50256, eos_token_id=50256)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.copy_(torch.randn(50557, 16) + 1.5 * torch.randn(1, 16))
+    model.save_pretrained(helper, safe_serialization=True)
+    out = tmp_path / "out"
+    main(["init", "--quiet", "--method", "clp", str(gpt2_source), str(helper), str(out)])
+    with Checkpoint.open(out) as target, Checkpoint.open(gpt2_source) as source:
+        written = as_tensor(target.read_tensor("transformer.wte.weight")).numpy()
+        original = as_tensor(source.read_tensor("transformer.wte.weight")).numpy()
+    assert written.shape[0] == 50557
+    for token, source_id in source_ids.items():
+        assert written[vocab[token]].tobytes() == original[source_id].tobytes(), token
+    manifest = json.loads((out / "clpsurgery.json").read_text())
+    assert manifest["vocabulary"]["missing"] == 300 and manifest["weights"]["rows"] == 300
+    assert np.isfinite(written[50257:]).all() and not (written[50257:] == 0).all(axis=1).any()
