@@ -207,7 +207,7 @@ def extend_command(source: str, helper: str, out: Path, options: TransferOptions
     WordPiece entries), not with added tokens.
     """
     from clpsurgery.formats.output_folder import check_out_path
-    from clpsurgery.pipeline.extend import extension_mixing, make_extend_plans
+    from clpsurgery.pipeline.extend import Extending, make_base_plan
     from clpsurgery.pipeline.transfer import run_transfer
 
     _check_out_apart(out, Path(source), Path(helper), source_tokenizer, source_config)
@@ -216,12 +216,15 @@ def extend_command(source: str, helper: str, out: Path, options: TransferOptions
     helper = _local(helper, "helper", quiet, weights=options.needs_helper)
     _check_out_apart(out, source, helper, source_tokenizer, source_config)
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in rank_texts]
-    base, plan, extension = make_extend_plans(source, helper, options, max_new_tokens, texts or None, source_tokenizer, source_config)
-    if not quiet:
-        click.echo(f"vocabulary {extension.source_size} kept, {len(extension.new_tokens)} appended ({extension.new_merges} merges); skipped: "
-                   + (", ".join(f"{why} {n}" for why, n in extension.skipped.items()) or "none"), err=True)
-    mixing = extension_mixing(base, plan, extension)
-    result = run_transfer(plan, out, force=force, progress=progress_factory(quiet), recorded=mixing, command=["clpsurgery", *sys.argv[1:]])
+
+    def announce(extension) -> None:
+        if not quiet:
+            click.echo(f"vocabulary {extension.source_size} kept, {len(extension.new_tokens)} appended ({extension.new_merges} merges); skipped: "
+                       + (", ".join(f"{why} {n}" for why, n in extension.skipped.items()) or "none"), err=True)
+
+    base = make_base_plan(source, helper, options, source_tokenizer, source_config)
+    extending = Extending(base, options, max_new_tokens, texts or None, source_tokenizer, announce)
+    result = run_transfer(extending.pending(), out, force=force, progress=progress_factory(quiet), recorded=extending.find_mixing, command=["clpsurgery", *sys.argv[1:]])
     seconds = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
     click.echo(f"wrote {out} ({seconds})")
     if texts:

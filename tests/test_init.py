@@ -19,7 +19,7 @@ from clpsurgery.pipeline.options import DEFAULT_TOP_K, DEFAULT_WEIGHTING
 from clpsurgery.pipeline.tensor_io import as_tensor
 from clpsurgery.mixing.reference import reference_clp
 from clpsurgery.mixing.weights import TINY_SUM_FRACTION
-from conftest import tree_hashes
+from conftest import recorded_run, tree_hashes
 
 transformers = pytest.importorskip("transformers")
 
@@ -183,40 +183,16 @@ def test_single_file_source_with_named_side_files(gpt2_source, german_helper, tm
     finite_logits(transformers.GPT2LMHeadModel, out)
 
 
-def test_sharded_source_keeps_its_layout(llama_source, german_helper, tmp_path):
+def test_sharded_source_keeps_its_layout(sharded_llama_source, german_helper, tmp_path):
     """A sharded source: same shard names and index; shards without vocab tensors copied whole."""
-    from clpsurgery.formats.writer import CopiedTensor, write_file, write_index
-    from clpsurgery.formats.safetensors_header import TensorSpec
-
-    sharded = tmp_path / "sharded"
-    sharded.mkdir()
-    for side in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copyfile(llama_source / side, sharded / side)
-    with Checkpoint.open(llama_source) as source:
-        names = sorted(source.tensors)
-        groups = {
-            "model-00001-of-00003.safetensors": [n for n in names if n == "model.embed_tokens.weight"],
-            "model-00002-of-00003.safetensors": [n for n in names if n.startswith("model.layers.")],
-            "model-00003-of-00003.safetensors": [n for n in names if n in ("lm_head.weight", "model.norm.weight")],
-        }
-        assert sum(len(g) for g in groups.values()) == len(names)
-        weight_map = {}
-        for shard, members in groups.items():
-            planned = []
-            for n in members:
-                ref = source.tensors[n]
-                planned.append(CopiedTensor(TensorSpec(n, ref.info.dtype, ref.info.shape), ref.path, ref.absolute_range()[0]))
-                weight_map[n] = shard
-            write_file(sharded / shard, planned)
-        write_index(sharded, weight_map, sum(source.info(n).nbytes for n in names))
     out = tmp_path / "out"
-    run_init(sharded, german_helper, out)
+    run_init(sharded_llama_source, german_helper, out)
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert index["weight_map"] == weight_map
+    assert index["weight_map"] == json.loads((sharded_llama_source / "model.safetensors.index.json").read_text())["weight_map"]
     with Checkpoint.open(out) as target:
         assert index["metadata"]["total_size"] == sum(r.info.nbytes for r in target.tensors.values())
     middle = "model-00002-of-00003.safetensors"
-    assert (out / middle).read_bytes() == (sharded / middle).read_bytes()
+    assert (out / middle).read_bytes() == (sharded_llama_source / middle).read_bytes()
     finite_logits(transformers.LlamaForCausalLM, out)
 
 
@@ -306,28 +282,15 @@ def test_copies_start_before_torch_is_imported(llama_source, german_helper, tmp_
     """The CLI reads the plan and starts the byte copies before it imports torch (about 2 s on a
     2-core machine, time the copies would otherwise lose): in a fresh interpreter, torch is not
     loaded when the background copier starts, and the run still completes."""
-    import subprocess
-    import sys
-
-    code = f"""
-import sys
-from clpsurgery.formats import writer
-seen = []
-start = writer.BackgroundCopier.start
-def recording_start(self):
-    seen.append('torch' in sys.modules)
-    start(self)
-writer.BackgroundCopier.start = recording_start
-from clpsurgery.cli import main
-try:
-    main(['init', '--quiet', {str(llama_source)!r}, {str(german_helper)!r}, {str(tmp_path / 'out')!r}])
-except SystemExit as e:
-    assert not e.code, e.code
-print(seen)
-"""
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "[False]"
+    prelude = """
+    from clpsurgery.formats import writer
+    start = writer.BackgroundCopier.start
+    def recording_start(self):
+        seen.append('torch' in sys.modules)
+        start(self)
+    writer.BackgroundCopier.start = recording_start
+    """
+    assert recorded_run(prelude, ["init", "--quiet", llama_source, german_helper, tmp_path / "out"]) == "[False]"
     assert (tmp_path / "out" / "clpsurgery.json").is_file()
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import mmap
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -427,17 +428,36 @@ class BackgroundCopier(threading.Thread):
     Copies spend their time in the kernel (copy_file_range) or in preadv/pwrite, which release
     the GIL, so they overlap with FAISS and torch work (and with importing them). Bytes done are counted for the progress
     bar of the main thread; `stop()` makes the copy give up at its next chunk.
+
+    Jobs run in the order given; more can be given while the first run (`add`), until `close()`
+    says there are no more: a conversion whose plan is still being made (`extend`) starts the files
+    it knows are copied whole, and adds the rest once the plan is complete.
     """
 
-    def __init__(self, jobs: list[Callable[[WriteStats], None]]) -> None:
+    def __init__(self, jobs: list[Callable[[WriteStats], None]], more: bool = False) -> None:
         super().__init__(name="clpsurgery-copy", daemon=True)
-        self.jobs = jobs
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        for job in jobs:
+            self._jobs.put(job)
+        self._closed = False
+        if not more:
+            self.close()
         self._stop_requested = threading.Event()
         self._lock = threading.Lock()
         self._bytes = 0
         self.stats = WriteStats(on_bytes=self._count, should_stop=self._stop_requested.is_set)
         self.error: BaseException | None = None
         self.seconds = 0.0
+
+    def add(self, jobs: list[Callable[[WriteStats], None]]) -> None:
+        """More jobs, after those given so far."""
+        for job in jobs:
+            self._jobs.put(job)
+
+    def close(self) -> None:
+        """No more jobs: the thread ends once those given are done."""
+        self._closed = True
+        self._jobs.put(None)
 
     def _count(self, n: int) -> None:
         with self._lock:
@@ -452,7 +472,7 @@ class BackgroundCopier(threading.Thread):
     def run(self) -> None:
         started = time.perf_counter()
         try:
-            for job in self.jobs:
+            while (job := self._jobs.get()) is not None and not self._stop_requested.is_set():
                 job(self.stats)
         except CopyStopped:
             pass
@@ -463,10 +483,14 @@ class BackgroundCopier(threading.Thread):
 
     def stop(self) -> None:
         self._stop_requested.set()
-        self.join()
+        self.close()  # a thread waiting for more jobs wakes and ends
+        if self.is_alive():
+            self.join()
 
     def finish(self, advance: Callable[[int], None]) -> None:
         """Wait for the copies, feeding the progress bar; re-raise a copy's error here."""
+        if not self._closed:
+            raise AssertionError("BackgroundCopier.finish before close: it would wait for jobs forever")
         while self.is_alive():
             self.join(timeout=0.2)
             advance(self.take_bytes())

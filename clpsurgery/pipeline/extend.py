@@ -8,16 +8,17 @@ Two plans make one extension:
   identity on the source's rows, so every source token keeps its id and its bytes), and each new
   token's row mixed from the source rows its helper token's mixing names.
 
-The mixing is computed once, on the base plan, by the transfer once its byte copies are running
-(extension_mixing), and used as a recorded one, so the write stage is init's (and `apply` replays
-an extension like any other transfer).
+The base plan is made first; the transfer starts copying the files that hold no vocab-sized tensor
+and then makes the extension plan (`Extending`). The mixing is computed once, on the base plan,
+once every byte copy is running, and used as a recorded one, so the write stage is init's (and
+`apply` replays an extension like any other transfer).
 """
 
 from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from clpsurgery.errors import SurgeryError
 from clpsurgery.pipeline.options import TransferOptions
-from clpsurgery.pipeline.plan import TransferPlan, find_source_tokenizer, make_plan
+from clpsurgery.pipeline.plan import PendingPlan, TransferPlan, find_source_tokenizer, make_plan
 from clpsurgery.vocab.extension import TokenizerExtension, extend_tokenizer
 from clpsurgery.vocab.vocabulary import MATCH_KINDS, Overlap, load_vocabulary
 
@@ -35,16 +36,21 @@ if TYPE_CHECKING:
     from clpsurgery.pipeline.result import ProgressFactory
 
 
-def make_extend_plans(
-    source: Path, helper: Path, options: TransferOptions, max_new_tokens: int | None = None, rank_texts: list[str] | None = None,
-    source_tokenizer: str | None = None, source_config: str | None = None,
-) -> tuple[TransferPlan, TransferPlan, TokenizerExtension]:
-    """(base plan, extension plan, the extended tokenizer)."""
+def make_base_plan(
+    source: Path, helper: Path, options: TransferOptions, source_tokenizer: str | None = None, source_config: str | None = None,
+) -> TransferPlan:
+    """init's plan for SOURCE and HELPER, whose mixing the new tokens take."""
     if options.untie_head:
         raise SurgeryError("--untie-head", "extend keeps the source's head as it is: tied stays tied")
     # the extended tokenizer holds every source token: nothing to keep apart
-    base = make_plan(source, helper, replace(options, keep_source_specials="no"), source_tokenizer, source_config)
-    extension = extend_tokenizer(find_source_tokenizer(base.source_path, source_tokenizer), helper, options.match, max_new_tokens, rank_texts)
+    return make_plan(source, helper, replace(options, keep_source_specials="no"), source_tokenizer, source_config)
+
+
+def make_extension_plan(
+    base: TransferPlan, options: TransferOptions, max_new_tokens: int | None = None, rank_texts: list[str] | None = None, source_tokenizer: str | None = None,
+) -> tuple[TransferPlan, TokenizerExtension]:
+    """(the extension plan, the extended tokenizer)."""
+    extension = extend_tokenizer(find_source_tokenizer(base.source_path, source_tokenizer), base.helper_path, options.match, max_new_tokens, rank_texts)
     source_rows = base.source.info(base.source_tensors.embedding).shape[0]
     if source_rows < extension.source_size:
         raise SurgeryError(base.source_path, f"its embedding has {source_rows} rows and its tokenizer {extension.source_size} ids: the tokenizer's last ids have no row to keep")
@@ -66,7 +72,45 @@ def make_extend_plans(
         mixed_source_rows=0,  # known once the search has run (transfer checks the memory again then)
     )
     plan.check_memory()
-    return base, plan, extension
+    return plan, extension
+
+
+def make_extend_plans(
+    source: Path, helper: Path, options: TransferOptions, max_new_tokens: int | None = None, rank_texts: list[str] | None = None,
+    source_tokenizer: str | None = None, source_config: str | None = None,
+) -> tuple[TransferPlan, TransferPlan, TokenizerExtension]:
+    """(base plan, extension plan, the extended tokenizer), made one after the other."""
+    base = make_base_plan(source, helper, options, source_tokenizer, source_config)
+    return (base, *make_extension_plan(base, options, max_new_tokens, rank_texts, source_tokenizer))
+
+
+@dataclass
+class Extending:
+    """`extend` as the transfer runs it. The base plan is made first; it names the source files
+    and the tensors rebuilt, so the files copied whole start copying before the tokenizer is
+    extended (a second or two on a 7B source); the extension plan is made then (`pending`), and
+    the mixing found once every copy runs (`find_mixing`)."""
+
+    base: TransferPlan
+    options: TransferOptions
+    max_new_tokens: int | None = None
+    rank_texts: list[str] | None = None
+    source_tokenizer: str | None = None
+    on_extension: Callable[[TokenizerExtension], None] = lambda extension: None
+    plan: TransferPlan | None = None
+    extension: TokenizerExtension | None = None
+
+    def pending(self) -> PendingPlan:
+        return PendingPlan(self.base, self._complete)
+
+    def _complete(self) -> TransferPlan:
+        self.plan, self.extension = make_extension_plan(self.base, self.options, self.max_new_tokens, self.rank_texts, self.source_tokenizer)
+        self.on_extension(self.extension)
+        return self.plan
+
+    def find_mixing(self, progress: ProgressFactory, backend: ComputeBackend) -> dict[str, MixingMatrix]:
+        """The new tokens' mixing: init's search on the base plan, turned into rows of the extension."""
+        return extension_matrices(self.base, self.plan, self.extension, find_base_mixings(self.base, progress, backend))
 
 
 def extension_overlap(extension: TokenizerExtension, source_rows: int, match: str) -> Overlap:
@@ -153,13 +197,3 @@ def find_base_mixings(base: TransferPlan, progress: ProgressFactory, backend: Co
     helper_reader = Checkpoint(base.helper) if base.helper is not None else contextlib.nullcontext(None)
     with helper_reader as helper:
         return find_mixings(base, pieces, helper, progress, TransferResult(), backend)
-
-
-def extension_mixing(base: TransferPlan, plan: TransferPlan, extension: TokenizerExtension) -> Callable[[ProgressFactory, ComputeBackend], dict[str, MixingMatrix]]:
-    """What the transfer calls, once its byte copies are running, for the new tokens' mixing:
-    init's search on the base plan, turned into rows of the extension."""
-
-    def find(progress: ProgressFactory, backend: ComputeBackend) -> dict[str, MixingMatrix]:
-        return extension_matrices(base, plan, extension, find_base_mixings(base, progress, backend))
-
-    return find

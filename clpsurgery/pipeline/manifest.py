@@ -101,8 +101,7 @@ def source_file_names(plan: TransferPlan) -> dict[str, str]:
 
 def files_copied_whole(plan: TransferPlan) -> dict[str, str]:
     """Output file name -> source file name, for source files without a rebuilt tensor."""
-    rebuilt = {t.source_name for t in plan.rebuilt}
-    return {plan.output_file_name(h.path): h.path.name for h in plan.source.headers if not rebuilt & set(h.tensors)}
+    return {plan.output_file_name(h.path): h.path.name for h in plan.source.headers if plan.copied_whole(h)}
 
 
 PAIRS_ENCODING = "zlib(int64 little-endian), base64"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -111,6 +112,15 @@ class TransferPlan:
     @property
     def rebuilt_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.rebuilt)
+
+    @property
+    def rebuilt_source_names(self) -> frozenset[str]:
+        """The source tensors the rebuilt tensors are made from."""
+        return frozenset(t.source_name for t in self.rebuilt)
+
+    def copied_whole(self, header) -> bool:
+        """Whether a source file (its header) holds no rebuilt tensor: its output is a byte copy."""
+        return not self.rebuilt_source_names & header.tensors.keys()
 
     @property
     def two_mixings(self) -> bool:
@@ -240,6 +250,23 @@ class TransferPlan:
             "methods": {side: self.side_method(side) for side in self.sides},
             "memory_estimate": self.memory_estimate(),
         }
+
+
+@dataclass(frozen=True)
+class PendingPlan:
+    """A plan still being made whose files are known already: `extend`'s output row count waits for
+    the tokenizer extension, but which source files hold a rebuilt tensor does not. `files` is a
+    plan with the same source and the same rebuilt tensors; the transfer starts copying the files
+    that hold none of them, then calls `complete()` for the plan itself."""
+
+    files: TransferPlan
+    complete: Callable[[], TransferPlan]
+
+    def check(self, plan: TransferPlan) -> TransferPlan:
+        """`plan`, once it is known to have the files `files` said."""
+        if plan.source is not self.files.source or plan.rebuilt_source_names != self.files.rebuilt_source_names:
+            raise AssertionError("a pending plan completed with other files than it announced")
+        return plan
 
 
 def find_source_file(path: Path, explicit: str | None, name: str, option: str) -> Path:

@@ -34,7 +34,7 @@ from clpsurgery.formats.writer import (
 )
 from clpsurgery.pipeline import memory
 from clpsurgery.pipeline.manifest import build_manifest
-from clpsurgery.pipeline.plan import RebuiltTensor, TransferPlan, with_recorded_mixing
+from clpsurgery.pipeline.plan import PendingPlan, RebuiltTensor, TransferPlan, with_recorded_mixing
 from clpsurgery.pipeline.replay import TRANSFER_NAME, write_record
 from clpsurgery.pipeline.result import (
     ProgressFactory,
@@ -65,7 +65,7 @@ def planned_shards(
         rebuilt[tensor.source_name].append(tensor)
     for header in plan.source.headers:
         out_name = plan.output_file_name(header.path)
-        if not rebuilt.keys() & set(header.tensors):
+        if plan.copied_whole(header):
             shards.append((out_name, None, header))
             continue
         planned: list[PlannedTensor] = []
@@ -78,6 +78,13 @@ def planned_shards(
                 planned.append(ComputedTensor(spec, make_producer(spec, tensor)))
         shards.append((out_name, planned, header))
     return shards
+
+
+def whole_file_copies(plan: TransferPlan | PendingPlan, staging: Path) -> list[Callable]:
+    """The copies of the source files that hold no rebuilt tensor (known before a pending plan
+    is complete)."""
+    known = plan.files if isinstance(plan, PendingPlan) else plan
+    return [functools.partial(copy_whole_file, h.path, staging / known.output_file_name(h.path)) for h in known.source.headers if known.copied_whole(h)]
 
 
 def _tensor_bytes(plan: TransferPlan) -> int:
@@ -94,17 +101,18 @@ def _tensor_bytes(plan: TransferPlan) -> int:
 
 def _output_bytes(plan: TransferPlan) -> int:
     """Bytes the write stage moves: tensors, plus the headers of files copied whole."""
-    rebuilt = {t.source_name for t in plan.rebuilt}
-    whole_file_headers = sum(h.data_start for h in plan.source.headers if not rebuilt & set(h.tensors))
+    whole_file_headers = sum(h.data_start for h in plan.source.headers if plan.copied_whole(h))
     return _tensor_bytes(plan) + whole_file_headers
 
 
 def run_transfer(
-    plan: TransferPlan, out: Path, force: bool = False, progress: ProgressFactory = no_progress, command: list[str] | None = None,
+    plan: TransferPlan | PendingPlan, out: Path, force: bool = False, progress: ProgressFactory = no_progress, command: list[str] | None = None,
     recorded: dict[str, MixingMatrix] | Callable[[ProgressFactory, ComputeBackend], dict[str, MixingMatrix]] | None = None,
 ) -> TransferResult:
     """Write the target model into OUT (built beside it and renamed in when complete).
 
+    `plan` may be pending (`extend`): the files copied whole start copying first, and the plan is
+    completed while they run.
     `recorded`: each side's mixing as a transfer record holds it (`apply`): no helper, no search;
     or a function that finds it (`extend`: init's search on the base plan), called once the byte
     copies are running.
@@ -122,32 +130,36 @@ def run_transfer(
         return lambda: tensor_io.checked_blocks(spec, rebuild.rebuilt_rows(plan, source, mixings[tensor.side], tensor, record, clock, backend))
 
     # The plan holds layouts; the files are opened for reading here, at the edge.
-    helper_reader = Checkpoint(plan.helper) if plan.helper is not None else contextlib.nullcontext(None)
-    with Checkpoint(plan.source) as source, helper_reader as helper, staged_output(out, force) as staging:
-        # Lay out every output file first, so the byte copies can start at once, in the
-        # background, while the neighbour search and the combine run here.
-        layouts, copy_jobs, weight_map = [], [], {}
-        for out_name, planned, header in planned_shards(plan, make_producer):
-            target = staging / out_name
-            if planned is None:
-                copy_jobs.append(functools.partial(copy_whole_file, header.path, target))
-            else:
-                layout = lay_out(target, planned, header.metadata)
-                start_file(layout)
-                layouts.append(layout)
-                copy_jobs.append(functools.partial(copy_tensors, layout))
-            weight_map.update({name: out_name for name in header.tensors})
-            if plan.added_head is not None and plan.source_tensors.embedding in header.tensors:
-                weight_map[plan.added_head] = out_name
-            result.files.append(out_name)
-        copier = BackgroundCopier(copy_jobs)
+    known = plan.files if isinstance(plan, PendingPlan) else plan
+    with Checkpoint(known.source) as source, staged_output(out, force) as staging, contextlib.ExitStack() as readers:
+        # The files copied whole start at once, in the background, while the plan is completed
+        # and the neighbour search and the combine run here.
+        copier = BackgroundCopier(whole_file_copies(plan, staging), more=True)
         copy_started = time.perf_counter()
         copier.start()
-        # The overlap rows of every rebuilt tensor are read into the page cache by the kernel
-        # while the search runs, so that the read stage finds them there.
-        for name in dict.fromkeys(t.source_name for t in plan.rebuilt):
-            source.prefetch_rows(name, plan.overlap.source_ids)
         try:
+            if isinstance(plan, PendingPlan):
+                with clock.stage("plan"):
+                    plan = plan.check(plan.complete())
+            helper = readers.enter_context(Checkpoint(plan.helper)) if plan.helper is not None else None
+            # Lay out every other output file, so that its byte copies follow in the background.
+            layouts, copy_jobs, weight_map = [], [], {}
+            for out_name, planned, header in planned_shards(plan, make_producer):
+                if planned is not None:
+                    layout = lay_out(staging / out_name, planned, header.metadata)
+                    start_file(layout)
+                    layouts.append(layout)
+                    copy_jobs.append(functools.partial(copy_tensors, layout))
+                weight_map.update({name: out_name for name in header.tensors})
+                if plan.added_head is not None and plan.source_tensors.embedding in header.tensors:
+                    weight_map[plan.added_head] = out_name
+                result.files.append(out_name)
+            copier.add(copy_jobs)
+            copier.close()
+            # The overlap rows of every rebuilt tensor are read into the page cache by the kernel
+            # while the search runs, so that the read stage finds them there.
+            for name in dict.fromkeys(t.source_name for t in plan.rebuilt):
+                source.prefetch_rows(name, plan.overlap.source_ids)
             # torch and the compute are imported only now, so the copies need not wait for the import.
             with clock.stage("imports"):
                 from clpsurgery.mixing.backend import make_backend
