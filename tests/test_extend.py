@@ -17,7 +17,7 @@ from clpsurgery.pipeline.replay import TRANSFER_NAME
 from clpsurgery.pipeline.tensor_io import as_tensor
 from clpsurgery.pipeline.verify import verify_output
 
-from conftest import apply_reproduces, copy_tokenizer_only, recorded_run
+from conftest import apply_reproduces, copy_tokenizer_only, recorded_run, tree_hashes
 
 GERMAN = "Die Bundesregierung hat heute beschlossen, dass die Schulen wieder geöffnet werden."
 ENGLISH = "The government decided today that the schools will open again next week."
@@ -256,8 +256,6 @@ def test_a_refusal_after_the_copies_started_leaves_nothing(sharded_llama_source,
     no partial folder beside it, the source untouched."""
     import importlib.resources
     import shutil
-
-    from conftest import tree_hashes
 
     source = tmp_path / "source"
     shutil.copytree(sharded_llama_source, source)

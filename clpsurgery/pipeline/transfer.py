@@ -80,16 +80,15 @@ def planned_shards(
     return shards
 
 
-def whole_file_copies(plan: TransferPlan | PendingPlan, staging: Path) -> list[Callable]:
-    """The copies of the source files that hold no rebuilt tensor (known before a pending plan
-    is complete)."""
-    known = plan.files if isinstance(plan, PendingPlan) else plan
-    return [functools.partial(copy_whole_file, h.path, staging / known.output_file_name(h.path)) for h in known.source.headers if known.copied_whole(h)]
+def whole_file_copies(plan: TransferPlan, staging: Path) -> list[Callable]:
+    """The copies of the source files that hold no rebuilt tensor (a pending plan's `files` names
+    them before the plan is complete)."""
+    return [functools.partial(copy_whole_file, h.path, staging / plan.output_file_name(h.path)) for h in plan.source.headers if plan.copied_whole(h)]
 
 
 def _tensor_bytes(plan: TransferPlan) -> int:
     """Bytes of all tensors of the target (the index's total_size)."""
-    rebuilt = {t.source_name for t in plan.rebuilt}
+    rebuilt = plan.rebuilt_source_names
     total = 0
     for name, ref in plan.source.tensors.items():
         rows = plan.output_rows if name in rebuilt else ref.info.rows
@@ -134,7 +133,7 @@ def run_transfer(
     with Checkpoint(known.source) as source, staged_output(out, force) as staging, contextlib.ExitStack() as readers:
         # The files copied whole start at once, in the background, while the plan is completed
         # and the neighbour search and the combine run here.
-        copier = BackgroundCopier(whole_file_copies(plan, staging), more=True)
+        copier = BackgroundCopier(whole_file_copies(known, staging), more=True)
         copy_started = time.perf_counter()
         copier.start()
         try:
