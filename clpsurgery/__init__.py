@@ -24,15 +24,24 @@ _EXPORTS = {
     "TensorInfo": "formats.safetensors_header",
     "TensorSpec": "formats.safetensors_header",
     "TransferOptions": "pipeline.options",
+    "apply": "pipeline.commands",
+    "extend": "pipeline.commands",
+    "init": "pipeline.commands",
+    "inspect": "pipeline.commands",
     "make_plan": "pipeline.plan",
     "read_header": "formats.safetensors_header",
-    "run_transfer": "pipeline.transfer",
+    "register_method": "mixing.registry",
+    "Method": "mixing.registry",
+    "verify": "pipeline.commands",
     "write_file": "formats.writer",
 }
 __all__ = sorted(_EXPORTS)
 
 
+_RENAMED = {"register_method": "register"}
+
+
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"clpsurgery.{_EXPORTS[name]}"), name)
+        return getattr(importlib.import_module(f"clpsurgery.{_EXPORTS[name]}"), _RENAMED.get(name, name))
     raise AttributeError(f"module 'clpsurgery' has no attribute {name!r}")

@@ -63,6 +63,25 @@ class ByteSize(click.ParamType):
         return size
 
 
+class MethodChoice(click.ParamType):
+    """A registered method of initialisation (mixing/registry.py), looked up when the command
+    line is read, so that a method registered after import is a choice too."""
+
+    name = "method"
+
+    def get_metavar(self, param, ctx=None):  # type: ignore[override]
+        from clpsurgery.mixing.registry import method_names
+
+        return "[" + "|".join(method_names()) + "]"
+
+    def convert(self, value, param, ctx):  # type: ignore[override]
+        from clpsurgery.mixing.registry import find_method, method_names
+
+        if value is None or find_method(value) is not None:
+            return value
+        self.fail(f"{value!r} is not one of {', '.join(map(repr, method_names()))}", param, ctx)
+
+
 def common_options(command: Callable) -> Callable:
     """Options every command spells the same way."""
 
@@ -83,6 +102,7 @@ def _click_type(spec: OptionSpec) -> click.ParamType | type:
         "size": ByteSize(),
         "positive_int": click.IntRange(min=1),
         "choice": click.Choice(spec.choices),
+        "method": MethodChoice(),
     }[spec.kind]
 
 
@@ -129,11 +149,17 @@ def cli() -> None:
     """CLP-Transfer as weight surgery on safetensors files."""
 
 
-def _local(spec: str, role: str, quiet: bool, weights: bool = True) -> Path:
-    """A path, or a Hub id (org/name[@revision]) fetched into the Hugging Face cache."""
-    from clpsurgery.formats.hub import resolve_model
+def _command_line() -> list[str]:
+    return ["clpsurgery", *sys.argv[1:]]
 
-    return resolve_model(spec, role=role, quiet=quiet, weights=weights)
+
+def _echo_err(quiet: bool) -> Callable[[str], None]:
+    return (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+
+
+def _report_written(out: Path, result) -> None:
+    seconds = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
+    click.echo(f"wrote {out} ({seconds})")
 
 
 @cli.command("init")
@@ -143,49 +169,24 @@ def _local(spec: str, role: str, quiet: bool, weights: bool = True) -> Path:
 @transfer_options
 @click.option("--force", is_flag=True, help="Replace OUT if it is a previous clpsurgery output.")
 @common_options
-def init_command(source: Path, helper: Path, out: Path, options: TransferOptions, source_tokenizer, source_config, force, quiet) -> None:
+def init_command(source: str, helper: str, out: Path, options: TransferOptions, source_tokenizer, source_config, force, quiet) -> None:
     """Write OUT: SOURCE's weights with embeddings rebuilt for HELPER's tokenizer.
 
     SOURCE is a .safetensors file or a model folder; HELPER is a model folder that already speaks
     the target language with the target tokenizer. Either may be a Hub id, org/name[@revision]:
     only what init reads is fetched into the Hugging Face cache (HF_HUB_OFFLINE=1 reads the cache).
     """
-    from clpsurgery.formats.output_folder import check_out_path
-    from clpsurgery.pipeline.plan import make_plan
-    from clpsurgery.pipeline.transfer import run_transfer
+    from clpsurgery.pipeline import commands
 
-    _check_out_apart(out, Path(source), Path(helper), source_tokenizer, source_config)
-    check_out_path(out, force)  # before any slow work, a download included; checked again when OUT is written
-    if options.device == "cuda":
-        from clpsurgery.mixing.backend import resolve_device
-
-        resolve_device(options.device)  # --device cuda without a GPU: one line, before any slow work
-    source = _local(source, "source", quiet)
-    helper = _local(helper, "helper", quiet, weights=options.needs_helper)
-    _check_out_apart(out, source, helper, source_tokenizer, source_config)
-    plan = make_plan(source, helper, options, source_tokenizer, source_config)
-    summary = plan.summary()
-    if not quiet:
-        click.echo(
-            f"vocabulary {summary['source_vocab_size']} -> {summary['target_vocab_size']}: "
-            f"{summary['overlap']} tokens shared, {summary['missing']} to combine "
-            + _method_summary(plan)
-            + (f" (the output head's from {plan.side_method('output')})" if plan.two_mixings else "")
-            + f"; rebuilding {', '.join(plan.rebuilt_names)}",
-            err=True,
-        )
-    result = run_transfer(plan, out, force=force, progress=progress_factory(quiet), command=["clpsurgery", *sys.argv[1:]])
+    result = commands.init(
+        source, helper, out, options, source_tokenizer=source_tokenizer, source_config=source_config, force=force,
+        progress=progress_factory(quiet), echo=_echo_err(quiet), command=_command_line(),
+    )
+    _report_written(out, result)
     stats = result.weight_stats
-    seconds = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
-    click.echo(f"wrote {out} ({seconds})")
-    if options.method == "clp" and (stats.degenerate_rows or stats.uniform_rows):
-        click.echo(
-            f"note: {stats.degenerate_rows} rows had a similarity sum that was zero, negative or tiny "
-            f"and were clipped; {stats.uniform_rows} had no positive similarity and got uniform weights",
-            err=True,
-        )
-    if options.method == "omp" and (stats.degenerate_rows or stats.uniform_rows):
-        click.echo(f"note: {stats.degenerate_rows} rows had nearly dependent atoms (solved with a small ridge); {stats.uniform_rows} had a zero helper vector and got the mean of their nearest tokens", err=True)
+    note = options.method_of("input").notes(stats)
+    if note:
+        click.echo(f"note: {note}", err=True)
     if stats.empty_rows:
         click.echo(f"note: {stats.empty_rows} target tokens have no piece the source tokenizer can encode (or no token at their id): their rows are zero", err=True)
 
@@ -206,32 +207,19 @@ def extend_command(source: str, helper: str, out: Path, options: TransferOptions
     The tokenizer is extended in its model (new BPE merges after the source's, new pieces, new
     WordPiece entries), not with added tokens.
     """
-    from clpsurgery.formats.output_folder import check_out_path
-    from clpsurgery.pipeline.extend import Extending, make_base_plan
-    from clpsurgery.pipeline.transfer import run_transfer
+    from clpsurgery.pipeline import commands
 
-    _check_out_apart(out, Path(source), Path(helper), source_tokenizer, source_config)
-    check_out_path(out, force)
-    source = _local(source, "source", quiet)
-    helper = _local(helper, "helper", quiet, weights=options.needs_helper)
-    _check_out_apart(out, source, helper, source_tokenizer, source_config)
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in rank_texts]
-
-    def announce(extension) -> None:
-        if not quiet:
-            click.echo(f"vocabulary {extension.source_size} kept, {len(extension.new_tokens)} appended ({extension.new_merges} merges); skipped: "
-                       + (", ".join(f"{why} {n}" for why, n in extension.skipped.items()) or "none"), err=True)
-
-    base = make_base_plan(source, helper, options, source_tokenizer, source_config)
-    extending = Extending(base, options, max_new_tokens, texts or None, source_tokenizer, announce)
-    result = run_transfer(extending.pending(), out, force=force, progress=progress_factory(quiet), recorded=extending.find_mixing, command=["clpsurgery", *sys.argv[1:]])
-    seconds = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
-    click.echo(f"wrote {out} ({seconds})")
+    result = commands.extend(
+        source, helper, out, options, max_new_tokens=max_new_tokens, rank_texts=texts or None, source_tokenizer=source_tokenizer,
+        source_config=source_config, force=force, progress=progress_factory(quiet), echo=_echo_err(quiet), command=_command_line(),
+    )
+    _report_written(out, result)
     if texts:
         from clpsurgery.vocab.extension import fertility
         from clpsurgery.vocab.vocabulary import tokenizer_path
 
-        source_json = tokenizer_path(base.source_vocab.path)
+        source_json = tokenizer_path(Path(json.loads((out / "clpsurgery.json").read_text(encoding="utf-8"))["inputs"]["source_tokenizer"]))
         if source_json.is_file():
             before, after = fertility(source_json.read_bytes(), texts), fertility((out / "tokenizer.json").read_bytes(), texts)
             click.echo(f"--rank-text: {before.per_word:.3f} -> {after.per_word:.3f} tokens per word, {before.per_byte:.4f} -> {after.per_byte:.4f} per byte")
@@ -253,45 +241,13 @@ def apply_command(transfer: Path, sibling: str, out: Path, max_memory: int, devi
     with a merged LoRA). The same overlap rows are copied and the same new rows mixed with the
     same weights, with no helper and no search; on the source itself it reproduces init's output.
     """
-    from clpsurgery.formats.output_folder import check_out_path
-    from clpsurgery.pipeline.replay import make_replay_plan
-    from clpsurgery.pipeline.transfer import run_transfer
+    from clpsurgery.pipeline import commands
 
-    _check_out_apart(out, Path(sibling), transfer, source_tokenizer, source_config)
-    check_out_path(out, force)
-    sibling_path = _local(sibling, "source", quiet)
-    _check_out_apart(out, sibling_path, transfer, source_tokenizer, source_config)
-    plan, recorded = make_replay_plan(transfer, sibling_path, max_memory, device, source_tokenizer, source_config)
-    result = run_transfer(plan, out, force=force, progress=progress_factory(quiet), recorded=recorded, command=["clpsurgery", *sys.argv[1:]])
-    seconds = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
-    click.echo(f"wrote {out} ({seconds})")
-
-
-def _method_summary(plan) -> str:
-    options = plan.options
-    if options.method == "fvt":
-        return "from their pieces under the source tokenizer (fvt)"
-    if options.method == "omp":
-        return f"from {plan.k} atoms (omp)"
-    if options.method == "clp+fvt":
-        return f"{options.blend:g} from {options.top_k} neighbours ({options.weighting}) and {1 - options.blend:g} from their pieces (clp+fvt)"
-    return f"from {plan.k} neighbours ({options.weighting})"
-
-
-def _check_out_apart(out: Path, source: Path, helper: Path, source_tokenizer: str | None = None, source_config: str | None = None) -> None:
-    """OUT must not be SOURCE or HELPER, nor lie inside either; nor may any input lie inside OUT
-    (replacing OUT with --force would delete it)."""
-    resolved = out.resolve()
-    for role, place in (("SOURCE", source), ("HELPER", helper)):
-        folder = place.resolve() if place.is_dir() else place.resolve().parent if place.is_file() else None
-        if folder is None:
-            continue
-        if resolved == place.resolve() or (place.is_dir() and folder in (resolved, *resolved.parents)):
-            raise SurgeryError(out, f"is {role} or inside it; choose an output folder elsewhere")
-    inputs = (("SOURCE", source), ("HELPER", helper), ("--source-tokenizer", source_tokenizer), ("--source-config", source_config))
-    for role, place in inputs:
-        if place is not None and resolved in Path(place).resolve().parents:
-            raise SurgeryError(out, f"holds {role} ({place}); choose an output folder elsewhere")
+    result = commands.apply(
+        transfer, sibling, out, max_memory=max_memory, device=device, source_tokenizer=source_tokenizer, source_config=source_config,
+        force=force, progress=progress_factory(quiet), command=_command_line(),
+    )
+    _report_written(out, result)
 
 
 @cli.command("inspect")
@@ -304,20 +260,14 @@ def inspect_command(path: Path, as_json: bool, helper, options: TransferOptions,
     """What is in a checkpoint (headers only), and what init did to it; with --against HELPER,
     what init would do (overlap, special tokens, tensors, bytes, memory) before anything is written.
     The transfer options are init's and only apply with --against."""
-    from clpsurgery.pipeline.inspection import (
-        format_report,
-        format_transfer_report,
-        inspect_checkpoint,
-        inspect_transfer,
-    )
+    from clpsurgery.pipeline import commands
+    from clpsurgery.pipeline.inspection import format_report, format_transfer_report
 
-    path = _local(path, "source" if helper is not None else "checkpoint", quiet)
     if helper is not None:
-        helper = _local(helper, "helper", quiet, weights=options.needs_helper)
-        report = inspect_transfer(path, helper, options, source_tokenizer, source_config)
+        report = commands.inspect(path, helper, options, source_tokenizer=source_tokenizer, source_config=source_config)
         click.echo(json.dumps(report, indent=2, ensure_ascii=False) if as_json else format_transfer_report(report))
         return
-    report = inspect_checkpoint(path)
+    report = commands.inspect(path)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
@@ -330,11 +280,9 @@ def verify_command(out: Path, source: str | None, quiet: bool) -> None:
 
     Prints one PASS/FAIL line per check; the exit code is 0 when every check passes, 1 otherwise.
     """
-    from clpsurgery.pipeline.verify import verify_output
+    from clpsurgery.pipeline import commands
 
-    if source is not None:
-        source = _local(source, "source", quiet)
-    checks = verify_output(out, source, progress=progress_factory(quiet), echo=lambda line: click.echo(line))
+    checks = commands.verify(out, source, progress=progress_factory(quiet), echo=lambda line: click.echo(line))
     failed = [c for c in checks if c.ok is False]
     skipped = sum(1 for c in checks if c.ok is None)
     summary = f"{len(checks) - len(failed) - skipped} passed, {len(failed)} failed" + (f", {skipped} skipped" if skipped else "")

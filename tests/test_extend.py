@@ -52,9 +52,11 @@ def test_source_rows_kept_and_new_rows_as_init_makes_them(extended, gpt2_source)
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == stop and config["eos_token_id"] == json.loads((gpt2_source / "config.json").read_text())["eos_token_id"]
     from clpsurgery.pipeline.extend import make_extend_plans
+    from clpsurgery.pipeline.inputs import resolve_inputs
     from clpsurgery.pipeline.options import TransferOptions
 
-    _, _, extension = make_extend_plans(gpt2_source, json.loads((out / "clpsurgery.json").read_text())["inputs"]["helper"]["path"], TransferOptions())
+    helper = json.loads((out / "clpsurgery.json").read_text())["inputs"]["helper"]["path"]
+    _, _, extension = make_extend_plans(resolve_inputs(gpt2_source, helper), TransferOptions())
     init_rows = rows(init, "transformer.wte.weight")
     assert np.array_equal(written[start:], init_rows[list(extension.target_ids)])
     checks = verify_output(out, gpt2_source)
@@ -148,9 +150,10 @@ def test_extend_a_padded_source(padded_source, german_helper, tmp_path, new_toke
     rows_out = max(stop, 50304)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == rows_out
     from clpsurgery.pipeline.extend import make_extend_plans
+    from clpsurgery.pipeline.inputs import resolve_inputs
     from clpsurgery.pipeline.options import TransferOptions
 
-    _, _, extension = make_extend_plans(padded_source, german_helper, TransferOptions(), new_tokens)
+    _, _, extension = make_extend_plans(resolve_inputs(padded_source, german_helper), TransferOptions(), new_tokens)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         written, source = rows(out, name), rows(padded_source, name)
         assert written.shape == (rows_out, 32)
@@ -184,14 +187,15 @@ def test_the_write_stage_holds_only_the_rows_the_mixing_combines(gpt2_source, ge
     """An extension copies every source row to its own id: those are read block by block, and the
     rows held for the whole tensor are only those the new tokens mix."""
     from clpsurgery.mixing.backend import make_backend
-    from clpsurgery.pipeline.extend import extension_matrices, find_base_mixings, make_extend_plans
+    from clpsurgery.pipeline.extend import extension_matrices, make_extend_plans
+    from clpsurgery.pipeline.inputs import resolve_inputs
     from clpsurgery.pipeline.options import TransferOptions
     from clpsurgery.pipeline.plan import with_recorded_mixing
-    from clpsurgery.pipeline.rebuild import HeldRows, Mixing
-    from clpsurgery.pipeline.result import no_progress
+    from clpsurgery.pipeline.rebuild import HeldRows, Mixing, search_mixings
+    from clpsurgery.pipeline.result import TransferResult, no_progress
 
-    base, plan, extension = make_extend_plans(gpt2_source, german_helper, TransferOptions())
-    matrices = extension_matrices(base, plan, extension, find_base_mixings(base, no_progress, make_backend("cpu", 1 << 28)))
+    base, plan, extension = make_extend_plans(resolve_inputs(gpt2_source, german_helper), TransferOptions())
+    matrices = extension_matrices(base, plan, extension, search_mixings(base, no_progress, TransferResult(), make_backend("cpu", 1 << 28)))
     plan = with_recorded_mixing(plan, matrices)
     held = HeldRows.of(plan, Mixing(plan, matrices["input"]))
     combined = np.unique(matrices["input"].positions)

@@ -300,11 +300,13 @@ def test_the_plan_is_a_value_that_holds_no_open_file(gpt2_source, german_helper)
     import os
 
     from clpsurgery.formats.checkpoint import Checkpoint, CheckpointLayout
+    from clpsurgery.pipeline.inputs import resolve_inputs
     from clpsurgery.pipeline.options import TransferOptions
     from clpsurgery.pipeline.plan import make_plan
 
+    inputs = resolve_inputs(gpt2_source, german_helper)
     before = set(os.listdir("/proc/self/fd"))
-    plan = make_plan(gpt2_source, german_helper, TransferOptions())
+    plan = make_plan(inputs, TransferOptions())
     assert set(os.listdir("/proc/self/fd")) == before
     assert isinstance(plan.source, CheckpointLayout) and isinstance(plan.helper, CheckpointLayout)
     assert not any(isinstance(getattr(plan, f), Checkpoint) for f in plan.__dataclass_fields__)

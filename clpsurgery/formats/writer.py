@@ -49,10 +49,11 @@ class CopiedTensor:
 @dataclass(frozen=True)
 class ComputedTensor:
     """A tensor whose bytes come from `produce()` as row blocks, in row order, in `spec.dtype`
-    (any bytes-like object: memoryview, bytes, a numpy array)."""
+    (any bytes-like object: memoryview, bytes, a numpy array); None when the rows are given to
+    `write_computed` once they can be computed (the file is laid out before)."""
 
     spec: TensorSpec
-    produce: Callable[[], Iterable[Buffer]]
+    produce: Callable[[], Iterable[Buffer]] | None = None
 
 
 PlannedTensor = CopiedTensor | ComputedTensor
@@ -144,15 +145,17 @@ def copy_tensors(layout: FileLayout, stats: WriteStats, buffer_bytes: int = COPY
             stats.copied_bytes += planned.spec.nbytes
 
 
-def write_computed(layout: FileLayout, stats: WriteStats) -> dict[str, str]:
-    """Write every ComputedTensor of a started file to its place, block by block; returns the
-    SHA-256 of each one's bytes (for the manifest and `verify`), taken as they are written."""
+def write_computed(layout: FileLayout, stats: WriteStats, blocks_of: Callable[[TensorSpec], Iterable[Buffer]] | None = None) -> dict[str, str]:
+    """Write every ComputedTensor of a started file to its place, block by block (from its own
+    `produce()`, or from `blocks_of(spec)`); returns the SHA-256 of each one's bytes (for the
+    manifest and `verify`), taken as they are written."""
     digests = {}
     with open(layout.path, "r+b") as out:
         for planned in layout.computed():
             begin, end = layout.offsets[planned.spec.name]
             digest = hashlib.sha256()
-            written = _write_blocks(out.fileno(), begin, planned.spec, planned.produce(), stats, digest)
+            blocks = planned.produce() if blocks_of is None else blocks_of(planned.spec)
+            written = _write_blocks(out.fileno(), begin, planned.spec, blocks, stats, digest)
             stats.computed_bytes += written
             digests[planned.spec.name] = digest.hexdigest()
     return digests

@@ -8,10 +8,15 @@ rows' source positions side by side, their weights scaled by the shares.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from clpsurgery.mixing.matrix import MixingMatrix
 from clpsurgery.mixing.weights import WeightStats
+
+if TYPE_CHECKING:
+    from clpsurgery.mixing.registry import MixingInputs
 
 
 def _rebase(matrix: MixingMatrix, overlap_count: int, extra: np.ndarray) -> np.ndarray:
@@ -42,3 +47,14 @@ def blend(first: MixingMatrix, second: MixingMatrix, share: float, overlap_count
     stats.empty_rows = int((a_empty & b_empty).sum())
     stats.max_abs_weight = float(np.abs(weights).max(initial=0.0))
     return MixingMatrix(positions, weights, stats, extra)
+
+
+def mix(inputs: MixingInputs) -> MixingMatrix:
+    """clp+fvt: --blend of clp's row (top-k neighbours), the rest fvt's (the token's pieces)."""
+    from clpsurgery.mixing import clp, fvt
+
+    neighbours = clp.mix(inputs)
+    pieces = fvt.mix(inputs)
+    if neighbours is None:  # the options refuse --top-k all for a blend; kept whole for safety
+        return pieces
+    return blend(neighbours, pieces, inputs.options.blend, int(inputs.overlap_source_ids.size))

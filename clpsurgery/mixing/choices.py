@@ -1,16 +1,11 @@
-"""What the mixing layer offers, by name: weighting schemes and compute devices. Free of torch, so
+"""What the mixing layer offers, by name: weighting schemes and compute devices (the methods are in
+registry.py). Free of torch, so
 that the command line can list them without loading it."""
 
 from __future__ import annotations
 
-# Methods of initialisation: clp (helper neighbours weighted by similarity), omp (helper atoms
-# with least-squares coefficients), fvt (the mean of the token's pieces under the source tokenizer,
-# no helper model), clp+fvt (the two rows blended, --blend of clp's).
-METHODS = ("clp", "omp", "fvt", "clp+fvt")
-PIECE_METHODS = ("fvt", "clp+fvt")  # the methods that read the token's pieces under the source tokenizer
 # clp+fvt: clp's share. 0.3 won zero-shot on German and Italian (benchmarks/quality, 2026-12-04: 0.3 against 0.5, tied)
 DEFAULT_BLEND = 0.3
-HELPER_FREE_METHODS = ("fvt",)
 # How fvt weights a token's pieces. mean: every piece alike (FVT). first-last: the input row is its
 # last piece's, the output row its first's (a word is read by its end and predicted by its start,
 # as tokensurgeon's first_last and AdaptiVocab do). linear: the same lean, with weights 1..n.

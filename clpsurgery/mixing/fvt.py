@@ -7,10 +7,15 @@ leans on the first), as tokensurgeon's `first_last` and AdaptiVocab do."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from clpsurgery.mixing.matrix import MixingMatrix
 from clpsurgery.mixing.weights import WeightStats
+
+if TYPE_CHECKING:
+    from clpsurgery.mixing.registry import MixingInputs
 
 
 def piece_weights(count: int, weighting: str, side: str) -> np.ndarray:
@@ -54,3 +59,8 @@ def fvt_mixing(pieces: list[list[int]], overlap_source_ids: np.ndarray, weightin
     # empty_rows: tokens with no piece (all weights zero: a zero row)
     stats = WeightStats(rows=len(pieces), empty_rows=empty, max_abs_weight=float(weights.max(initial=0.0)))
     return MixingMatrix(positions, weights, stats, extra)
+
+
+def mix(inputs: MixingInputs) -> MixingMatrix:
+    """FVT's mixing for one side: each new token's pieces under the source tokenizer."""
+    return fvt_mixing(inputs.pieces, inputs.overlap_source_ids, inputs.options.piece_weighting, inputs.side)

@@ -22,6 +22,7 @@ from clpsurgery.mixing.weights import WeightStats
 
 if TYPE_CHECKING:
     from clpsurgery.mixing.neighbours import Neighbours
+    from clpsurgery.mixing.registry import MixingInputs
 
 # Candidates per new token from the cosine search (at least 4 per atom); OMP picks its atoms
 # among them. The search rescoring costs in proportion to it: 128 made a 7B conversion 2.3x cp.
@@ -140,3 +141,18 @@ def omp_mixing(
         sum(p.singular_rows for p in parts),
         sum(p.no_atom_rows for p in parts),
     )
+
+
+def mix(inputs: MixingInputs) -> MixingMatrix:
+    """OMP's mixing: each new token's helper vector (as stored, norms included) rebuilt from up to
+    --top-k overlap atoms chosen among its nearest candidates by cosine."""
+    k = inputs.neighbours
+    candidates = candidate_count(k, int(inputs.overlap_target_ids.size))
+    raw = inputs.helper_rows.numpy()
+
+    def search(start: int, stop: int) -> Neighbours:
+        return inputs.search(inputs.missing_vectors[start:stop], candidates)
+
+    with inputs.progress("orthogonal matching pursuit", int(inputs.missing_ids.size)) as advance:
+        pursuit = omp_mixing(raw[inputs.overlap_target_ids], raw[inputs.missing_ids], k, search, on_rows=advance)
+    return pursuit.matrix()

@@ -15,10 +15,9 @@ import torch
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.output_folder import MANIFEST_NAME
 from clpsurgery.formats.writer import write_file
-from clpsurgery.pipeline.plan import TransferOptions, make_plan
+from clpsurgery.pipeline.commands import init
 from clpsurgery.pipeline.result import no_progress
 from clpsurgery.pipeline.tensor_io import planned_from_tensor
-from clpsurgery.pipeline.transfer import run_transfer
 
 DEMO_MARKER = "clpsurgery-demo.json"
 
@@ -121,13 +120,7 @@ def run_demo(workdir: Path, force: bool = False, progress=no_progress, echo: Cal
     echo(f"building the demo source (GPT-2 vocabulary) and helper (German BPE) in {workdir}")
     source, helper = build_demo_inputs(workdir)
     out = workdir / "target-de"
-    plan = make_plan(source / "model.safetensors", helper, TransferOptions())
-    summary = plan.summary()
-    echo(
-        f"vocabulary {summary['source_vocab_size']} -> {summary['target_vocab_size']}: "
-        f"{summary['overlap']} shared, {summary['missing']} combined"
-    )
-    run_transfer(plan, out, force=False, progress=progress, command=["clpsurgery", "demo", str(workdir)])
+    init(source / "model.safetensors", helper, out, progress=progress, echo=echo, command=["clpsurgery", "demo", str(workdir)])
     assert (out / MANIFEST_NAME).is_file()
     echo(f"$ clpsurgery inspect {out}")
     return out

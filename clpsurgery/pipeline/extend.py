@@ -3,22 +3,21 @@
 Two plans make one extension:
 
 - the **base** plan is init's for SOURCE and HELPER: the helper's tokens shared with the source,
-  and a mixing (clp, omp or fvt, as `--method` says) for the helper's other tokens;
+  and a mixing (the method `--method` names) for the helper's other tokens;
 - the **extension** plan writes the output: every source row copied as it is (the overlap is the
   identity on the source's rows, so every source token keeps its id and its bytes), and each new
   token's row mixed from the source rows its helper token's mixing names.
 
-The base plan is made first; the transfer starts copying the files that hold no vocab-sized tensor
-and then makes the extension plan (`Extending`). The mixing is computed once, on the base plan,
-once every byte copy is running, and used as a recorded one, so the write stage is init's (and
-`apply` replays an extension like any other transfer).
+The base plan names the source files and the rebuilt tensors, so the command starts copying the
+files that hold no vocab-sized tensor before the tokenizer is extended; the mixing is found once,
+on the base plan, and turned into rows of the extension (`extension_matrices`), so the write stage
+is init's (and `apply` replays an extension like any other transfer).
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,31 +25,34 @@ import numpy as np
 
 from clpsurgery.errors import SurgeryError
 from clpsurgery.pipeline.options import TransferOptions
-from clpsurgery.pipeline.plan import PendingPlan, TransferPlan, find_source_tokenizer, make_plan
+from clpsurgery.pipeline.plan import TransferPlan, make_plan
 from clpsurgery.vocab.extension import TokenizerExtension, extend_tokenizer
 from clpsurgery.vocab.vocabulary import MATCH_KINDS, Overlap, load_vocabulary
 
 if TYPE_CHECKING:
-    from clpsurgery.mixing.backend import ComputeBackend
     from clpsurgery.mixing.matrix import MixingMatrix
-    from clpsurgery.pipeline.result import ProgressFactory
+    from clpsurgery.pipeline.inputs import Inputs
 
 
-def make_base_plan(
-    source: Path, helper: Path, options: TransferOptions, source_tokenizer: str | None = None, source_config: str | None = None,
-) -> TransferPlan:
+def make_base_plan(inputs: Inputs, options: TransferOptions) -> TransferPlan:
     """init's plan for SOURCE and HELPER, whose mixing the new tokens take."""
     if options.untie_head:
         raise SurgeryError("--untie-head", "extend keeps the source's head as it is: tied stays tied")
     # the extended tokenizer holds every source token: nothing to keep apart
-    return make_plan(source, helper, replace(options, keep_source_specials="no"), source_tokenizer, source_config)
+    base = make_plan(inputs, replace(options, keep_source_specials="no"))
+    if any(base.dense_for(side) for side in base.sides):
+        raise SurgeryError("--top-k", "extend mixes a few source rows per new token: give a number, not 'all'")
+    return base
 
 
-def make_extension_plan(
-    base: TransferPlan, options: TransferOptions, max_new_tokens: int | None = None, rank_texts: list[str] | None = None, source_tokenizer: str | None = None,
-) -> tuple[TransferPlan, TokenizerExtension]:
-    """(the extension plan, the extended tokenizer)."""
-    extension = extend_tokenizer(find_source_tokenizer(base.source_path, source_tokenizer), base.helper_path, options.match, max_new_tokens, rank_texts)
+def extend_source_tokenizer(inputs: Inputs, options: TransferOptions, max_new_tokens: int | None = None, rank_texts: list[str] | None = None) -> TokenizerExtension:
+    """The source's tokenizer with the helper's tokens it lacks appended (at most `max_new_tokens`,
+    ranked by how much they shorten `rank_texts`)."""
+    return extend_tokenizer(inputs.source_tokenizer, inputs.helper, options.match, max_new_tokens, rank_texts)
+
+
+def make_extension_plan(base: TransferPlan, extension: TokenizerExtension) -> TransferPlan:
+    """The plan that writes the output: every source row kept, the extension's tokens appended."""
     source_rows = base.source.info(base.source_tensors.embedding).shape[0]
     if source_rows < extension.source_size:
         raise SurgeryError(base.source_path, f"its embedding has {source_rows} rows and its tokenizer {extension.source_size} ids: the tokenizer's last ids have no row to keep")
@@ -62,55 +64,26 @@ def make_extension_plan(
     plan = replace(
         base,
         target_vocab=target_vocab,
-        overlap=extension_overlap(extension, source_rows, options.match),
+        overlap=extension_overlap(extension, source_rows, base.options.match),
         helper=None,
         helper_embedding=None,
         helper_config=base.source_config,  # the output's tokenizer is the source's: so are its token ids
         replay=True,
         tokenizer_files=tuple(sorted(extension.files.items())),
         extension=extension_summary(extension, source_rows),
-        mixed_source_rows=0,  # known once the search has run (transfer checks the memory again then)
+        mixed_source_rows=0,  # known once the search has run (checked again then: with_recorded_mixing)
     )
     plan.check_memory()
-    return plan, extension
+    return plan
 
 
 def make_extend_plans(
-    source: Path, helper: Path, options: TransferOptions, max_new_tokens: int | None = None, rank_texts: list[str] | None = None,
-    source_tokenizer: str | None = None, source_config: str | None = None,
+    inputs: Inputs, options: TransferOptions, max_new_tokens: int | None = None, rank_texts: list[str] | None = None,
 ) -> tuple[TransferPlan, TransferPlan, TokenizerExtension]:
     """(base plan, extension plan, the extended tokenizer), made one after the other."""
-    base = make_base_plan(source, helper, options, source_tokenizer, source_config)
-    return (base, *make_extension_plan(base, options, max_new_tokens, rank_texts, source_tokenizer))
-
-
-@dataclass
-class Extending:
-    """`extend` as the transfer runs it. The base plan is made first; it names the source files
-    and the tensors rebuilt, so the files copied whole start copying before the tokenizer is
-    extended (a second or two on a 7B source); the extension plan is made then (`pending`), and
-    the mixing found once every copy runs (`find_mixing`)."""
-
-    base: TransferPlan
-    options: TransferOptions
-    max_new_tokens: int | None = None
-    rank_texts: list[str] | None = None
-    source_tokenizer: str | None = None
-    on_extension: Callable[[TokenizerExtension], None] = lambda extension: None
-    plan: TransferPlan | None = None
-    extension: TokenizerExtension | None = None
-
-    def pending(self) -> PendingPlan:
-        return PendingPlan(self.base, self._complete)
-
-    def _complete(self) -> TransferPlan:
-        self.plan, self.extension = make_extension_plan(self.base, self.options, self.max_new_tokens, self.rank_texts, self.source_tokenizer)
-        self.on_extension(self.extension)
-        return self.plan
-
-    def find_mixing(self, progress: ProgressFactory, backend: ComputeBackend) -> dict[str, MixingMatrix]:
-        """The new tokens' mixing: init's search on the base plan, turned into rows of the extension."""
-        return extension_matrices(self.base, self.plan, self.extension, find_base_mixings(self.base, progress, backend))
+    base = make_base_plan(inputs, options)
+    extension = extend_source_tokenizer(inputs, options, max_new_tokens, rank_texts)
+    return base, make_extension_plan(base, extension), extension
 
 
 def extension_overlap(extension: TokenizerExtension, source_rows: int, match: str) -> Overlap:
@@ -161,8 +134,6 @@ def extension_matrices(base: TransferPlan, plan: TransferPlan, extension: Tokeni
     out = {}
     for side in plan.sides:
         matrix = mixings[side].matrix
-        if matrix is None:
-            raise SurgeryError("--top-k", "extend mixes a few source rows per new token: give a number, not 'all'")
         rows = np.concatenate([base.overlap.source_ids, matrix.extra_source_ids])
         positions = np.zeros((helper_ids.size, matrix.width), dtype=np.int64)
         weights = np.zeros((helper_ids.size, matrix.width), dtype=np.float32)
@@ -178,22 +149,3 @@ def extension_matrices(base: TransferPlan, plan: TransferPlan, extension: Tokeni
         stats = WeightStats(rows=int(helper_ids.size), empty_rows=int((weights == 0).all(axis=1).sum()), max_abs_weight=float(np.abs(weights).max(initial=0.0)))
         out[side] = MixingMatrix(positions, weights, stats)
     return out
-
-
-def find_base_mixings(base: TransferPlan, progress: ProgressFactory, backend: ComputeBackend) -> dict:
-    """The base plan's mixing for each side (the search of init, on SOURCE and HELPER)."""
-    import contextlib
-
-    from clpsurgery.formats.checkpoint import Checkpoint
-    from clpsurgery.pipeline.rebuild import find_mixings
-    from clpsurgery.pipeline.result import TransferResult
-    from clpsurgery.vocab.pieces import source_pieces
-
-    source_rows = base.source.info(base.source_tensors.embedding).shape[0]
-
-    def pieces(ids):
-        return source_pieces(base.source_vocab, base.target_vocab, ids, source_rows)
-
-    helper_reader = Checkpoint(base.helper) if base.helper is not None else contextlib.nullcontext(None)
-    with helper_reader as helper:
-        return find_mixings(base, pieces, helper, progress, TransferResult(), backend)

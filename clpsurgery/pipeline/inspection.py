@@ -9,6 +9,7 @@ from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.formats.json_input import read_json_file
 from clpsurgery.formats.output_folder import MANIFEST_NAME
+from clpsurgery.mixing.registry import describe
 from clpsurgery.vocab.architecture import (
     config_vocab_size,
     find_vocab_tensors,
@@ -137,13 +138,12 @@ def format_report(report: dict) -> str:
             lines.append(f"  kept       {', '.join(manifest['kept_source_specials'])} (the source's chat-template tokens, with its rows)")
         lines.append(f"  from       {manifest['inputs']['source']['path']}  (helper {manifest['inputs']['helper']['path']})")
         lines.append(f"  vocabulary {v['source_size']} -> {v['target_size']}: {v['overlap']} copied, {v['missing']} combined ({v['match']} match)")
-        method = o.get("method", "clp")  # manifests before --method are clp
-        how = _method_words(method, o, "input") if method in ("clp", "omp", "fvt", "clp+fvt") else method
+        how = describe(o.get("method", "clp"), o, "input")  # manifests before --method are clp
         counts = f"degenerate rows {w['degenerate_rows']}, signed rows {w['signed_rows']}, clipped rows {w['clipped_rows']}, uniform rows {w['uniform_rows']}"
         lines.append(f"  method     {how}; {counts}" + (f", empty rows {w['empty_rows']}" if w.get("empty_rows") else ""))
         head = manifest.get("head_weights")
         if head:
-            lines.append(f"  output     {', '.join(manifest['tensors'].get('output_side', []))}: {_method_words(head['method'], o, 'output')}")
+            lines.append(f"  output     {', '.join(manifest['tensors'].get('output_side', []))}: {describe(head['method'], o, 'output')}")
         lines.append(f"  rebuilt    {', '.join(manifest['tensors']['rebuilt'])}")
         lines.append("  seconds    " + ", ".join(f"{k} {s:.2f}" for k, s in manifest["seconds"].items()))
     return "\n".join(lines)
@@ -180,13 +180,12 @@ def _overlap_section(plan, match: str) -> dict:
     }
 
 
-def inspect_transfer(source: str | Path, helper: str | Path, options, source_tokenizer: str | None = None, source_config: str | None = None) -> dict:
-    """What `init SOURCE HELPER` would do with these options: overlap under each match rule,
-    the special-token mapping, and the tensors, bytes and memory it would write and use."""
-    from clpsurgery.pipeline.plan import make_plan
+def inspect_transfer(plan) -> dict:
+    """What an init with this plan would do: overlap under each match rule, the special-token
+    mapping, and the tensors, bytes and memory it would write and use."""
     from clpsurgery.vocab.vocabulary import special_mapping
 
-    plan = make_plan(source, helper, options, source_tokenizer, source_config)
+    options = plan.options
     summary = plan.summary()
     report = {
         "source": str(plan.source_path),
@@ -228,20 +227,6 @@ def inspect_transfer(source: str | Path, helper: str | Path, options, source_tok
     return report
 
 
-def _method_words(method: str, options: dict, side: str) -> str:
-    if method == "fvt":
-        pieces = options.get("piece_weighting", "mean")
-        lean = {"mean": "the mean of its pieces", "first-last": f"its {'last' if side == 'input' else 'first'} piece",
-                "linear": f"its pieces weighted 1..n towards the {'last' if side == 'input' else 'first'}"}[pieces]
-        return f"fvt: each new token {lean} under the source tokenizer"
-    if method == "omp":
-        return f"omp: up to {options['top_k']} atoms per new token, least-squares coefficients"
-    if method == "clp+fvt":
-        share = options.get("blend", 0.5)
-        return f"clp+fvt: {share:g} of clp's row ({options['weighting']}, top-k {options['top_k']}) and {1 - share:g} of {_method_words('fvt', options, side)[5:]}"
-    return f"clp: {options['weighting']}, top-k {options['top_k']}"
-
-
 def format_transfer_report(report: dict) -> str:
     t = report["source_tensors"]
     lines = [f"source       {report['source']}  ({t['family'] or 'family by tensor names'})"]
@@ -271,17 +256,11 @@ def format_transfer_report(report: dict) -> str:
     for name, shape in w["rebuilt_tensors"].items():
         lines.append(f"rebuild      {name}  {shape}")
     lines.append(f"bytes        {format_bytes(w['bytes_to_compute'])} to compute, {format_bytes(w['bytes_to_copy'])} to copy; vocab_size {w['vocab_size']}")
-    method = report["options"]["method"]
     if w.get("added_head"):
         lines.append(f"untie        {w['added_head']} added (tie_word_embeddings false): the embedding's shared rows copied, its new rows mixed apart")
     if "output" in w.get("methods", {}):
-        lines.append(f"output side  {', '.join(w['output_side'])}: new rows by {_method_words(w['methods']['output'], report['options'], 'output')}")
-    if method in ("fvt", "clp+fvt"):
-        lines.append(f"method       {_method_words(method, report['options'], 'input')}")
-    elif method == "omp":
-        lines.append(f"method       omp: up to {w['neighbours_per_token']} atoms per new token, least-squares coefficients")
-    else:
-        lines.append(f"weighting    {w['weighting']}, {w['neighbours_per_token']} neighbours per new token")
+        lines.append(f"output side  {', '.join(w['output_side'])}: new rows by {describe(w['methods']['output'], report['options'], 'output')}")
+    lines.append(f"method       {describe(report['options']['method'], report['options'], 'input')}; up to {w['neighbours_per_token']} source rows per new token")
     if w.get("peak_memory_estimate") is not None:
         parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in w["memory_estimate"].items())
         lines.append(f"memory       about {format_bytes(w['peak_memory_estimate'])} at peak ({parts}) plus row blocks")

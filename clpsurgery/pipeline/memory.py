@@ -15,7 +15,7 @@ from __future__ import annotations
 from clpsurgery.formats.checkpoint import GATHER_WINDOW_BYTES, CheckpointLayout
 from clpsurgery.formats.safetensors_header import DTYPE_SIZES
 from clpsurgery.formats.writer import COPY_BUFFER_BYTES
-from clpsurgery.mixing.choices import OMP_BLOCK_BYTES
+from clpsurgery.mixing.registry import Method
 
 FP32, FP64 = 4, 8
 # Per neighbour of a new token: its overlap position (int64), its similarity (fp32), its weight
@@ -27,23 +27,21 @@ MIN_BLOCK_BYTES = 16 * 1024 * 1024
 # A search chunk's fp32 score matrix (and as much again for top-k's workspace) may take this part
 # of --max-memory: the rest holds the vectors and the neighbour lists.
 SEARCH_SHARE = 4
-# Pieces per new token the memory model allows for under fvt (a word rarely takes more; a longer
-# one only makes its block smaller).
-FVT_PIECES = 16
 # The dense combine converts the overlap rows to fp32 this many at a time.
 DENSE_CHUNK_ROWS = 4096
 
 
 def memory_estimate(
     source: CheckpointLayout, rebuilt: tuple[str, ...], helper: CheckpointLayout | None, helper_embedding: str | None,
-    target_size: int, overlap_count: int, held_rows: int, missing_count: int, sides: tuple[tuple[str, int, bool], ...],
+    target_size: int, overlap_count: int, held_rows: int, missing_count: int, sides: tuple[tuple[Method | None, int, bool], ...],
 ) -> dict[str, int]:
     """Bytes held at once by the search and by the write stage (row blocks aside).
 
     `sides`: (method, neighbours per token, dense) of each mixing (one, or the input's and the
-    output's when they differ); their neighbour lists are all alive while the tensors are written.
+    output's when they differ; None for a recorded mixing); their neighbour lists are all alive
+    while the tensors are written.
     """
-    methods = {method for method, _, _ in sides}
+    methods = {method.name: method for method, _, _ in sides if method is not None}
     dense = any(d for _, _, d in sides)
     # A helper-free method reads no helper vectors (its piece lists are counted as neighbour lists).
     helper_width = 0 if helper is None else helper.info(helper_embedding).shape[1]
@@ -52,8 +50,7 @@ def memory_estimate(
     dense_vectors = target_size * helper_width * FP32 if dense else 0
     # helper rows as stored, in fp32, and normalised; the overlap's normalised vectors
     search = target_size * helper_width * (helper_bytes + FP32 + FP32) + overlap_count * helper_width * FP32 + neighbour_lists
-    if "omp" in methods:  # the raw fp32 helper vectors, and one block's candidate atoms and chosen atoms in fp64
-        search += target_size * helper_width * FP32 + 2 * OMP_BLOCK_BYTES
+    search += sum(method.extra_search_bytes(target_size, helper_width) for method in methods.values())
     widest = max(source.info(n).row_bytes for n in rebuilt)
     largest = max(ref.info.nbytes for ref in source.tensors.values())
     gather_window = min(GATHER_WINDOW_BYTES, max(source.info(n).nbytes for n in rebuilt))

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from clpsurgery.errors import SurgeryError
-from clpsurgery.mixing.choices import DEFAULT_BLEND, DEFAULT_TEMPERATURE, DEVICES, HELPER_FREE_METHODS, METHODS, PIECE_WEIGHTINGS, SCHEMES
+from clpsurgery.mixing.choices import DEFAULT_BLEND, DEFAULT_TEMPERATURE, DEVICES, PIECE_WEIGHTINGS, SCHEMES
+from clpsurgery.mixing.registry import Method, get_method, method_names
 
 MATCH_RULES = ("exact", "canonical")
 DEFAULT_DEVICE = "auto"
@@ -31,7 +32,7 @@ class OptionSpec:
 
     flag: str
     help: str
-    kind: str = "text"  # text, float, top_k (an integer or 'all'), size (256MiB), positive_int, choice, flag, or multiple (repeatable text)
+    kind: str = "text"  # text, float, top_k (an integer or 'all'), size (256MiB), positive_int, choice, method (a registered method), flag, or multiple (repeatable text)
     choices: tuple[str, ...] = ()
     shown_default: str | None = None  # the default as typed on the command line, where its value reads worse (1GiB)
 
@@ -44,9 +45,9 @@ def _option(default, flag: str, help: str, **spec) -> Any:
 class TransferOptions:
     """Every option of a transfer; `top_k=None` is the paper's dense form over the whole overlap."""
 
-    method: str = _option(DEFAULT_METHOD, "--method", "clp: neighbours in the helper weighted by similarity (the paper); omp: least-squares combinations of helper atoms (orthogonal matching pursuit); fvt: the mean of the token's pieces under the source tokenizer, no helper model needed; clp+fvt: the two rows blended (--blend).", kind="choice", choices=METHODS)
+    method: str = _option(DEFAULT_METHOD, "--method", "; ".join(f"{name}: {get_method(name).help}" for name in method_names()) + ".", kind="method")
     top_k: int | None = _option(DEFAULT_TOP_K, "--top-k", "Neighbours per new token (atoms, for omp), or 'all' for the paper's dense form.", kind="top_k")
-    head_method: str | None = _option(None, "--head-method", "How the new rows of an untied output head (and its bias) are made, when not as the embedding's (default: --method). A tied source needs --untie-head.", kind="choice", choices=METHODS)
+    head_method: str | None = _option(None, "--head-method", "How the new rows of an untied output head (and its bias) are made, when not as the embedding's (default: --method). A tied source needs --untie-head.", kind="method")
     untie_head: bool = _option(False, "--untie-head", "A tied source: write a separate output head (the embedding's copied rows, new rows from --head-method) and tie_word_embeddings false.", kind="flag")
     blend: float = _option(DEFAULT_BLEND, "--blend", "clp+fvt: the share of clp's row in each new row (the rest is fvt's).", kind="float")
     piece_weighting: str = _option("mean", "--piece-weighting", "fvt: how a token's pieces are weighted. mean: alike; first-last: input rows from the last piece, output rows from the first; linear: the same lean, weights 1..n.", kind="choice", choices=PIECE_WEIGHTINGS)
@@ -64,16 +65,15 @@ class TransferOptions:
     device: str = _option(DEFAULT_DEVICE, "--device", "Where search and combine run: auto takes the GPU when there is one.", kind="choice", choices=DEVICES)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise SurgeryError("--method", f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        for method in sorted({self.method, self.head_method} & {"omp", "clp+fvt"}):
-            if self.top_k is None:
-                few = "picks a few atoms" if method == "omp" else "blends a few neighbours"
-                raise SurgeryError("--top-k", f"{method} {few} per token: give a number, not 'all' (the dense form is --method clp's)")
+        chosen = {get_method(self.method, "--method")}
+        if self.head_method is not None:
+            chosen.add(get_method(self.head_method, "--head-method"))
+        for method in sorted(chosen, key=lambda m: m.name):
+            if self.top_k is None and not method.dense_form:
+                dense = " or ".join(f"--method {name}" for name in method_names() if get_method(name).dense_form)
+                raise SurgeryError("--top-k", f"{method.name} {method.top_k_means} per token: give a number, not 'all' (the dense form is {dense}'s)")
         if not 0.0 <= self.blend <= 1.0:
             raise SurgeryError("--blend", f"is a share between 0 and 1, not {self.blend}")
-        if self.head_method is not None and self.head_method not in METHODS:
-            raise SurgeryError("--head-method", f"unknown method {self.head_method!r}; choose from {', '.join(METHODS)}")
         if self.piece_weighting not in PIECE_WEIGHTINGS:
             raise SurgeryError("--piece-weighting", f"unknown weighting {self.piece_weighting!r}; choose from {', '.join(PIECE_WEIGHTINGS)}")
         if self.weighting not in SCHEMES:
@@ -93,9 +93,13 @@ class TransferOptions:
         """The method that makes the new rows of one side ("input" or "output")."""
         return self.head_method if side == "output" and self.head_method is not None else self.method
 
+    def method_of(self, side: str) -> Method:
+        """The registered method that makes the new rows of one side."""
+        return get_method(self.method_for(side))
+
     @property
     def needs_helper(self) -> bool:
-        return any(self.method_for(side) not in HELPER_FREE_METHODS for side in ("input", "output"))
+        return any(self.method_of(side).needs_helper for side in ("input", "output"))
 
     def as_dict(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

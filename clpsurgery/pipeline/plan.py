@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.checkpoint import CheckpointLayout
 from clpsurgery.formats.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
-from clpsurgery.mixing.choices import PIECE_METHODS
+from clpsurgery.mixing.registry import Method, get_method
 from clpsurgery.pipeline import memory
 from clpsurgery.pipeline.options import TransferOptions
 from clpsurgery.vocab.architecture import (
@@ -33,10 +33,12 @@ from clpsurgery.vocab.token_map import TokenMap, mapped_overlap, read_map_lines,
 from clpsurgery.vocab.vocabulary import (
     Overlap,
     Vocabulary,
-    find_tokenizer_file,
     load_vocabulary,
     match_overlap,
 )
+
+if TYPE_CHECKING:
+    from clpsurgery.pipeline.inputs import Inputs
 
 
 def _mib(n: int) -> str:
@@ -129,12 +131,16 @@ class TransferPlan:
         if not any(t.side == "output" for t in self.rebuilt):
             return False
         options = self.options
-        return options.method_for("output") != options.method or (options.method in PIECE_METHODS and options.piece_weighting != "mean")
+        return options.method_for("output") != options.method or options.method_of("input").differs_by_side(options)
 
     def side_method(self, side: str) -> str:
         """The method that makes the new rows of one side: the output side follows --head-method
         only where the output rows are mixed apart."""
         return self.options.method_for(side) if side == "input" or self.two_mixings else self.options.method
+
+    def method_for(self, side: str) -> Method:
+        """The registered method behind side_method."""
+        return get_method(self.side_method(side))
 
     @property
     def hidden_size(self) -> int:
@@ -146,7 +152,7 @@ class TransferPlan:
         return self.dense_for("input")
 
     def dense_for(self, side: str) -> bool:
-        return self.side_method(side) == "clp" and self.options.top_k is None
+        return self.method_for(side).dense_form and self.options.top_k is None
 
     @property
     def target_size(self) -> int:
@@ -170,13 +176,14 @@ class TransferPlan:
         return self.k_for("input")
 
     def k_for(self, side: str) -> int:
-        """Neighbours per missing token (the whole overlap in the dense form; for fvt, the pieces
-        the memory model allows for)."""
-        method = self.side_method(side)
-        if method == "fvt":
-            return memory.FVT_PIECES
-        neighbours = self.overlap.count if self.options.top_k is None else min(self.options.top_k, self.overlap.count)
-        return neighbours + (memory.FVT_PIECES if method == "clp+fvt" else 0)
+        """Source rows mixed per missing token at most: the method's width for `neighbours` (the
+        memory model's per-row cost)."""
+        return self.method_for(side).width(self.neighbours)
+
+    @property
+    def neighbours(self) -> int:
+        """Helper neighbours (or atoms) per missing token: --top-k, or the whole overlap in the dense form."""
+        return self.overlap.count if self.options.top_k is None else min(self.options.top_k, self.overlap.count)
 
     @property
     def sides(self) -> tuple[str, ...]:
@@ -188,7 +195,7 @@ class TransferPlan:
         return memory.memory_estimate(
             self.source, tuple(t.source_name for t in self.rebuilt), self.helper, self.helper_embedding, self.target_size,
             self.overlap.count, self.held_rows, int(self.overlap.missing_ids.size),
-            tuple(("replay" if self.replay else self.side_method(side), self.k_for(side), self.dense_for(side)) for side in self.sides),
+            tuple((None if self.replay else self.method_for(side), self.k_for(side), self.dense_for(side)) for side in self.sides),
         )
 
     @property
@@ -252,45 +259,6 @@ class TransferPlan:
         }
 
 
-@dataclass(frozen=True)
-class PendingPlan:
-    """A plan still being made whose files are known already: `extend`'s output row count waits for
-    the tokenizer extension, but which source files hold a rebuilt tensor does not. `files` is a
-    plan with the same source and the same rebuilt tensors; the transfer starts copying the files
-    that hold none of them, then calls `complete()` for the plan itself."""
-
-    files: TransferPlan
-    complete: Callable[[], TransferPlan]
-
-    def check(self, plan: TransferPlan) -> TransferPlan:
-        """`plan`, once it is known to have the files `files` said."""
-        if plan.source is not self.files.source or plan.rebuilt_source_names != self.files.rebuilt_source_names:
-            raise AssertionError("a pending plan completed with other files than it announced")
-        return plan
-
-
-def find_source_file(path: Path, explicit: str | None, name: str, option: str) -> Path:
-    """A side file (tokenizer.json, config.json) of the source: named by an option, or beside it."""
-    if explicit:
-        candidate = Path(explicit)
-        return candidate / name if candidate.is_dir() else candidate
-    folder = path if path.is_dir() else path.parent
-    candidate = folder / name
-    if not candidate.is_file():
-        raise SurgeryError(candidate, f"not found; name it with {option}")
-    return candidate
-
-
-def find_source_tokenizer(path: Path, explicit: str | None) -> Path:
-    """The source's tokenizer: named by --source-tokenizer (a file or folder), or beside SOURCE."""
-    if explicit:
-        return Path(explicit)
-    folder = path if path.is_dir() else path.parent
-    if find_tokenizer_file(folder) is None:
-        raise SurgeryError(folder / "tokenizer.json", "not found; name the source's tokenizer with --source-tokenizer")
-    return folder
-
-
 def find_helper_embedding(shapes: dict[str, tuple[int, ...]], place: str, config: dict | None) -> VocabTensors:
     """The helper's input embedding: only that is read, so an unknown model type is searched by name."""
     try:
@@ -348,22 +316,16 @@ def _keep_source_specials(source_vocab: Vocabulary, target_vocab: Vocabulary, he
     return extended, helper_config, tuple(sorted(files.items())), kept
 
 
-def make_plan(
-    source_path: str | Path,
-    helper_path: str | Path,
-    options: TransferOptions,
-    source_tokenizer: str | None = None,
-    source_config: str | None = None,
-) -> TransferPlan:
+def make_plan(inputs: Inputs, options: TransferOptions) -> TransferPlan:
     """Open and check both models, read both vocabularies and compute the overlap."""
-    source_path, helper_path = Path(source_path), Path(helper_path)
+    source_path, helper_path = inputs.source, inputs.helper
     source = CheckpointLayout.open(source_path)
     helper_free = not options.needs_helper
     if not helper_path.is_dir():
         what = "the target tokenizer" if helper_free else "weights, tokenizer.json, config.json"
         raise SurgeryError(helper_path, f"the helper must be a model folder ({what})")
     helper = None if helper_free else CheckpointLayout.open(helper_path)
-    config_path = find_source_file(source_path, source_config, "config.json", "--source-config")
+    config_path = inputs.source_config
     config = read_config(config_path)
     generation_config_path = config_path.parent / "generation_config.json"
     helper_config_path = helper_path / "config.json"
@@ -381,7 +343,7 @@ def make_plan(
     if helper is not None and helper.info(helper_tensors.embedding).dtype not in FLOAT_DTYPES:
         raise SurgeryError(helper_path, f"helper embedding {helper_tensors.embedding!r} is {helper.info(helper_tensors.embedding).dtype}, not a float")
 
-    source_vocab = load_vocabulary(find_source_tokenizer(source_path, source_tokenizer), config)
+    source_vocab = load_vocabulary(inputs.source_tokenizer, config)
     target_vocab = load_vocabulary(helper_path, helper_config)
 
     source_rows = source.info(source_tensors.embedding).shape[0]
@@ -417,7 +379,7 @@ def make_plan(
         from clpsurgery.vocab.pieces import text_pieces
 
         maps = resolve_maps(read_map_lines(options.maps, options.map_file), source_vocab, target_vocab, source_rows, lambda texts: text_pieces(source_vocab, texts))
-        if any(m.text is not None for m in maps) and options.method == "clp" and options.top_k is None:
+        if any(m.text is not None for m in maps) and options.method_of("input").dense_form and options.top_k is None:
             raise SurgeryError("--map", "text maps set rows of a mixing matrix, which the dense form (--top-k all) does not keep: give --top-k K")
         overlap = mapped_overlap(overlap, maps)
     if overlap.count == overlap.counts().get("role", 0) and not helper_free:

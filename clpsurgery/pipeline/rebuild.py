@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,20 +19,17 @@ from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.checkpoint import Checkpoint, StoredRows
 from clpsurgery.formats.writer import row_blocks
 from clpsurgery.mixing.backend import ComputeBackend
-from clpsurgery.mixing.blend import blend
-from clpsurgery.mixing.choices import PIECE_METHODS
-from clpsurgery.mixing.clp import clp_matrix
 from clpsurgery.mixing.combine import ColumnBlocks
-from clpsurgery.mixing.fvt import fvt_mixing
 from clpsurgery.mixing.matrix import MixingMatrix
 from clpsurgery.mixing.neighbours import Neighbours, dense_similarities, normalise_rows
-from clpsurgery.mixing.omp import candidate_count, omp_mixing
 from clpsurgery.mixing.overrides import with_rows
+from clpsurgery.mixing.registry import MixingInputs
 from clpsurgery.mixing.weights import WeightStats, mixing_weights
 from clpsurgery.pipeline import memory
 from clpsurgery.pipeline.plan import RebuiltTensor, TransferPlan
 from clpsurgery.pipeline.tensor_io import as_tensor
 from clpsurgery.stage_hooks import reached
+from clpsurgery.vocab.pieces import source_pieces
 
 if TYPE_CHECKING:
     from clpsurgery.pipeline.result import ProgressFactory, StageClock, TransferResult
@@ -73,29 +70,53 @@ class Mixing:
         return None, weights
 
 
+def search_mixings(plan: TransferPlan, progress: ProgressFactory, result: TransferResult, backend: ComputeBackend) -> dict[str, Mixing]:
+    """Each side's mixing, found from the helper (opened here, for the search only) and the
+    source tokenizer, on one core fewer while the background copies run."""
+    source_rows = plan.source.info(plan.source_tensors.embedding).shape[0]
+
+    def pieces(ids: np.ndarray) -> list[list[int]]:
+        return source_pieces(plan.source_vocab, plan.target_vocab, ids, source_rows)
+
+    with leave_a_core_for_copies(), Checkpoint(plan.helper) if plan.helper is not None else nullcontext() as helper:
+        return find_mixings(plan, pieces, helper, progress, result, backend)
+
+
+def recorded_mixings(plan: TransferPlan, matrices: dict[str, MixingMatrix]) -> dict[str, Mixing]:
+    """Each side's mixing as a transfer record holds it (apply) or extend turned it into: no
+    helper, no search. The output side shares the input's where the record has one mixing."""
+    mixings = {side: Mixing(plan, matrix) for side, matrix in matrices.items()}
+    mixings.setdefault("output", mixings["input"])
+    return mixings
+
+
 def find_mixings(plan: TransferPlan, source_vocab_pieces, helper: Checkpoint | None, progress: ProgressFactory, result: TransferResult, backend: ComputeBackend) -> dict[str, Mixing]:
-    """Each side's mixing (plan.sides: the input's, and the output's where it differs): fvt from
-    the pieces under the source tokenizer (`source_vocab_pieces(missing ids)`), clp and omp from
-    the helper's vectors. The output side shares the input's Mixing where they are the same."""
-    methods = {side: plan.side_method(side) for side in plan.sides}
+    """Each side's mixing (plan.sides: the input's, and the output's where it differs), made by its
+    registered method from what it needs: the new tokens' pieces under the source tokenizer
+    (`source_vocab_pieces(missing ids)`), the helper's vectors. The output side shares the input's
+    Mixing where they are the same."""
+    methods = {side: plan.method_for(side) for side in plan.sides}
     pieces = None
-    if set(methods.values()) & set(PIECE_METHODS):
+    if any(m.needs_pieces for m in methods.values()):
         with progress("source pieces", int(plan.overlap.missing_ids.size)):
             pieces = source_vocab_pieces(plan.overlap.missing_ids)
-    vectors = None
-    if any(m != "fvt" for m in methods.values()):
-        vectors = _helper_vectors(plan, helper, result)
+    helper_rows = overlap_vectors = missing_vectors = None
+    if any(m.needs_helper for m in methods.values()):
+        helper_rows, overlap_vectors, missing_vectors = _helper_vectors(plan, helper, result)
     reached("search")  # test hook (stage_hooks.py): a no-op unless CLPSURGERY_PAUSE_AT names it
+
+    def search(queries: torch.Tensor, k: int, on_chunk=None) -> Neighbours:
+        return backend.search_top_k(overlap_vectors, queries, k, on_chunk=on_chunk)
+
     mixings = {}
     for side, method in methods.items():
-        if method == "fvt":
-            mixings[side] = Mixing(plan, fvt_mixing(pieces, plan.overlap.source_ids, plan.options.piece_weighting, side))
-        elif method == "clp+fvt":
-            clp = _helper_mixing(plan, side, vectors, progress, backend).matrix
-            fvt = fvt_mixing(pieces, plan.overlap.source_ids, plan.options.piece_weighting, side)
-            mixings[side] = Mixing(plan, blend(clp, fvt, plan.options.blend, plan.overlap.count) if clp is not None else fvt)
-        else:
-            mixings[side] = _helper_mixing(plan, side, vectors, progress, backend)
+        inputs = MixingInputs(
+            side=side, options=plan.options, neighbours=plan.neighbours,
+            overlap_target_ids=plan.overlap.target_ids, overlap_source_ids=plan.overlap.source_ids, missing_ids=plan.overlap.missing_ids,
+            pieces=pieces, helper_rows=helper_rows, overlap_vectors=overlap_vectors, missing_vectors=missing_vectors,
+            search=search, progress=progress,
+        )
+        mixings[side] = Mixing(plan, method.make(inputs), overlap_vectors, missing_vectors)
     text_maps = [m for m in plan.maps if m.text is not None]
     if text_maps:
         at = np.searchsorted(plan.overlap.missing_ids, [m.target_id for m in text_maps])
@@ -123,28 +144,6 @@ def _helper_vectors(plan: TransferPlan, helper: Checkpoint, result: TransferResu
         pad = torch.zeros(plan.target_size - stored, helper_rows.shape[1])
         helper_rows, vectors = torch.cat([helper_rows, pad]), torch.cat([vectors, pad])
     return helper_rows, vectors[torch.from_numpy(overlap.target_ids)], vectors[torch.from_numpy(overlap.missing_ids)]
-
-
-def _helper_mixing(plan: TransferPlan, side: str, vectors, progress: ProgressFactory, backend: ComputeBackend) -> Mixing:
-    """One side's clp or omp mixing from the helper's vectors."""
-    helper_rows, overlap_vectors, missing_vectors = vectors
-    overlap = plan.overlap
-    k = plan.k_for(side) - (memory.FVT_PIECES if plan.side_method(side) == "clp+fvt" else 0)  # the helper's part
-    if plan.side_method(side) == "omp" and overlap.missing_ids.size:
-        raw = helper_rows.numpy()  # OMP rebuilds the helper's vectors as they are, norms included
-        candidates = candidate_count(k, overlap.count)
-
-        def search(start: int, stop: int) -> Neighbours:
-            return backend.search_top_k(overlap_vectors, missing_vectors[start:stop], candidates)
-
-        with progress("orthogonal matching pursuit", int(overlap.missing_ids.size)) as advance:
-            pursuit = omp_mixing(raw[overlap.target_ids], raw[overlap.missing_ids], k, search, on_rows=advance)
-        return Mixing(plan, pursuit.matrix())
-    if not plan.dense_for(side) and overlap.missing_ids.size:
-        with progress("neighbour search", int(overlap.missing_ids.size)) as advance:
-            neighbours = backend.search_top_k(overlap_vectors, missing_vectors, k, on_chunk=advance)
-        return Mixing(plan, clp_matrix(neighbours, plan.options.weighting, plan.options.temperature))
-    return Mixing(plan, None, overlap_vectors, missing_vectors)
 
 
 def read_source_rows(plan: TransferPlan, source: Checkpoint, name: str, source_ids: np.ndarray) -> torch.Tensor:

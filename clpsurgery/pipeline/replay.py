@@ -22,12 +22,13 @@ import numpy as np
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.checkpoint import CheckpointLayout
 from clpsurgery.pipeline.options import TransferOptions
-from clpsurgery.pipeline.plan import TransferPlan, find_source_file, find_source_tokenizer, with_recorded_mixing
+from clpsurgery.pipeline.plan import TransferPlan, with_recorded_mixing
 from clpsurgery.vocab.architecture import find_vocab_tensors, read_config
 from clpsurgery.vocab.vocabulary import MATCH_KINDS, Overlap, Vocabulary, load_vocabulary
 
 if TYPE_CHECKING:  # the mixing layer loads torch: imported where a record is read
     from clpsurgery.mixing.matrix import MixingMatrix
+    from clpsurgery.pipeline.inputs import Inputs
 
 # safetensors bytes, under a name no weights loader globs for (vLLM and llama.cpp read *.safetensors)
 TRANSFER_NAME = "clpsurgery.transfer"
@@ -176,12 +177,13 @@ def _check_record(path: Path, overlap: Overlap, matrices: dict[str, MixingMatrix
         raise SurgeryError(path, f"is not a consistent transfer record: {problems[0]}")
 
 
-def make_replay_plan(transfer: Path, sibling: Path, max_memory: int, device: str, source_tokenizer: str | None = None, source_config: str | None = None) -> tuple[TransferPlan, dict[str, MixingMatrix]]:
-    """The plan of `apply TRANSFER SIBLING`: the recorded overlap and mixing on the sibling's
-    tensors, refused in one line where the sibling's vocabulary or shapes differ from the source's."""
-    record = read_record(transfer, max_memory, device)
+def make_replay_plan(record: RecordedTransfer, inputs: Inputs) -> TransferPlan:
+    """The plan of `apply TRANSFER SIBLING` (inputs: the sibling as source, TRANSFER as helper):
+    the recorded overlap and mixing on the sibling's tensors, refused in one line where the
+    sibling's vocabulary or shapes differ from the source's; checked against --max-memory."""
+    sibling, transfer = inputs.source, inputs.helper
     layout = CheckpointLayout.open(sibling)
-    config_path = find_source_file(sibling, source_config, "config.json", "--source-config")
+    config_path = inputs.source_config
     config = read_config(config_path)
     options = record.options
     tensors = find_vocab_tensors(
@@ -194,7 +196,7 @@ def make_replay_plan(transfer: Path, sibling: Path, max_memory: int, device: str
         raise SurgeryError(
             sibling, f"its vocabulary tensors differ from the source's: {name!r} is {shapes.get(name, 'absent')}, the transfer was made on {record.source_tensors.get(name, 'absent')}"
         )
-    source_vocab = load_vocabulary(find_source_tokenizer(sibling, source_tokenizer), config)
+    source_vocab = load_vocabulary(inputs.source_tokenizer, config)
     if vocabulary_sha256(source_vocab) != record.source_vocab_sha256:
         raise SurgeryError(source_vocab.path, "its vocabulary is not the one the transfer was made from (token ids or strings differ)")
     target_vocab = load_vocabulary(transfer, record.helper_config)
@@ -220,5 +222,5 @@ def make_replay_plan(transfer: Path, sibling: Path, max_memory: int, device: str
     )
     if set(plan.sides) != set(record.matrices):
         raise SurgeryError(record.path, f"records mixings for {sorted(record.matrices)}, this transfer needs {sorted(plan.sides)}")
-    return with_recorded_mixing(plan, record.matrices), record.matrices
+    return with_recorded_mixing(plan, record.matrices)
 

@@ -1,22 +1,27 @@
-"""Carry out a plan: neighbours and weights, then the target tensors written row block by row block.
+"""The output as a command builds it: a staging folder beside OUT and a background copier, as one
+object (`StagedOutput`) that the command holds while it runs its stages.
 
-Stages, in order: search (neighbours in the helper space and their weights), read (the source
-rows of the overlap), write (rebuilt tensors streamed, every other tensor copied byte for byte),
-then the side files and the manifest. Time is recorded per stage.
+The stages, in the order a command calls them: the source files that hold no rebuilt tensor
+start copying at once (`copy_whole_files`), before torch is imported and before `extend` extends
+the tokenizer; the other files are laid out and their unchanged tensors queued for copying
+(`lay_out`); the compute is imported (`load_compute`) while the copies run; the command finds
+its mixings; the rebuilt tensors are written row block by row block (`write`); the side files,
+the transfer record and the manifest finish the folder (`finish`), which is renamed to OUT when
+the `with` block ends, and removed if anything fails. Time is recorded per stage.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clpsurgery.formats.checkpoint import Checkpoint
+from clpsurgery.formats.checkpoint import Checkpoint, CheckpointLayout
 from clpsurgery.formats.output_folder import MANIFEST_NAME, staged_output
 from clpsurgery.formats.safetensors_header import TensorSpec
 from clpsurgery.formats.writer import (
@@ -34,7 +39,7 @@ from clpsurgery.formats.writer import (
 )
 from clpsurgery.pipeline import memory
 from clpsurgery.pipeline.manifest import build_manifest
-from clpsurgery.pipeline.plan import PendingPlan, RebuiltTensor, TransferPlan, with_recorded_mixing
+from clpsurgery.pipeline.plan import RebuiltTensor, TransferPlan
 from clpsurgery.pipeline.replay import TRANSFER_NAME, write_record
 from clpsurgery.pipeline.result import (
     ProgressFactory,
@@ -44,21 +49,17 @@ from clpsurgery.pipeline.result import (
 )
 from clpsurgery.vocab.architecture import read_config
 from clpsurgery.vocab.model_config import target_config, target_generation_config
-from clpsurgery.vocab.pieces import source_pieces
 from clpsurgery.vocab.vocabulary import TOKENIZER_FILES
 
 if TYPE_CHECKING:
     from clpsurgery.mixing.backend import ComputeBackend
-    from clpsurgery.mixing.matrix import MixingMatrix
     from clpsurgery.pipeline.rebuild import Mixing
 
 
-def planned_shards(
-    plan: TransferPlan,
-    make_producer: Callable[[TensorSpec, RebuiltTensor], Callable[[], Iterator[memoryview]]],
-) -> list[tuple[str, list[PlannedTensor] | None, object]]:
+def planned_shards(plan: TransferPlan) -> list[tuple[str, list[PlannedTensor] | None, object]]:
     """For each source file: its output name, the tensors to write (None: copy the file whole), its
-    header. A head that --untie-head adds is written right after the embedding, in its file."""
+    header. A rebuilt tensor's rows are given when it is written (`StagedOutput.write`); a head that
+    --untie-head adds is written right after the embedding, in its file."""
     shards = []
     rebuilt = {t.source_name: [] for t in plan.rebuilt}
     for tensor in plan.rebuilt:
@@ -75,7 +76,7 @@ def planned_shards(
                 continue
             for tensor in rebuilt[name]:
                 spec = TensorSpec(tensor.name, info.dtype, (plan.output_rows, *info.shape[1:]))
-                planned.append(ComputedTensor(spec, make_producer(spec, tensor)))
+                planned.append(ComputedTensor(spec))
         shards.append((out_name, planned, header))
     return shards
 
@@ -104,120 +105,127 @@ def _output_bytes(plan: TransferPlan) -> int:
     return _tensor_bytes(plan) + whole_file_headers
 
 
-def run_transfer(
-    plan: TransferPlan | PendingPlan, out: Path, force: bool = False, progress: ProgressFactory = no_progress, command: list[str] | None = None,
-    recorded: dict[str, MixingMatrix] | Callable[[ProgressFactory, ComputeBackend], dict[str, MixingMatrix]] | None = None,
-) -> TransferResult:
-    """Write the target model into OUT (built beside it and renamed in when complete).
+class StagedOutput:
+    """OUT while a command builds it: the staging folder beside OUT (renamed to OUT when the `with`
+    block ends, removed when anything fails), the source opened for reading, the background copier
+    of the source's unchanged bytes, and what the run did so far (`result`, `clock`)."""
 
-    `plan` may be pending (`extend`): the files copied whole start copying first, and the plan is
-    completed while they run.
-    `recorded`: each side's mixing as a transfer record holds it (`apply`): no helper, no search;
-    or a function that finds it (`extend`: init's search on the base plan), called once the byte
-    copies are running.
-    The decisions are saved beside the output (replay.TRANSFER_NAME) wherever they are a top-k
-    mixing matrix (the dense form's weights are computed block by block and not kept).
-    """
-    result = TransferResult()
-    clock = StageClock()
-    mixings: dict[str, Mixing] = {}
-    backend = None
+    def __init__(self, out: Path, force: bool, source: CheckpointLayout) -> None:
+        self.out, self.force, self.source_layout = Path(out), force, source
+        self.result = TransferResult()
+        self.clock = StageClock()
+        self._files: TransferPlan | None = None  # the plan whose files copy_whole_files chose
+        self._layouts: list = []
+        self._weight_map: dict[str, str] = {}
+        self._copier: BackgroundCopier | None = None
+        self._copy_started = 0.0
 
-    def make_producer(spec: TensorSpec, tensor: RebuiltTensor) -> Callable[[], Iterator[memoryview]]:
-        # a side's weight statistics are recorded once, from its first tensor
-        record = tensor == next(t for t in plan.rebuilt if t.side == tensor.side)
-        return lambda: tensor_io.checked_blocks(spec, rebuild.rebuilt_rows(plan, source, mixings[tensor.side], tensor, record, clock, backend))
+    def __enter__(self) -> StagedOutput:
+        self._stack = ExitStack()
+        with ExitStack() as stack:
+            self.source = stack.enter_context(Checkpoint(self.source_layout))
+            self.staging = stack.enter_context(staged_output(self.out, self.force))
+            self._stack = stack.pop_all()
+        return self
 
-    # The plan holds layouts; the files are opened for reading here, at the edge.
-    known = plan.files if isinstance(plan, PendingPlan) else plan
-    with Checkpoint(known.source) as source, staged_output(out, force) as staging, contextlib.ExitStack() as readers:
-        # The files copied whole start at once, in the background, while the plan is completed
-        # and the neighbour search and the combine run here.
-        copier = BackgroundCopier(whole_file_copies(known, staging), more=True)
-        copy_started = time.perf_counter()
-        copier.start()
-        try:
-            if isinstance(plan, PendingPlan):
-                with clock.stage("plan"):
-                    plan = plan.check(plan.complete())
-            helper = readers.enter_context(Checkpoint(plan.helper)) if plan.helper is not None else None
-            # Lay out every other output file, so that its byte copies follow in the background.
-            layouts, copy_jobs, weight_map = [], [], {}
-            for out_name, planned, header in planned_shards(plan, make_producer):
-                if planned is not None:
-                    layout = lay_out(staging / out_name, planned, header.metadata)
-                    start_file(layout)
-                    layouts.append(layout)
-                    copy_jobs.append(functools.partial(copy_tensors, layout))
-                weight_map.update({name: out_name for name in header.tensors})
-                if plan.added_head is not None and plan.source_tensors.embedding in header.tensors:
-                    weight_map[plan.added_head] = out_name
-                result.files.append(out_name)
-            copier.add(copy_jobs)
-            copier.close()
-            # The overlap rows of every rebuilt tensor are read into the page cache by the kernel
-            # while the search runs, so that the read stage finds them there.
-            for name in dict.fromkeys(t.source_name for t in plan.rebuilt):
-                source.prefetch_rows(name, plan.overlap.source_ids)
-            # torch and the compute are imported only now, so the copies need not wait for the import.
-            with clock.stage("imports"):
-                from clpsurgery.mixing.backend import make_backend
+    def __exit__(self, exc_type, exc, traceback) -> bool | None:
+        if exc_type is not None and self._copier is not None:
+            self._copier.stop()
+        return self._stack.__exit__(exc_type, exc, traceback)
 
-                from . import rebuild, tensor_io
+    def stage(self, name: str):
+        """Time a stage of the command (seconds per stage go to the manifest)."""
+        return self.clock.stage(name)
 
-                backend = make_backend(plan.options.device, memory.search_budget(plan.options.max_memory))  # --device cuda without a GPU fails here
-            with rebuild.leave_a_core_for_copies(), clock.stage("search"):
-                source_rows = plan.source.info(plan.source_tensors.embedding).shape[0]
+    def copy_whole_files(self, plan: TransferPlan) -> None:
+        """Start copying, in the background, the source files that hold none of the plan's rebuilt
+        tensors (a plan whose row count is not known yet names them already: extend's base plan)."""
+        self._files = plan
+        self._copier = BackgroundCopier(whole_file_copies(plan, self.staging), more=True)
+        self._copy_started = time.perf_counter()
+        self._copier.start()
 
-                def pieces(ids):
-                    return source_pieces(plan.source_vocab, plan.target_vocab, ids, source_rows)
+    def lay_out(self, plan: TransferPlan) -> None:
+        """Write the header of every other output file and queue its unchanged tensors' byte copies
+        behind the whole files; the source rows the write stage reads are prefetched meanwhile."""
+        if self._files is None or plan.source is not self._files.source or plan.rebuilt_source_names != self._files.rebuilt_source_names:
+            raise AssertionError("lay_out: the files copied whole were chosen for other rebuilt tensors")
+        copy_jobs = []
+        for out_name, planned, header in planned_shards(plan):
+            if planned is not None:
+                layout = lay_out(self.staging / out_name, planned, header.metadata)
+                start_file(layout)
+                self._layouts.append(layout)
+                copy_jobs.append(functools.partial(copy_tensors, layout))
+            self._weight_map.update({name: out_name for name in header.tensors})
+            if plan.added_head is not None and plan.source_tensors.embedding in header.tensors:
+                self._weight_map[plan.added_head] = out_name
+            self.result.files.append(out_name)
+        self._copier.add(copy_jobs)
+        self._copier.close()
+        # The overlap rows of every rebuilt tensor are read into the page cache by the kernel
+        # while the search runs, so that the read stage finds them there.
+        for name in dict.fromkeys(t.source_name for t in plan.rebuilt):
+            self.source.prefetch_rows(name, plan.overlap.source_ids)
 
-                if recorded is None:
-                    mixings.update(rebuild.find_mixings(plan, pieces, helper, progress, result, backend))
-                else:
-                    matrices = recorded
-                    if callable(recorded):  # extend: the mixing is found now, while the copies run
-                        matrices = recorded(progress, backend)
-                        # The rows it combines are known now, and checked against --max-memory
-                        # before a rebuilt row is written; the producers read `plan` when called.
-                        plan = with_recorded_mixing(plan, matrices)
-                    mixings.update({side: rebuild.Mixing(plan, matrix) for side, matrix in matrices.items()})
-                    mixings.setdefault("output", mixings["input"])
-            with progress("combine, copy and write", _output_bytes(plan)) as advance:
-                result.write_stats.on_bytes = lambda n: advance(n + copier.take_bytes())
-                write_started = time.perf_counter()
-                with rebuild.leave_a_core_for_copies():
-                    for layout in layouts:
-                        result.tensor_hashes[layout.path.name] = write_computed(layout, result.write_stats)
-                inside = clock.seconds.get("read", 0.0) + clock.seconds.get("combine", 0.0)
-                clock.seconds["write"] = time.perf_counter() - write_started - inside
-                with clock.stage("wait for copies"):
-                    copier.finish(advance)
-        except BaseException:
-            copier.stop()
-            raise
-        clock.seconds["copy (background)"] = copier.seconds or time.perf_counter() - copy_started
-        with clock.stage("fsync"):
-            for layout in layouts:
-                finish_file(layout, result.write_stats)
-        result.write_stats.add(copier.stats)
-        result.weight_stats = mixings["input"].stats
+    def load_compute(self, device: str, max_memory: int) -> ComputeBackend:
+        """torch, FAISS and the kernels, imported now that the copies run (a second or two)."""
+        with self.clock.stage("imports"):
+            from clpsurgery.mixing.backend import make_backend
+
+            return make_backend(device, memory.search_budget(max_memory))  # --device cuda without a GPU fails here
+
+    def write(self, plan: TransferPlan, mixings: dict[str, Mixing], backend: ComputeBackend, progress: ProgressFactory = no_progress) -> None:
+        """Write every rebuilt tensor row block by row block, then wait for the byte copies."""
+        from . import rebuild, tensor_io
+
+        by_name = {t.name: t for t in plan.rebuilt}
+        first_of_side = {}
+        for tensor in plan.rebuilt:  # a side's weight statistics are recorded once, from its first tensor
+            first_of_side.setdefault(tensor.side, tensor)
+
+        def blocks_of(spec: TensorSpec) -> Iterator[memoryview]:
+            tensor = by_name[spec.name]
+            rows = rebuild.rebuilt_rows(plan, self.source, mixings[tensor.side], tensor, first_of_side[tensor.side] == tensor, self.clock, backend)
+            return tensor_io.checked_blocks(spec, rows)
+
+        copier, stats = self._copier, self.result.write_stats
+        with progress("combine, copy and write", _output_bytes(plan)) as advance:
+            stats.on_bytes = lambda n: advance(n + copier.take_bytes())
+            write_started = time.perf_counter()
+            with rebuild.leave_a_core_for_copies():
+                for layout in self._layouts:
+                    self.result.tensor_hashes[layout.path.name] = write_computed(layout, stats, blocks_of)
+            inside = self.clock.seconds.get("read", 0.0) + self.clock.seconds.get("combine", 0.0)
+            self.clock.seconds["write"] = time.perf_counter() - write_started - inside
+            with self.clock.stage("wait for copies"):
+                copier.finish(advance)
+        self.clock.seconds["copy (background)"] = copier.seconds or time.perf_counter() - self._copy_started
+        self.result.weight_stats = mixings["input"].stats
         if mixings["output"] is not mixings["input"]:
-            result.head_weight_stats = mixings["output"].stats
-        result.paths = backend.describe()
+            self.result.head_weight_stats = mixings["output"].stats
+        self.result.paths = backend.describe()
+
+    def finish(self, plan: TransferPlan, mixings: dict[str, Mixing], command: list[str] | None = None) -> TransferResult:
+        """Flush the weights files; write the index, the side files, the transfer record and the
+        manifest. OUT appears when the `with` block ends."""
+        result = self.result
+        with self.clock.stage("fsync"):
+            for layout in self._layouts:
+                finish_file(layout, result.write_stats)
+        result.write_stats.add(self._copier.stats)
         if plan.source.is_sharded:
-            total = _tensor_bytes(plan)
             extra = {k: v for k, v in (plan.source.index or {}).get("metadata", {}).items()}
-            write_index(staging, weight_map, total, extra)
+            write_index(self.staging, self._weight_map, _tensor_bytes(plan), extra)
             result.files.append("model.safetensors.index.json")
-        with clock.stage("side files"):
-            _write_side_files(plan, staging, result)
+        with self.clock.stage("side files"):
+            _write_side_files(plan, self.staging, result)
             if not any(mixings[side].dense for side in plan.sides):
-                write_record(staging / TRANSFER_NAME, plan, {side: mixings[side].matrix for side in plan.sides})
+                write_record(self.staging / TRANSFER_NAME, plan, {side: mixings[side].matrix for side in plan.sides})
                 result.files.append(TRANSFER_NAME)
-        result.stage_seconds = clock.seconds
-        _write_manifest(plan, staging, result, command)
-    return result
+        result.stage_seconds = self.clock.seconds
+        _write_manifest(plan, self.staging, result, command)
+        return result
 
 
 def _write_side_files(plan: TransferPlan, staging: Path, result: TransferResult) -> None:
