@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -209,3 +210,14 @@ def apply_reproduces(output: Path, source: Path, again: Path) -> bool:
 def tree_hashes(folder: Path) -> dict[str, str]:
     """SHA-256 of every file under a folder (to prove inputs were not touched)."""
     return {str(p.relative_to(folder)): sha256_of(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def matrix_source_ids(matrix, overlap_source_ids: np.ndarray) -> np.ndarray:
+    """The source id behind each position of a mixing matrix (overlap rows, then its extra rows)."""
+    return np.concatenate([overlap_source_ids, matrix.extra_source_ids])[matrix.positions]
+
+
+def matrix_rows(matrix, overlap_source_ids: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """The rows a mixing matrix makes from a source embedding, in float64: each new token's
+    weights times the source rows its positions name."""
+    return np.einsum("mw,mwd->md", matrix.weights.astype(np.float64), source[matrix_source_ids(matrix, overlap_source_ids)])

@@ -14,8 +14,8 @@ import torch
 from clpsurgery.mixing.blend import blend
 from clpsurgery.mixing.clp import clp_matrix
 from clpsurgery.mixing.fvt import fvt_mixing
-from clpsurgery.mixing.matrix import MixingMatrix
 from clpsurgery.mixing.neighbours import normalise_rows, search_top_k
+from conftest import matrix_rows, matrix_source_ids
 
 WORDS = ["Bundesregierung", "Schule", "geöffnet", "Straßenbahn", "", "Wetter", "Kindergarten"]
 NO_PIECES = WORDS.index("")  # the token fvt cannot split: no piece, an empty row
@@ -39,16 +39,6 @@ def parts(gpt2_tokenizer):
     return clp, fvt, overlap_source_ids, source
 
 
-def source_ids(matrix: MixingMatrix, overlap_source_ids: np.ndarray) -> np.ndarray:
-    """The source id behind each of a matrix's positions."""
-    return np.concatenate([overlap_source_ids, matrix.extra_source_ids])[matrix.positions]
-
-
-def rows(matrix: MixingMatrix, overlap_source_ids: np.ndarray, source: np.ndarray) -> np.ndarray:
-    """The rows a matrix makes, in float64: each token's weights times its source rows."""
-    return np.einsum("mw,mwd->md", matrix.weights.astype(np.float64), source[source_ids(matrix, overlap_source_ids)])
-
-
 def test_the_parts_are_what_the_test_means(parts):
     clp, fvt, overlap_source_ids, _ = parts
     assert not fvt.weights[NO_PIECES].any() and clp.weights[NO_PIECES].any()
@@ -60,11 +50,11 @@ def test_the_parts_are_what_the_test_means(parts):
 def test_each_row_is_the_share_of_clp_and_fvt_rows(parts, share):
     clp, fvt, overlap_source_ids, source = parts
     blended = blend(clp, fvt, share, OVERLAP)
-    clp_rows, fvt_rows = rows(clp, overlap_source_ids, source), rows(fvt, overlap_source_ids, source)
+    clp_rows, fvt_rows = matrix_rows(clp, overlap_source_ids, source), matrix_rows(fvt, overlap_source_ids, source)
     expected = share * clp_rows + (1 - share) * fvt_rows
     expected[NO_PIECES] = clp_rows[NO_PIECES]  # no piece: clp's row whole, not share * clp's
-    np.testing.assert_allclose(rows(blended, overlap_source_ids, source), expected, rtol=1e-6, atol=1e-6)
-    assert rows(blended, overlap_source_ids, source)[NO_PIECES] == pytest.approx(clp_rows[NO_PIECES], rel=1e-6)
+    np.testing.assert_allclose(matrix_rows(blended, overlap_source_ids, source), expected, rtol=1e-6, atol=1e-6)
+    assert matrix_rows(blended, overlap_source_ids, source)[NO_PIECES] == pytest.approx(clp_rows[NO_PIECES], rel=1e-6)
 
 
 def test_the_two_rows_positions_side_by_side(parts):
@@ -74,9 +64,9 @@ def test_the_two_rows_positions_side_by_side(parts):
     blended = blend(clp, fvt, 0.3, OVERLAP)
     assert blended.width == clp.width + fvt.width
     assert np.array_equal(blended.extra_source_ids, np.union1d(clp.extra_source_ids, fvt.extra_source_ids))
-    ids = source_ids(blended, overlap_source_ids)
-    assert np.array_equal(ids[:, : clp.width], source_ids(clp, overlap_source_ids))
-    assert np.array_equal(ids[:, clp.width :], source_ids(fvt, overlap_source_ids))
+    ids = matrix_source_ids(blended, overlap_source_ids)
+    assert np.array_equal(ids[:, : clp.width], matrix_source_ids(clp, overlap_source_ids))
+    assert np.array_equal(ids[:, clp.width :], matrix_source_ids(fvt, overlap_source_ids))
     split = np.arange(len(WORDS)) != NO_PIECES
     np.testing.assert_array_equal(blended.weights[split, : clp.width], (clp.weights[split].astype(np.float64) * 0.3).astype(np.float32))
     np.testing.assert_array_equal(blended.weights[split, clp.width :], (fvt.weights[split].astype(np.float64) * 0.7).astype(np.float32))
@@ -95,14 +85,14 @@ def test_share_zero_is_fvt_and_one_is_clp(parts, share):
     on_fvt = blended.weights[:, clp.width :]
     if share == 1.0:
         assert np.array_equal(on_clp, clp.weights) and not on_fvt.any()
-        expected = rows(clp, overlap_source_ids, source)
+        expected = matrix_rows(clp, overlap_source_ids, source)
     else:
         split = np.arange(len(WORDS)) != NO_PIECES
         assert np.array_equal(on_fvt[split], fvt.weights[split]) and not on_clp[split].any()
         assert np.array_equal(on_clp[NO_PIECES], clp.weights[NO_PIECES]) and not on_fvt[NO_PIECES].any()
-        expected = rows(fvt, overlap_source_ids, source)
-        expected[NO_PIECES] = rows(clp, overlap_source_ids, source)[NO_PIECES]
-    np.testing.assert_allclose(rows(blended, overlap_source_ids, source), expected, rtol=1e-12, atol=1e-12)
+        expected = matrix_rows(fvt, overlap_source_ids, source)
+        expected[NO_PIECES] = matrix_rows(clp, overlap_source_ids, source)[NO_PIECES]
+    np.testing.assert_allclose(matrix_rows(blended, overlap_source_ids, source), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_either_side_empty_takes_the_other_whole_and_both_empty_is_a_zero_row(gpt2_tokenizer):
@@ -115,8 +105,8 @@ def test_either_side_empty_takes_the_other_whole_and_both_empty_is_a_zero_row(gp
     assert len(first.extra_source_ids) and len(second.extra_source_ids) and set(first.extra_source_ids) != set(second.extra_source_ids)
     source = np.random.default_rng(1).standard_normal((SOURCE_ROWS, WIDTH))
     blended = blend(first, second, 0.4, len(overlap_source_ids))
-    a, b = rows(first, overlap_source_ids, source), rows(second, overlap_source_ids, source)
-    got = rows(blended, overlap_source_ids, source)
+    a, b = matrix_rows(first, overlap_source_ids, source), matrix_rows(second, overlap_source_ids, source)
+    got = matrix_rows(blended, overlap_source_ids, source)
     np.testing.assert_allclose(got[0], 0.4 * a[0] + 0.6 * b[0], rtol=1e-6)
     np.testing.assert_allclose(got[1], b[1], rtol=1e-6)
     np.testing.assert_allclose(got[2], a[2], rtol=1e-6)
