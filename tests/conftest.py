@@ -63,6 +63,26 @@ def german_tokenizer():
     return train_german_bpe(vocab_size=GERMAN_VOCAB, n_words=8000)
 
 
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_folder(tmp_path_factory, gpt2_tokenizer) -> Path:
+    """The real GPT-2 tokenizer's files alone (no model): what load_vocabulary reads."""
+    from clpsurgery.vocab.vocab_assets import save_tokenizer_folder
+
+    folder = tmp_path_factory.mktemp("gpt2-tokenizer")
+    save_tokenizer_folder(gpt2_tokenizer, folder, bos="<|endoftext|>", eos="<|endoftext|>")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def german_tokenizer_folder(tmp_path_factory, german_tokenizer) -> Path:
+    """The German BPE's files alone, with the special tokens the German helper declares."""
+    from clpsurgery.vocab.vocab_assets import save_tokenizer_folder
+
+    folder = tmp_path_factory.mktemp("german-tokenizer")
+    save_tokenizer_folder(german_tokenizer, folder, bos="<s>", eos="</s>", unk="<unk>", pad="<pad>")
+    return folder
+
+
 def save_model(model, folder: Path, tokenizer, **special) -> Path:
     """save_pretrained (safetensors) plus a tokenizer folder."""
     from clpsurgery.vocab.vocab_assets import save_tokenizer_folder
