@@ -28,30 +28,10 @@ import pytest
 
 from clpsurgery.cli import main
 from clpsurgery.formats.output_folder import PARTIAL_TAG
-from conftest import tree_hashes
-
-EMBEDDING = "transformer.wte.weight"
+from conftest import EMBEDDING, Env, shard, shared_token_source_id, tree_hashes
 
 
 # --- building damaged inputs ---------------------------------------------------------------------
-
-
-@dataclass
-class Env:
-    tmp: Path
-    source: Path  # the session fixtures: never damaged, copied first
-    helper: Path
-
-    def copy(self, folder: Path, name: str) -> Path:
-        target = self.tmp / name
-        shutil.copytree(folder, target)
-        return target
-
-    def src(self) -> Path:
-        return self.copy(self.source, "source")
-
-    def hlp(self) -> Path:
-        return self.copy(self.helper, "helper")
 
 
 @dataclass
@@ -94,42 +74,6 @@ def in_data_order(doc: dict) -> list[str]:
 def shift(doc: dict, name: str, by: int) -> None:
     begin, end = doc[name]["data_offsets"]
     doc[name]["data_offsets"] = [begin + by, end + by]
-
-
-def shard(folder: Path) -> tuple[Path, Path]:
-    """Split folder/model.safetensors in two shards plus an index; return (shard 1, shard 2)."""
-    from clpsurgery.formats.checkpoint import Checkpoint
-    from clpsurgery.formats.safetensors_header import TensorSpec
-    from clpsurgery.formats.writer import CopiedTensor, write_file, write_index
-
-    single = folder / "model.safetensors"
-    moved = folder / "whole.bin"
-    single.rename(moved)
-    first, second = folder / "model-00001-of-00002.safetensors", folder / "model-00002-of-00002.safetensors"
-    with Checkpoint.open(moved) as whole:
-        names = sorted(whole.tensors)
-        groups = {first: [n for n in names if n in (EMBEDDING, "transformer.wpe.weight")], second: [n for n in names if n not in (EMBEDDING, "transformer.wpe.weight")]}
-        weight_map = {}
-        for path, members in groups.items():
-            planned = []
-            for n in members:
-                ref = whole.tensors[n]
-                planned.append(CopiedTensor(TensorSpec(n, ref.info.dtype, ref.info.shape), ref.path, ref.absolute_range()[0]))
-                weight_map[n] = path.name
-            write_file(path, planned)
-        write_index(folder, weight_map, sum(whole.info(n).nbytes for n in names))
-    moved.unlink()
-    return first, second
-
-
-def shared_token_source_id(source: Path, helper: Path) -> int:
-    """The source id of an ordinary token both vocabularies hold (so the target copies its row)."""
-    from tokenizers import Tokenizer
-
-    s = Tokenizer.from_file(str(source / "tokenizer.json")).get_vocab()
-    t = Tokenizer.from_file(str(helper / "tokenizer.json")).get_vocab()
-    token = next(tok for tok in sorted(t) if tok in s and tok.isalpha() and len(tok) > 3)
-    return s[token]
 
 
 def poison_row(path: Path, tensor: str, row: int, value: float) -> None:
