@@ -546,6 +546,42 @@ def test_links_between_the_cache_files_are_fine(offline_cache, llama_source):
     assert resolve_model("org/src", role="source") == snapshot
 
 
+INVALID_MISSING = ["/nope/model", "./missing", "a/b/c", "~/nothing", "../up/and/away", "org/name/", "with space/x"]
+
+
+@pytest.mark.parametrize("spec", INVALID_MISSING)
+def test_a_missing_path_that_is_no_hub_id_says_so_in_our_words(spec):
+    with pytest.raises(SurgeryError) as caught:
+        resolve_model(spec, role="source")
+    line = str(caught.value)
+    assert caught.value.place == spec and line.startswith(f"{spec}: does not exist"), line
+    assert "Hub id" in line and "org/name" in line, line
+    assert "repo_type" not in line and "Repo id must" not in line and "namespace/repo_name" not in line, line
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["init", "--quiet", "{spec}", "org/helper", "out"],
+        ["init", "--quiet", "org/src", "{spec}", "out"],
+        ["inspect", "--quiet", "{spec}"],
+        ["inspect", "--quiet", "org/src", "--against", "{spec}"],
+        ["verify", "--quiet", "out", "--source", "{spec}"],
+        ["apply", "--quiet", "transfer", "{spec}", "out"],
+    ],
+    ids=["SOURCE", "HELPER", "inspect PATH", "--against", "verify --source", "apply SIBLING"],
+)
+def test_every_role_words_a_missing_path_the_same(offline_cache, llama_source, german_helper, capsys, args):
+    add_revision(offline_cache, "org/src", model_files(llama_source))
+    add_revision(offline_cache, "org/helper", model_files(german_helper))
+    for spec in ("/nope/model", "~/nothing"):
+        code, lines = run_cli([a.replace("{spec}", spec) for a in args], capsys)
+        assert code == 1 and len(lines) == 1, lines
+        assert lines[0].startswith(f"error: {spec}: does not exist"), lines[0]
+        assert "repo_type" not in lines[0] and "Repo id must" not in lines[0], lines[0]
+
+
 # --- end to end -----------------------------------------------------------------------------------------
 
 

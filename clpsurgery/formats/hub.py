@@ -79,6 +79,7 @@ OTHER_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "
 NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state")
 # A name that ends like a file is a missing file, never a repository.
 FILE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".gguf", ".model", ".txt")
+NOT_AN_ID = "does not exist, and is not a Hub id (org/name or org/name@revision) either"
 
 
 def allow_patterns(weights: bool = True) -> list[str]:
@@ -89,11 +90,12 @@ def allow_patterns(weights: bool = True) -> list[str]:
 def parse_hub_id(spec: str) -> tuple[str, str | None]:
     """`name`, `org/name` or either with `@revision`, as (repo_id, revision or None).
 
-    Raises SurgeryError when `spec` is not a valid Hub model id."""
+    Raises SurgeryError when `spec` is not a valid Hub model id, in our words: the library's own
+    text speaks of arguments the user never passed."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    def refuse(reason: str) -> SurgeryError:
-        return SurgeryError(spec or "''", f"does not exist, and is not a Hub id (org/name or org/name@revision) either: {reason}")
+    def refuse(reason: str | None = None) -> SurgeryError:
+        return SurgeryError(spec or "''", NOT_AN_ID + (f": {reason}" if reason else ""))
 
     if not spec or not spec.strip():
         raise refuse("it is empty")
@@ -113,8 +115,8 @@ def parse_hub_id(spec: str) -> tuple[str, str | None]:
         raise refuse(f"it names a file ({PurePosixPath(repo_id).name}), and a Hub id names a repository")
     try:
         validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise refuse(str(e).splitlines()[0] if str(e) else "invalid repository id") from None
+    except HFValidationError:
+        raise refuse("clpsurgery does not expand '~', write the home folder out" if spec.startswith("~") else None) from None
     return repo_id, revision or None
 
 
@@ -397,7 +399,7 @@ def _as_surgery_error(e: Exception, spec: str, repo_id: str, revision: str | Non
         status = getattr(getattr(e, "response", None), "status_code", None)
         return SurgeryError(spec, f"the Hub refused {repo_id}{f' (HTTP {status})' if status else ''}: {_first_line(e)}")
     if _is(e, "HFValidationError"):
-        return SurgeryError(spec, f"does not exist, and is not a Hub id (org/name or org/name@revision) either: {_first_line(e)}")
+        return SurgeryError(spec, NOT_AN_ID)  # the library's text names arguments the user never passed
     if _is_network_error(e):
         return SurgeryError(spec, f"cannot reach the Hub for {repo_id} ({type(e).__name__}: {_first_line(e)}); check the connection, or fetch it with {fetch}")
     if isinstance(e, OSError):
