@@ -546,6 +546,26 @@ def test_links_between_the_cache_files_are_fine(offline_cache, llama_source):
     assert resolve_model("org/src", role="source") == snapshot
 
 
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("special_tokens_map.json", b'{"eos_token": "</s>", '),
+        ("special_tokens_map.json", b'["</s>"]'),
+        ("tokenizer_config.json", b"eos_token: </s>\n"),
+        ("added_tokens.json", b"not json"),
+    ],
+)
+def test_a_snapshot_side_file_that_is_not_json_is_refused(offline_cache, tmp_path, llama_source, german_helper, capsys, name, data):
+    add_revision(offline_cache, "org/src", model_files(llama_source))
+    add_revision(offline_cache, "org/helper", {**model_files(german_helper), name: data})
+    out = tmp_path / "out"
+    code, lines = run_cli(["init", "--quiet", "org/src", "org/helper", str(out)], capsys)
+    assert code == 1, lines
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert name in lines[0] and ("not valid JSON" in lines[0] or "not a JSON object" in lines[0]), lines[0]
+    assert not out.exists() and not list(tmp_path.glob("out*"))
+
+
 INVALID_MISSING = ["/nope/model", "./missing", "a/b/c", "~/nothing", "../up/and/away", "org/name/", "with space/x"]
 
 
