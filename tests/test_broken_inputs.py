@@ -270,6 +270,37 @@ def helper_tokenizer_corrupt(env: Env) -> Case:
     return Case(env.source, hlp, env.tmp / "out", str(path), "cannot read the tokenizer")
 
 
+# The JSON files beside a tokenizer travel into OUT as they are: each must be a JSON object.
+
+
+@case
+def helper_special_tokens_map_not_json(env: Env) -> Case:
+    hlp = env.hlp()
+    (hlp / "special_tokens_map.json").write_text('{"eos_token": "</s>", ')
+    return Case(env.source, hlp, env.tmp / "out", str(hlp / "special_tokens_map.json"), "not valid JSON")
+
+
+@case
+def helper_tokenizer_config_not_an_object(env: Env) -> Case:
+    hlp = env.hlp()
+    (hlp / "tokenizer_config.json").write_text('["</s>"]')
+    return Case(env.source, hlp, env.tmp / "out", str(hlp / "tokenizer_config.json"), "not a JSON object")
+
+
+@case
+def helper_added_tokens_not_json(env: Env) -> Case:
+    hlp = env.hlp()
+    (hlp / "added_tokens.json").write_bytes(b"\xff not json")
+    return Case(env.source, hlp, env.tmp / "out", str(hlp / "added_tokens.json"), "not valid JSON")
+
+
+@case
+def source_special_tokens_map_not_json(env: Env) -> Case:
+    src = env.src()
+    (src / "special_tokens_map.json").write_text("eos_token: <|endoftext|>\n")
+    return Case(src, env.helper, env.tmp / "out", str(src / "special_tokens_map.json"), "not valid JSON")
+
+
 @case
 def helper_embedding_too_few_rows(env: Env) -> Case:
     hlp = env.hlp()
