@@ -19,8 +19,8 @@ folders named by the options that shape them, so a rerun skips what is done and 
 Results, with their provenance (commit, machine, date, command): benchmarks/results/quality/
 current.json for the full run (--name full, the default), benchmarks/results/quality_<name>/ for
 another name (quality_smoke for --smoke); the previous current.json moves to archive/. --json-out
-PATH writes them to PATH instead. The plot: <work>/results/<name>.png. The full run's figures go
-to the README.
+PATH writes them to PATH instead. The plot: <work>/results/<name>.png. benchmarks/README.md quotes
+the figures.
 """
 
 from __future__ import annotations
