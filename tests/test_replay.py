@@ -136,3 +136,49 @@ def test_apply_needs_a_record(llama_source, german_helper, tmp_path):
     err = one_line_error(["apply", "--quiet", str(damaged), str(llama_source), str(tmp_path / "c")])
     assert "outside the overlap" in err
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+# A record is input like any file (issue 26): a damaged or edited record, or a sibling of the
+# wrong kind, is refused in one line before anything is written.
+
+
+@pytest.fixture(scope="module")
+def recorded_init(tmp_path_factory, llama_source, german_helper):
+    """An init output with its record (top-k clp on the untied bf16 LLaMA source)."""
+    first = tmp_path_factory.mktemp("recorded") / "init"
+    main(["init", "--quiet", str(llama_source), str(german_helper), str(first)])
+    return first
+
+
+def refused(capsys, args, *named: str) -> str:
+    """Run the CLI in-process: exit code 1 and exactly one `error: ` line naming each of NAMED."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and "internal error" not in err, err
+    for name in named:
+        assert name in err, err
+    return err
+
+
+def nothing_written(out) -> bool:
+    """Neither OUT nor a partial folder beside it."""
+    return not out.exists() and not any(p.name.startswith(f".{out.name}.") for p in out.parent.iterdir())
+
+
+def test_apply_refuses_an_integer_embedding(capsys, recorded_init, llama_source, tmp_path):
+    """A sibling whose embedding is int32 (the shapes agree): init refuses such a source, so
+    apply does too, naming the sibling and the dtype."""
+    from safetensors.torch import save_file
+
+    sibling = tmp_path / "sibling"
+    shutil.copytree(llama_source, sibling)
+    tensors = tensors_of(llama_source)
+    tensors["model.embed_tokens.weight"] = (tensors["model.embed_tokens.weight"].float() * 1000).to(torch.int32)
+    save_file(tensors, str(sibling / "model.safetensors"), metadata={"format": "pt"})
+    before, record_before = tree_hashes(sibling), tree_hashes(recorded_init)
+    out = tmp_path / "out"
+    refused(capsys, ["apply", "--quiet", str(recorded_init), str(sibling), str(out)], str(sibling), "'model.embed_tokens.weight' is I32")
+    assert nothing_written(out) and tree_hashes(sibling) == before and tree_hashes(recorded_init) == record_before

@@ -22,7 +22,7 @@ import numpy as np
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.checkpoint import CheckpointLayout
 from clpsurgery.pipeline.options import TransferOptions
-from clpsurgery.pipeline.plan import TransferPlan, find_source_file, find_source_tokenizer, with_recorded_mixing
+from clpsurgery.pipeline.plan import TransferPlan, check_rebuildable_dtypes, find_source_file, find_source_tokenizer, with_recorded_mixing
 from clpsurgery.vocab.architecture import find_vocab_tensors, read_config
 from clpsurgery.vocab.vocabulary import MATCH_KINDS, Overlap, Vocabulary, load_vocabulary
 
@@ -194,6 +194,7 @@ def make_replay_plan(transfer: Path, sibling: Path, max_memory: int, device: str
         raise SurgeryError(
             sibling, f"its vocabulary tensors differ from the source's: {name!r} is {shapes.get(name, 'absent')}, the transfer was made on {record.source_tensors.get(name, 'absent')}"
         )
+    check_rebuildable_dtypes(layout, tensors, sibling)
     source_vocab = load_vocabulary(find_source_tokenizer(sibling, source_tokenizer), config)
     if vocabulary_sha256(source_vocab) != record.source_vocab_sha256:
         raise SurgeryError(source_vocab.path, "its vocabulary is not the one the transfer was made from (token ids or strings differ)")
