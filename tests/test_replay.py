@@ -255,6 +255,29 @@ def test_apply_refuses_an_old_record_alone(capsys, recorded_init, llama_source, 
     assert nothing_written(out)
 
 
+def _overlap_beyond(arrays) -> None:
+    arrays["overlap.source_ids"][3] = 50257 + 5
+
+
+def _extra_beyond(arrays) -> None:
+    arrays["input.extra_source_ids"] = np.concatenate([arrays["input.extra_source_ids"], np.array([50257 + 5], dtype=np.int64)])
+
+
+@pytest.mark.parametrize("change", [_overlap_beyond, _extra_beyond], ids=["overlap", "extra rows"])
+@pytest.mark.parametrize("fix_checksums", [False, True], ids=["as damaged", "checksums fixed"])
+def test_apply_refuses_source_rows_beyond_the_sibling(capsys, recorded_init, llama_source, change, fix_checksums, tmp_path):
+    """A source row id past the sibling's 50257 rows, in the overlap or the extra rows: with the
+    checksums left as they were it is a damaged record; with them fixed up, the bound is named."""
+    edited = tmp_path / "edited"
+    shutil.copytree(recorded_init, edited)
+    rewrite_record(edited, change, fix_checksums)
+    before, source_before = tree_hashes(edited), tree_hashes(llama_source)
+    out = tmp_path / "out"
+    err = refused(capsys, ["apply", "--quiet", str(edited), str(llama_source), str(out)], str(edited / TRANSFER_NAME))
+    assert ("50257 rows" in err and str(50257 + 5) in err) if fix_checksums else "SHA-256" in err, err
+    assert nothing_written(out) and tree_hashes(edited) == before and tree_hashes(llama_source) == source_before
+
+
 def test_apply_refuses_an_integer_embedding(capsys, recorded_init, llama_source, tmp_path):
     """A sibling whose embedding is int32 (the shapes agree): init refuses such a source, so
     apply does too, naming the sibling and the dtype."""

@@ -235,6 +235,15 @@ def _check_record(path: Path, overlap: Overlap, matrices: dict[str, MixingMatrix
         raise SurgeryError(path, f"is not a consistent transfer record: {problems[0]}")
 
 
+def _check_source_rows(record: RecordedTransfer, rows: int, embedding: str) -> None:
+    """The source rows the record copies (overlap) and mixes (extra rows) must lie in the
+    sibling's rows, or the write stage would fail half way through."""
+    named = {"overlap": record.overlap.source_ids, **{f"{side} mixing's extra": m.extra_source_ids for side, m in record.matrices.items()}}
+    for what, ids in named.items():
+        if ids.size and int(ids.max()) >= rows:
+            raise SurgeryError(record.path, f"its {what} source row {int(ids.max())} is beyond the sibling's {rows} rows of {embedding!r} (0..{rows - 1})")
+
+
 def make_replay_plan(transfer: Path, sibling: Path, max_memory: int, device: str, source_tokenizer: str | None = None, source_config: str | None = None) -> tuple[TransferPlan, dict[str, MixingMatrix]]:
     """The plan of `apply TRANSFER SIBLING`: the recorded overlap and mixing on the sibling's
     tensors, refused in one line where the sibling's vocabulary or shapes differ from the source's."""
@@ -254,6 +263,7 @@ def make_replay_plan(transfer: Path, sibling: Path, max_memory: int, device: str
             sibling, f"its vocabulary tensors differ from the source's: {name!r} is {shapes.get(name, 'absent')}, the transfer was made on {record.source_tensors.get(name, 'absent')}"
         )
     check_rebuildable_dtypes(layout, tensors, sibling)
+    _check_source_rows(record, layout.info(tensors.embedding).rows, tensors.embedding)
     source_vocab = load_vocabulary(find_source_tokenizer(sibling, source_tokenizer), config)
     if vocabulary_sha256(source_vocab) != record.source_vocab_sha256:
         raise SurgeryError(source_vocab.path, "its vocabulary is not the one the transfer was made from (token ids or strings differ)")
