@@ -278,9 +278,9 @@ def test_apply_refuses_source_rows_beyond_the_sibling(capsys, recorded_init, lla
     assert nothing_written(out) and tree_hashes(edited) == before and tree_hashes(llama_source) == source_before
 
 
-def test_apply_refuses_an_integer_embedding(capsys, recorded_init, llama_source, tmp_path):
-    """A sibling whose embedding is int32 (the shapes agree): init refuses such a source, so
-    apply does too, naming the sibling and the dtype."""
+def test_apply_refuses_an_integer_embedding(capsys, recorded_init, llama_source, german_helper, tmp_path):
+    """A sibling whose embedding is int32 (the shapes agree): init refuses such a source, and
+    apply refuses it in the same line, naming the sibling and the dtype."""
     from safetensors.torch import save_file
 
     sibling = tmp_path / "sibling"
@@ -290,5 +290,6 @@ def test_apply_refuses_an_integer_embedding(capsys, recorded_init, llama_source,
     save_file(tensors, str(sibling / "model.safetensors"), metadata={"format": "pt"})
     before, record_before = tree_hashes(sibling), tree_hashes(recorded_init)
     out = tmp_path / "out"
-    refused(capsys, ["apply", "--quiet", str(recorded_init), str(sibling), str(out)], str(sibling), "'model.embed_tokens.weight' is I32")
+    by_init = refused(capsys, ["init", "--quiet", str(sibling), str(german_helper), str(out)], str(sibling), "'model.embed_tokens.weight' is I32")
+    assert refused(capsys, ["apply", "--quiet", str(recorded_init), str(sibling), str(out)]) == by_init
     assert nothing_written(out) and tree_hashes(sibling) == before and tree_hashes(recorded_init) == record_before
