@@ -348,6 +348,15 @@ def _keep_source_specials(source_vocab: Vocabulary, target_vocab: Vocabulary, he
     return extended, helper_config, tuple(sorted(files.items())), kept
 
 
+def check_rebuildable_dtypes(source: CheckpointLayout, tensors: VocabTensors, place: Path) -> None:
+    """The vocabulary tensors a transfer rebuilds are F16, BF16, F32 or F64: init's source and
+    apply's sibling are refused in the same line otherwise."""
+    for name in tensors.names:
+        dtype = source.info(name).dtype
+        if dtype not in FLOAT_DTYPES or dtype.startswith("F8"):
+            raise SurgeryError(place, f"tensor {name!r} is {dtype}; clpsurgery rebuilds F16, BF16, F32 and F64 embeddings")
+
+
 def make_plan(
     source_path: str | Path,
     helper_path: str | Path,
@@ -374,10 +383,7 @@ def make_plan(
     )
     helper_tensors = None if helper is None else find_helper_embedding({n: r.info.shape for n, r in helper.tensors.items()}, str(helper_path), helper_config)
     _check_head_options(source_tensors, source_shapes, options, source_path)
-    for name in source_tensors.names:
-        dtype = source.info(name).dtype
-        if dtype not in FLOAT_DTYPES or dtype.startswith("F8"):
-            raise SurgeryError(source_path, f"tensor {name!r} is {dtype}; clpsurgery rebuilds F16, BF16, F32 and F64 embeddings")
+    check_rebuildable_dtypes(source, source_tensors, source_path)
     if helper is not None and helper.info(helper_tensors.embedding).dtype not in FLOAT_DTYPES:
         raise SurgeryError(helper_path, f"helper embedding {helper_tensors.embedding!r} is {helper.info(helper_tensors.embedding).dtype}, not a float")
 
