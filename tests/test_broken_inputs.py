@@ -28,7 +28,8 @@ import pytest
 
 from clpsurgery.cli import main
 from clpsurgery.formats.output_folder import PARTIAL_TAG
-from conftest import tree_hashes
+from clpsurgery.pipeline.options import DEFAULT_METHOD
+from conftest import copy_tokenizer_only, tree_hashes
 
 EMBEDDING = "transformer.wte.weight"
 
@@ -396,6 +397,21 @@ def inf_in_helper_row(env: Env) -> Case:
     hlp = env.hlp()
     poison_row(hlp / "model.safetensors", EMBEDDING, 5, float("inf"))
     return Case(env.source, hlp, env.tmp / "out", str(hlp), "NaN or Inf in row 5")
+
+
+@case
+def helper_tokenizer_only_default_method(env: Env) -> Case:
+    hlp = copy_tokenizer_only(env.helper, env.tmp / "helper-tokenizer")
+    why = f"--method {DEFAULT_METHOD} needs the helper's weights, and this folder has no .safetensors file; --method fvt needs only its tokenizer"
+    return Case(env.source, hlp, env.tmp / "out", str(hlp), why)
+
+
+@case
+def helper_tokenizer_only_head_method(env: Env) -> Case:
+    # The input side is helper-free; the output head's method is the one that reads the weights.
+    hlp = copy_tokenizer_only(env.helper, env.tmp / "helper-tokenizer")
+    why = "--head-method clp needs the helper's weights, and this folder has no .safetensors file; --head-method fvt needs only its tokenizer"
+    return Case(env.source, hlp, env.tmp / "out", str(hlp), why, ["--method", "fvt", "--untie-head", "--head-method", "clp"], unsaid="--method")
 
 
 @case
