@@ -345,3 +345,24 @@ def test_rows_at_their_own_id_and_moved_rows_in_one_block(gpt2_source, tmp_path)
     manifest = json.loads((out / "clpsurgery.json").read_text())
     assert manifest["vocabulary"]["missing"] == 300 and manifest["weights"]["rows"] == 300
     assert np.isfinite(written[50257:]).all() and not (written[50257:] == 0).all(axis=1).any()
+
+
+@pytest.mark.parametrize("method", ["clp+fvt", "omp"])
+def test_every_progress_bar_reaches_its_total(gpt2_source, german_helper, tmp_path, method):
+    """Each bar's updates sum to its total: a bar that stops short ends at 0% on a terminal."""
+    from contextlib import contextmanager
+
+    from clpsurgery.pipeline.options import TransferOptions
+    from clpsurgery.pipeline.plan import make_plan
+    from clpsurgery.pipeline.transfer import run_transfer
+
+    bars: dict[str, list[int]] = {}
+
+    @contextmanager
+    def recorder(label: str, total: int):
+        done = bars.setdefault(label, [total, 0])
+        yield lambda n: done.__setitem__(1, done[1] + n)
+
+    run_transfer(make_plan(gpt2_source, german_helper, TransferOptions(method=method)), tmp_path / "out", progress=recorder)
+    assert "source pieces" in bars or method == "omp"
+    assert {label: done for label, (total, done) in bars.items()} == {label: total for label, (total, done) in bars.items()}
