@@ -53,6 +53,7 @@ def test_init_output_and_corrupt_manifest(gpt2_source, german_helper, tmp_path):
     main(["init", "--quiet", str(gpt2_source), str(german_helper), str(out)])
     text = format_report(inspect_checkpoint(out))
     assert "clpsurgery init" in text and "copied" in text and "combined" in text
+    assert python_reprs(text) == [], text
     (out / "clpsurgery.json").write_bytes(b"\xff not json")
     result = run_inspect(out)
     assert result.returncode == 1
