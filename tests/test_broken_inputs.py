@@ -28,7 +28,8 @@ import pytest
 
 from clpsurgery.cli import main
 from clpsurgery.formats.output_folder import PARTIAL_TAG
-from conftest import EMBEDDING, Env, shard, shared_token_source_id, tree_hashes
+from clpsurgery.pipeline.options import DEFAULT_METHOD
+from conftest import EMBEDDING, Env, copy_tokenizer_only, shard, shared_token_source_id, tree_hashes
 
 
 # --- building damaged inputs ---------------------------------------------------------------------
@@ -42,6 +43,7 @@ class Case:
     named: str  # what the error line must name (a path or a file name)
     phrase: str  # what it must say
     options: list[str] = field(default_factory=list)
+    unsaid: str | None = None  # what it must not say (advice that cannot work there)
 
     @property
     def args(self) -> list[str]:
@@ -373,11 +375,46 @@ def inf_in_helper_row(env: Env) -> Case:
 
 
 @case
+def helper_tokenizer_only_default_method(env: Env) -> Case:
+    hlp = copy_tokenizer_only(env.helper, env.tmp / "helper-tokenizer")
+    why = f"--method {DEFAULT_METHOD} needs the helper's weights, and this folder has no .safetensors file; --method fvt needs only its tokenizer"
+    return Case(env.source, hlp, env.tmp / "out", str(hlp), why)
+
+
+@case
+def helper_tokenizer_only_head_method(env: Env) -> Case:
+    # The input side is helper-free; the output head's method is the one that reads the weights.
+    hlp = copy_tokenizer_only(env.helper, env.tmp / "helper-tokenizer")
+    why = "--head-method clp needs the helper's weights, and this folder has no .safetensors file; --head-method fvt needs only its tokenizer"
+    return Case(env.source, hlp, env.tmp / "out", str(hlp), why, ["--method", "fvt", "--untie-head", "--head-method", "clp"], unsaid="--method")
+
+
+@case
 def out_exists(env: Env) -> Case:
     out = env.tmp / "out"
     out.mkdir()
     (out / "weeks-of-training.safetensors").write_bytes(b"precious")
-    return Case(env.source, env.helper, out, str(out), "already exists")
+    return Case(env.source, env.helper, out, str(out), "already exists and is not a clpsurgery output", unsaid="--force")
+
+
+@case
+def out_is_a_file(env: Env) -> Case:
+    out = env.tmp / "out"
+    out.write_bytes(b"precious")
+    return Case(env.source, env.helper, out, str(out), "is not a clpsurgery output", unsaid="--force")
+
+
+@case
+def out_is_a_previous_output(env: Env) -> Case:
+    out = previous_output(env)
+    return Case(env.source, env.helper, out, str(out), "a previous clpsurgery output; pass --force to replace it")
+
+
+@case
+def out_ours_but_holds_a_user_file(env: Env) -> Case:
+    out = previous_output(env)
+    (out / "notes-from-fine-tuning.txt").write_text("keep me")
+    return Case(env.source, env.helper, out, str(out), "'notes-from-fine-tuning.txt', which its clpsurgery.json does not list", unsaid="pass --force")
 
 
 @case
@@ -479,6 +516,7 @@ def test_init_rejects(name, gpt2_source, german_helper, tmp_path, capsys):
     assert "Traceback" not in captured.err + captured.out
     assert c.named in lines[0], lines[0]
     assert c.phrase in lines[0], lines[0]
+    assert c.unsaid is None or c.unsaid not in lines[0], lines[0]
     assert {str(p): tree_hashes(p if p.is_dir() else p.parent) for p in (c.source, c.helper)} == inputs_before
     assert snapshot(c.out) == out_before
     assert not partials(tmp_path)

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from clpsurgery.errors import SurgeryError
-from clpsurgery.formats.checkpoint import CheckpointLayout
+from clpsurgery.formats.checkpoint import INDEX_NAME, CheckpointLayout
 from clpsurgery.formats.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
-from clpsurgery.mixing.choices import PIECE_METHODS
+from clpsurgery.mixing.choices import HELPER_FREE_METHODS, PIECE_METHODS
 from clpsurgery.pipeline import memory
 from clpsurgery.pipeline.options import TransferOptions
 from clpsurgery.vocab.architecture import (
@@ -357,6 +357,21 @@ def check_rebuildable_dtypes(source: CheckpointLayout, tensors: VocabTensors, pl
             raise SurgeryError(place, f"tensor {name!r} is {dtype}; clpsurgery rebuilds F16, BF16, F32 and F64 embeddings")
 
 
+def _open_helper(helper_path: Path, options: TransferOptions) -> CheckpointLayout:
+    """The helper's weights; a folder with none (a tokenizer-only helper) is told which method
+    option reads them and that a helper-free method needs only the tokenizer."""
+    if not (helper_path / INDEX_NAME).is_file() and not any(p.is_file() for p in helper_path.glob("*.safetensors")):
+        needing = options.helper_method_flags()
+        verb = "needs" if len(needing) == 1 else "need"
+        free = " ".join(f"{flag} {HELPER_FREE_METHODS[0]}" for flag in needing)
+        raise SurgeryError(
+            helper_path,
+            f"{' and '.join(f'{flag} {m}' for flag, m in needing.items())} {verb} the helper's weights, and this folder has "
+            f"no .safetensors file; {free} needs only its tokenizer",
+        )
+    return CheckpointLayout.open(helper_path)
+
+
 def make_plan(
     source_path: str | Path,
     helper_path: str | Path,
@@ -371,7 +386,7 @@ def make_plan(
     if not helper_path.is_dir():
         what = "the target tokenizer" if helper_free else "weights, tokenizer.json, config.json"
         raise SurgeryError(helper_path, f"the helper must be a model folder ({what})")
-    helper = None if helper_free else CheckpointLayout.open(helper_path)
+    helper = None if helper_free else _open_helper(helper_path, options)
     config_path = find_source_file(source_path, source_config, "config.json", "--source-config")
     config = read_config(config_path)
     generation_config_path = config_path.parent / "generation_config.json"

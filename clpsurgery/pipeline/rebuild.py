@@ -80,8 +80,9 @@ def find_mixings(plan: TransferPlan, source_vocab_pieces, helper: Checkpoint | N
     methods = {side: plan.side_method(side) for side in plan.sides}
     pieces = None
     if set(methods.values()) & set(PIECE_METHODS):
-        with progress("source pieces", int(plan.overlap.missing_ids.size)):
-            pieces = source_vocab_pieces(plan.overlap.missing_ids)
+        with progress("source pieces", int(plan.overlap.missing_ids.size)) as advance:
+            pieces = source_vocab_pieces(plan.overlap.missing_ids)  # one batch encode: the bar fills when it ends
+            advance(len(pieces))
     vectors = None
     if any(m != "fvt" for m in methods.values()):
         vectors = _helper_vectors(plan, helper, result)
