@@ -821,8 +821,9 @@ def _write(source: Side, space: IdSpace, chosen: list[Candidate], merges: list[t
 
 # --- keeping the source's splits --------------------------------------------------------------------
 
-# Source-language words the source's splits are kept on: English, the language of the sources
-# extend is made for, from wordfreq where it is installed (the source's own word tokens always).
+# Source-language words the source's splits are kept on: the source's own word tokens and English,
+# the language of the sources extend is made for, from wordfreq (a dependency, so that the same
+# inputs give the same extension on every install).
 GUARD_LANGUAGE, GUARD_WORDS = "en", 50_000
 RESPLITS = "would re-split source-language words no shorter"
 
@@ -835,14 +836,11 @@ def guard_words(source: Side) -> tuple[list[str], str]:
     texts = [t for t, i in source.vocab.token_to_id.items() if i not in source.vocab.special_ids and not (prefix and t.startswith(prefix))]
     if source.kind == "Unigram":
         texts = [t.replace("▁", " ") for t in texts]
-    origin = "the source's word tokens"
-    try:
-        import wordfreq
-    except ImportError:
-        origin += " (wordfreq is not installed: no other words)"
-    else:
-        texts += wordfreq.top_n_list(GUARD_LANGUAGE, GUARD_WORDS)
-        origin += f" and wordfreq's {GUARD_WORDS} most frequent {GUARD_LANGUAGE!r} words"
+    import wordfreq
+    from importlib.metadata import version
+
+    texts += wordfreq.top_n_list(GUARD_LANGUAGE, GUARD_WORDS)
+    origin = f"the source's word tokens and wordfreq {version('wordfreq')}'s {GUARD_WORDS} most frequent {GUARD_LANGUAGE!r} words"
     # One text of them all, normalised and pre-tokenised at once: the same words, much faster.
     tokenizer, text = source.tokenizer, " ".join(t for t in texts if t.strip())
     if tokenizer.normalizer is not None:
