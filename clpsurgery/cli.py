@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         command = args[0] if args else ""
-        after = "; the output was not written (its partial folder was removed)" if command in ("init", "demo") else ""
+        after = "; the output was not written (its partial folder was removed)" if command in ("init", "extend", "apply", "demo") else ""
         click.echo(f"error: interrupted{after}", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except SurgeryError as e:

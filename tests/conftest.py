@@ -1,13 +1,17 @@
-"""Fixtures: small real checkpoints on disk, with real tokenizers (GPT-2 and a German BPE)."""
+"""Fixtures: small real checkpoints on disk, with real tokenizers (GPT-2 and a German BPE); and the
+helpers test modules share (they import them from here, never from one another)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 GERMAN_VOCAB = 2000
+EMBEDDING = "transformer.wte.weight"  # the GPT-2 fixtures' embedding
 
 # In CI (.ci/run sets CLPSURGERY_STRICT_SKIPS=1) a skipped test fails: a missing dependency must not
 # make tests vanish. Only a skip that names a property of the machine, its reason starting with
@@ -60,6 +65,26 @@ def german_tokenizer():
     from clpsurgery.vocab.vocab_assets import train_german_bpe
 
     return train_german_bpe(vocab_size=GERMAN_VOCAB, n_words=8000)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_folder(tmp_path_factory, gpt2_tokenizer) -> Path:
+    """The real GPT-2 tokenizer's files alone (no model): what load_vocabulary reads."""
+    from clpsurgery.vocab.vocab_assets import save_tokenizer_folder
+
+    folder = tmp_path_factory.mktemp("gpt2-tokenizer")
+    save_tokenizer_folder(gpt2_tokenizer, folder, bos="<|endoftext|>", eos="<|endoftext|>")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def german_tokenizer_folder(tmp_path_factory, german_tokenizer) -> Path:
+    """The German BPE's files alone, with the special tokens the German helper declares."""
+    from clpsurgery.vocab.vocab_assets import save_tokenizer_folder
+
+    folder = tmp_path_factory.mktemp("german-tokenizer")
+    save_tokenizer_folder(german_tokenizer, folder, bos="<s>", eos="</s>", unk="<unk>", pad="<pad>")
+    return folder
 
 
 def save_model(model, folder: Path, tokenizer, **special) -> Path:
@@ -214,3 +239,103 @@ def same_output_files(first: Path, second: Path) -> bool:
 def tree_hashes(folder: Path) -> dict[str, str]:
     """SHA-256 of every file under a folder (to prove inputs were not touched)."""
     return {str(p.relative_to(folder)): sha256_of(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def matrix_source_ids(matrix, overlap_source_ids: np.ndarray) -> np.ndarray:
+    """The source id behind each position of a mixing matrix (overlap rows, then its extra rows)."""
+    return np.concatenate([overlap_source_ids, matrix.extra_source_ids])[matrix.positions]
+
+
+def matrix_rows(matrix, overlap_source_ids: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """The rows a mixing matrix makes from a source embedding, in float64: each new token's
+    weights times the source rows its positions name."""
+    return np.einsum("mw,mwd->md", matrix.weights.astype(np.float64), source[matrix_source_ids(matrix, overlap_source_ids)])
+
+
+# --- copies of the fixtures to damage, and shards (test_broken_inputs, test_verify, test_untie) ---
+
+
+@dataclass
+class Env:
+    """Copies of the fixture models in a test's tmp folder, to damage without touching the fixtures."""
+
+    tmp: Path
+    source: Path  # the session fixtures: never damaged, copied first
+    helper: Path
+
+    def copy(self, folder: Path, name: str) -> Path:
+        target = self.tmp / name
+        shutil.copytree(folder, target)
+        return target
+
+    def src(self) -> Path:
+        return self.copy(self.source, "source")
+
+    def hlp(self) -> Path:
+        return self.copy(self.helper, "helper")
+
+
+def shard(folder: Path) -> tuple[Path, Path]:
+    """Split folder/model.safetensors in two shards plus an index; return (shard 1, shard 2)."""
+    from clpsurgery.formats.checkpoint import Checkpoint
+    from clpsurgery.formats.safetensors_header import TensorSpec
+    from clpsurgery.formats.writer import CopiedTensor, write_file, write_index
+
+    single = folder / "model.safetensors"
+    moved = folder / "whole.bin"
+    single.rename(moved)
+    first, second = folder / "model-00001-of-00002.safetensors", folder / "model-00002-of-00002.safetensors"
+    with Checkpoint.open(moved) as whole:
+        names = sorted(whole.tensors)
+        groups = {first: [n for n in names if n in (EMBEDDING, "transformer.wpe.weight")], second: [n for n in names if n not in (EMBEDDING, "transformer.wpe.weight")]}
+        weight_map = {}
+        for path, members in groups.items():
+            planned = []
+            for n in members:
+                ref = whole.tensors[n]
+                planned.append(CopiedTensor(TensorSpec(n, ref.info.dtype, ref.info.shape), ref.path, ref.absolute_range()[0]))
+                weight_map[n] = path.name
+            write_file(path, planned)
+        write_index(folder, weight_map, sum(whole.info(n).nbytes for n in names))
+    moved.unlink()
+    return first, second
+
+
+def shared_token_source_id(source: Path, helper: Path) -> int:
+    """The source id of an ordinary token both vocabularies hold (so the target copies its row)."""
+    from tokenizers import Tokenizer
+
+    s = Tokenizer.from_file(str(source / "tokenizer.json")).get_vocab()
+    t = Tokenizer.from_file(str(helper / "tokenizer.json")).get_vocab()
+    token = next(tok for tok in sorted(t) if tok in s and tok.isalpha() and len(tok) > 3)
+    return s[token]
+
+
+# --- tensors of any dtype and their bytes (test_checkpoint, test_writer) ---
+
+
+def random_tensor(dtype_name: str, shape: tuple[int, ...], rng: np.random.Generator | int) -> torch.Tensor:
+    """A tensor of arbitrary bit patterns (NaNs included) for floats, 0/1 for BOOL."""
+    from clpsurgery.formats.safetensors_header import DTYPE_SIZES
+    from clpsurgery.pipeline.tensor_io import TORCH_DTYPES
+
+    rng = np.random.default_rng(rng) if isinstance(rng, int) else rng
+    n = math.prod(shape) * DTYPE_SIZES[dtype_name]
+    if n == 0:
+        return torch.empty(shape, dtype=TORCH_DTYPES[dtype_name])
+    raw = rng.integers(0, 256, size=n, dtype=np.uint8)
+    if dtype_name == "BOOL":
+        raw %= 2
+    return torch.from_numpy(raw).view(TORCH_DTYPES[dtype_name]).reshape(shape)
+
+
+def as_bytes(t: torch.Tensor) -> bytes:
+    if t.numel() == 0:
+        return b""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype
+    assert tuple(a.shape) == tuple(b.shape)
+    assert as_bytes(a) == as_bytes(b)

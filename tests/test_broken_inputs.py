@@ -28,30 +28,11 @@ import pytest
 
 from clpsurgery.cli import main
 from clpsurgery.formats.output_folder import PARTIAL_TAG
-from conftest import tree_hashes
-
-EMBEDDING = "transformer.wte.weight"
+from clpsurgery.pipeline.options import DEFAULT_METHOD
+from conftest import EMBEDDING, Env, copy_tokenizer_only, shard, shared_token_source_id, tree_hashes
 
 
 # --- building damaged inputs ---------------------------------------------------------------------
-
-
-@dataclass
-class Env:
-    tmp: Path
-    source: Path  # the session fixtures: never damaged, copied first
-    helper: Path
-
-    def copy(self, folder: Path, name: str) -> Path:
-        target = self.tmp / name
-        shutil.copytree(folder, target)
-        return target
-
-    def src(self) -> Path:
-        return self.copy(self.source, "source")
-
-    def hlp(self) -> Path:
-        return self.copy(self.helper, "helper")
 
 
 @dataclass
@@ -62,6 +43,7 @@ class Case:
     named: str  # what the error line must name (a path or a file name)
     phrase: str  # what it must say
     options: list[str] = field(default_factory=list)
+    unsaid: str | None = None  # what it must not say (advice that cannot work there)
 
     @property
     def args(self) -> list[str]:
@@ -94,42 +76,6 @@ def in_data_order(doc: dict) -> list[str]:
 def shift(doc: dict, name: str, by: int) -> None:
     begin, end = doc[name]["data_offsets"]
     doc[name]["data_offsets"] = [begin + by, end + by]
-
-
-def shard(folder: Path) -> tuple[Path, Path]:
-    """Split folder/model.safetensors in two shards plus an index; return (shard 1, shard 2)."""
-    from clpsurgery.formats.checkpoint import Checkpoint
-    from clpsurgery.formats.safetensors_header import TensorSpec
-    from clpsurgery.formats.writer import CopiedTensor, write_file, write_index
-
-    single = folder / "model.safetensors"
-    moved = folder / "whole.bin"
-    single.rename(moved)
-    first, second = folder / "model-00001-of-00002.safetensors", folder / "model-00002-of-00002.safetensors"
-    with Checkpoint.open(moved) as whole:
-        names = sorted(whole.tensors)
-        groups = {first: [n for n in names if n in (EMBEDDING, "transformer.wpe.weight")], second: [n for n in names if n not in (EMBEDDING, "transformer.wpe.weight")]}
-        weight_map = {}
-        for path, members in groups.items():
-            planned = []
-            for n in members:
-                ref = whole.tensors[n]
-                planned.append(CopiedTensor(TensorSpec(n, ref.info.dtype, ref.info.shape), ref.path, ref.absolute_range()[0]))
-                weight_map[n] = path.name
-            write_file(path, planned)
-        write_index(folder, weight_map, sum(whole.info(n).nbytes for n in names))
-    moved.unlink()
-    return first, second
-
-
-def shared_token_source_id(source: Path, helper: Path) -> int:
-    """The source id of an ordinary token both vocabularies hold (so the target copies its row)."""
-    from tokenizers import Tokenizer
-
-    s = Tokenizer.from_file(str(source / "tokenizer.json")).get_vocab()
-    t = Tokenizer.from_file(str(helper / "tokenizer.json")).get_vocab()
-    token = next(tok for tok in sorted(t) if tok in s and tok.isalpha() and len(tok) > 3)
-    return s[token]
 
 
 def poison_row(path: Path, tensor: str, row: int, value: float) -> None:
@@ -326,6 +272,37 @@ def helper_tokenizer_corrupt(env: Env) -> Case:
     return Case(env.source, hlp, env.tmp / "out", str(path), "cannot read the tokenizer")
 
 
+# The JSON files beside a tokenizer travel into OUT as they are: each must be a JSON object.
+
+
+@case
+def helper_special_tokens_map_not_json(env: Env) -> Case:
+    hlp = env.hlp()
+    (hlp / "special_tokens_map.json").write_text('{"eos_token": "</s>", ')
+    return Case(env.source, hlp, env.tmp / "out", str(hlp / "special_tokens_map.json"), "not valid JSON")
+
+
+@case
+def helper_tokenizer_config_not_an_object(env: Env) -> Case:
+    hlp = env.hlp()
+    (hlp / "tokenizer_config.json").write_text('["</s>"]')
+    return Case(env.source, hlp, env.tmp / "out", str(hlp / "tokenizer_config.json"), "not a JSON object")
+
+
+@case
+def helper_added_tokens_not_json(env: Env) -> Case:
+    hlp = env.hlp()
+    (hlp / "added_tokens.json").write_bytes(b"\xff not json")
+    return Case(env.source, hlp, env.tmp / "out", str(hlp / "added_tokens.json"), "not valid JSON")
+
+
+@case
+def source_special_tokens_map_not_json(env: Env) -> Case:
+    src = env.src()
+    (src / "special_tokens_map.json").write_text("eos_token: <|endoftext|>\n")
+    return Case(src, env.helper, env.tmp / "out", str(src / "special_tokens_map.json"), "not valid JSON")
+
+
 @case
 def helper_embedding_too_few_rows(env: Env) -> Case:
     hlp = env.hlp()
@@ -398,11 +375,46 @@ def inf_in_helper_row(env: Env) -> Case:
 
 
 @case
+def helper_tokenizer_only_default_method(env: Env) -> Case:
+    hlp = copy_tokenizer_only(env.helper, env.tmp / "helper-tokenizer")
+    why = f"--method {DEFAULT_METHOD} needs the helper's weights, and this folder has no .safetensors file; --method fvt needs only its tokenizer"
+    return Case(env.source, hlp, env.tmp / "out", str(hlp), why)
+
+
+@case
+def helper_tokenizer_only_head_method(env: Env) -> Case:
+    # The input side is helper-free; the output head's method is the one that reads the weights.
+    hlp = copy_tokenizer_only(env.helper, env.tmp / "helper-tokenizer")
+    why = "--head-method clp needs the helper's weights, and this folder has no .safetensors file; --head-method fvt needs only its tokenizer"
+    return Case(env.source, hlp, env.tmp / "out", str(hlp), why, ["--method", "fvt", "--untie-head", "--head-method", "clp"], unsaid="--method")
+
+
+@case
 def out_exists(env: Env) -> Case:
     out = env.tmp / "out"
     out.mkdir()
     (out / "weeks-of-training.safetensors").write_bytes(b"precious")
-    return Case(env.source, env.helper, out, str(out), "already exists")
+    return Case(env.source, env.helper, out, str(out), "already exists and is not a clpsurgery output", unsaid="--force")
+
+
+@case
+def out_is_a_file(env: Env) -> Case:
+    out = env.tmp / "out"
+    out.write_bytes(b"precious")
+    return Case(env.source, env.helper, out, str(out), "is not a clpsurgery output", unsaid="--force")
+
+
+@case
+def out_is_a_previous_output(env: Env) -> Case:
+    out = previous_output(env)
+    return Case(env.source, env.helper, out, str(out), "a previous clpsurgery output; pass --force to replace it")
+
+
+@case
+def out_ours_but_holds_a_user_file(env: Env) -> Case:
+    out = previous_output(env)
+    (out / "notes-from-fine-tuning.txt").write_text("keep me")
+    return Case(env.source, env.helper, out, str(out), "'notes-from-fine-tuning.txt', which its clpsurgery.json does not list", unsaid="pass --force")
 
 
 @case
@@ -504,6 +516,7 @@ def test_init_rejects(name, gpt2_source, german_helper, tmp_path, capsys):
     assert "Traceback" not in captured.err + captured.out
     assert c.named in lines[0], lines[0]
     assert c.phrase in lines[0], lines[0]
+    assert c.unsaid is None or c.unsaid not in lines[0], lines[0]
     assert {str(p): tree_hashes(p if p.is_dir() else p.parent) for p in (c.source, c.helper)} == inputs_before
     assert snapshot(c.out) == out_before
     assert not partials(tmp_path)

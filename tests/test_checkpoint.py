@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from clpsurgery.formats.checkpoint import INDEX_NAME, Checkpoint
-from tensor_bytes import as_bytes, assert_same, random_tensor
+from conftest import as_bytes, assert_same, random_tensor
 
 from clpsurgery.formats.writer import write_file
 from clpsurgery.pipeline.tensor_io import as_tensor, planned_from_tensor

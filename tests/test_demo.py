@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from clpsurgery.errors import SurgeryError
 from clpsurgery.pipeline.demo import run_demo
 
 transformers = pytest.importorskip("transformers")
@@ -27,3 +28,15 @@ def test_demo_output_is_a_working_gpt2(tmp_path):
     with pytest.raises(Exception, match="already exists"):
         run_demo(tmp_path / "demo")
     assert run_demo(tmp_path / "demo", force=True) == out
+
+
+def test_demo_suggests_force_only_for_a_previous_demo_folder(tmp_path):
+    """A folder that is not a demo folder is refused with or without --force: never told to pass it."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "thesis.tex").write_text("keep me")
+    for force in (False, True):
+        with pytest.raises(SurgeryError) as info:
+            run_demo(workdir, force=force)
+        assert "is not a previous demo folder" in info.value.problem and "--force" not in info.value.problem
+    assert sorted(p.name for p in workdir.iterdir()) == ["thesis.tex"]

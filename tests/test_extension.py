@@ -397,6 +397,53 @@ def test_minilm_wordpiece_extended(minilm_folder, minilm_extension, minilm_exten
         assert extended.decode(a) == source.decode(b) or a.count(unk) < b.count(unk)
 
 
+def naive_encoding(source_folder: Path, new_entries: list[str], word: str) -> list[str]:
+    """A word's pieces under the source's WordPiece with entries simply appended (no guard)."""
+    doc = json.loads((source_folder / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = doc["model"]["vocab"]
+    vocab.update({t: len(vocab) + k for k, t in enumerate(t for t in new_entries if t not in vocab)})
+    return library(json.dumps(doc).encode()).encode(word, add_special_tokens=False).tokens
+
+
+def test_wordpiece_extension_keeps_the_source_split_of_english_words(minilm_folder, german_wordpiece_folder, german_text, english_text, tmp_path):
+    """Issue 26: longest match first re-split `instruct` (ins ##truct -> instru ##ct) and made
+    `Ostendorff` longer once German entries were added. The entries that would do so are left out;
+    German still encodes shorter, and the model library encodes the written folder the same."""
+    doc = json.loads((german_wordpiece_folder / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = {t: i for t, i in doc["model"]["vocab"].items() if t != "osten"}
+    vocab.setdefault("instru", max(vocab.values()) + 1)
+    doc["model"]["vocab"] = vocab
+    (tmp_path / "german").mkdir()
+    (tmp_path / "german" / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    source = library(minilm_folder / "tokenizer.json")
+    pieces = {w: source.encode(w, add_special_tokens=False).tokens for w in ("instruct", "Ostendorff")}
+    assert pieces == {"instruct": ["ins", "##truct"], "Ostendorff": ["os", "##ten", "##dorff"]}
+    # Appended as they are, the German entries re-split both words, one of them longer.
+    naive = {w: naive_encoding(minilm_folder, list(vocab), w) for w in pieces}
+    assert naive == {"instruct": ["instru", "##ct"], "Ostendorff": ["ost", "##end", "##orf", "##f"]}
+
+    ext = extend_tokenizer(minilm_folder, tmp_path / "german")
+    assert "instru" not in ext.new_tokens and "ost" not in ext.new_tokens
+    assert ext.skipped["would re-split source-language words no shorter"] > 0 and any("source's splits" in n for n in ext.notes)
+    extended = library(ext.files["tokenizer.json"])
+    assert {w: extended.encode(w, add_special_tokens=False).tokens for w in pieces} == pieces
+    # No English word of the sample encodes differently and no shorter, nor with more [UNK].
+    words = sorted({w for text in english_text for w, _ in source.pre_tokenizer.pre_tokenize_str(source.normalizer.normalize_str(text))})
+    before = [e.ids for e in source.encode_batch(words, add_special_tokens=False)]
+    after = [e.ids for e in extended.encode_batch(words, add_special_tokens=False)]
+    assert all(a == b or len(a) < len(b) for a, b in zip(after, before))
+    assert fertility(ext.files["tokenizer.json"], german_text).tokens < 0.85 * fertility((minilm_folder / "tokenizer.json").read_bytes(), german_text).tokens
+
+    try:
+        import transformers
+    except ImportError:
+        pytest.skip("environment: transformers is not installed")
+    out = write(ext, tmp_path / "out")
+    loaded = transformers.AutoTokenizer.from_pretrained(str(out))
+    for text in ["Please instruct Mr Ostendorff to read the instructions.", *GERMAN_SENTENCES, *ENGLISH_SENTENCES]:
+        assert loaded(text, add_special_tokens=False)["input_ids"] == extended.encode(text, add_special_tokens=False).ids
+
+
 # --- the model library loads every written folder ---------------------------------------------------
 
 

@@ -109,6 +109,21 @@ def header_length_max_u64(d: Path) -> Case:
 
 
 @case
+def text_file_not_safetensors(d: Path) -> Case:
+    # A README given as SOURCE: its first 8 bytes read as a length in the quintillions.
+    p = d / "README.md"
+    p.write_text("# clpsurgery\n\nCLP-Transfer as weight surgery on safetensors files.\n" * 20)
+    return Case(p, p, "not a safetensors file")
+
+
+@case
+def text_length_past_end_not_safetensors(d: Path) -> Case:
+    # A small length that still runs past the end, and no JSON object after it.
+    p = raw_file(d / "notes.safetensors", b"plain text, not a header", n=4096)
+    return Case(p, p, "not a safetensors file")
+
+
+@case
 def header_not_json(d: Path) -> Case:
     p = raw_file(d / "notjson.safetensors", b"this is not json at all!")
     return Case(p, p, "header is not valid JSON")
@@ -479,6 +494,7 @@ def hostile_model_safetensors_in_folder(d: Path) -> Case:
 CLI_CASES = sorted(
     [
         "shorter_than_8_bytes",
+        "text_file_not_safetensors",
         "header_length_beyond_file",
         "header_length_over_limit",
         "header_not_json",

@@ -447,6 +447,161 @@ def test_a_bug_is_not_disguised(monkeypatch):
         resolve_model("org/name", role="source")
 
 
+# --- what a snapshot's links point at, what its side files hold -----------------------------------------
+
+OUTSIDE_MARK = b"OUTSIDE-THE-CACHE-7f3a"
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, list[str]]:
+    """`clpsurgery ARGS` in this process: the exit code and the stderr lines."""
+    from clpsurgery.cli import main
+
+    capsys.readouterr()
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    return code, capsys.readouterr().err.splitlines()
+
+
+def files_holding(folder: Path, data: bytes, but: tuple[Path, ...]) -> list[Path]:
+    """Files under `folder` (not under `but`) whose bytes contain `data`."""
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and not p.is_symlink() and not any(p.is_relative_to(b) for b in but) and data in p.read_bytes()
+    )
+
+
+def link_outside(snapshot: Path, name: str, target: Path) -> None:
+    """Replace (or add) snapshot/name with a symlink to a file outside the cache."""
+    link = snapshot / name
+    if link.exists() or link.is_symlink():
+        link.unlink()
+    link.symlink_to(target)
+
+
+@pytest.mark.parametrize(
+    ("role", "name", "content"),
+    [
+        ("helper", "special_tokens_map.json", b'{"eos_token": "</s>", "note": "%s"}'),
+        ("helper", "tokenizer_config.json", b'{"eos_token": "</s>", "note": "%s"}'),
+        ("helper", "chat_template.jinja", b"{{ messages }} %s"),
+        ("source", "chat_template.jinja", b"{{ messages }} %s"),
+        ("source", "generation_config.json", b'{"max_new_tokens": 3, "note": "%s"}'),
+        ("source", "model.safetensors", None),
+    ],
+)
+def test_a_snapshot_file_linked_outside_the_cache_is_refused(offline_cache, tmp_path, llama_source, german_helper, capsys, role, name, content):
+    """A snapshot file is the library's symlink into the repository's blobs/: one that points
+    anywhere else is refused by name before anything is read through it or written."""
+    src = add_revision(offline_cache, "org/src", model_files(llama_source))
+    helper = add_revision(offline_cache, "org/helper", model_files(german_helper))
+    outside = tmp_path / "elsewhere" / name
+    outside.parent.mkdir()
+    if content is None:  # weights: a real checkpoint, so only the link can be what is wrong
+        outside.write_bytes((llama_source / name).read_bytes())
+        mark = outside.read_bytes()[8:200]
+    else:
+        outside.write_bytes(content.replace(b"%s", OUTSIDE_MARK))
+        mark = OUTSIDE_MARK
+    link_outside(src if role == "source" else helper, name, outside)
+    out = tmp_path / "out"
+    code, lines = run_cli(["init", "--quiet", "org/src", "org/helper", str(out)], capsys)
+    assert code == 1, lines
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert name in lines[0] and "points outside the Hugging Face cache" in lines[0], lines[0]
+    assert not out.exists() and not any(p.name.startswith("out") for p in tmp_path.iterdir() if p != out)
+    assert files_holding(tmp_path, mark, but=(outside, *([offline_cache] if content is None else []))) == []  # the weights' own blob aside
+    with pytest.raises(SurgeryError, match="points outside the Hugging Face cache"):
+        resolve_model("org/src" if role == "source" else "org/helper", role=role, weights=name.endswith(".safetensors") or role == "source")
+
+
+def test_a_snapshot_given_as_a_path_is_held_to_the_same_links(offline_cache, tmp_path, llama_source, german_helper, capsys):
+    """The cache's snapshot folder typed as a path is still the cache: the same check."""
+    add_revision(offline_cache, "org/src", model_files(llama_source))
+    helper = add_revision(offline_cache, "org/helper", model_files(german_helper))
+    outside = tmp_path / "special_tokens_map.json"
+    outside.write_bytes(b'{"eos_token": "%s"}' % OUTSIDE_MARK)
+    link_outside(helper, "special_tokens_map.json", outside)
+    out = tmp_path / "out"
+    code, lines = run_cli(["init", "--quiet", "org/src", str(helper), str(out)], capsys)
+    assert code == 1 and len(lines) == 1, lines
+    assert "special_tokens_map.json" in lines[0] and "points outside the Hugging Face cache" in lines[0], lines[0]
+    assert not out.exists() and files_holding(tmp_path, OUTSIDE_MARK, but=(outside,)) == []
+
+
+def test_links_between_the_cache_files_are_fine(offline_cache, llama_source):
+    """The library's own layout passes the check: absolute links into blobs/, and plain files
+    (what it writes where the file system has no symlinks)."""
+    snapshot = add_revision(offline_cache, "org/src", model_files(llama_source))
+    config = snapshot / "config.json"
+    blob = config.resolve()
+    config.unlink()
+    config.symlink_to(blob)  # absolute, still into blobs/
+    tokenizer = snapshot / "tokenizer.json"
+    data = tokenizer.read_bytes()
+    tokenizer.unlink()
+    tokenizer.write_bytes(data)  # a plain file of the snapshot
+    assert resolve_model("org/src", role="source") == snapshot
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("special_tokens_map.json", b'{"eos_token": "</s>", '),
+        ("special_tokens_map.json", b'["</s>"]'),
+        ("tokenizer_config.json", b"eos_token: </s>\n"),
+        ("added_tokens.json", b"not json"),
+    ],
+)
+def test_a_snapshot_side_file_that_is_not_json_is_refused(offline_cache, tmp_path, llama_source, german_helper, capsys, name, data):
+    add_revision(offline_cache, "org/src", model_files(llama_source))
+    add_revision(offline_cache, "org/helper", {**model_files(german_helper), name: data})
+    out = tmp_path / "out"
+    code, lines = run_cli(["init", "--quiet", "org/src", "org/helper", str(out)], capsys)
+    assert code == 1, lines
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert name in lines[0] and ("not valid JSON" in lines[0] or "not a JSON object" in lines[0]), lines[0]
+    assert not out.exists() and not list(tmp_path.glob("out*"))
+
+
+INVALID_MISSING = ["/nope/model", "./missing", "a/b/c", "~/nothing", "../up/and/away", "org/name/", "with space/x"]
+
+
+@pytest.mark.parametrize("spec", INVALID_MISSING)
+def test_a_missing_path_that_is_no_hub_id_says_so_in_our_words(spec):
+    with pytest.raises(SurgeryError) as caught:
+        resolve_model(spec, role="source")
+    line = str(caught.value)
+    assert caught.value.place == spec and line.startswith(f"{spec}: does not exist"), line
+    assert "Hub id" in line and "org/name" in line, line
+    assert "repo_type" not in line and "Repo id must" not in line and "namespace/repo_name" not in line, line
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["init", "--quiet", "{spec}", "org/helper", "out"],
+        ["init", "--quiet", "org/src", "{spec}", "out"],
+        ["inspect", "--quiet", "{spec}"],
+        ["inspect", "--quiet", "org/src", "--against", "{spec}"],
+        ["verify", "--quiet", "out", "--source", "{spec}"],
+        ["apply", "--quiet", "transfer", "{spec}", "out"],
+    ],
+    ids=["SOURCE", "HELPER", "inspect PATH", "--against", "verify --source", "apply SIBLING"],
+)
+def test_every_role_words_a_missing_path_the_same(offline_cache, llama_source, german_helper, capsys, args):
+    add_revision(offline_cache, "org/src", model_files(llama_source))
+    add_revision(offline_cache, "org/helper", model_files(german_helper))
+    for spec in ("/nope/model", "~/nothing"):
+        code, lines = run_cli([a.replace("{spec}", spec) for a in args], capsys)
+        assert code == 1 and len(lines) == 1, lines
+        assert lines[0].startswith(f"error: {spec}: does not exist"), lines[0]
+        assert "repo_type" not in lines[0] and "Repo id must" not in lines[0], lines[0]
+
+
 # --- end to end -----------------------------------------------------------------------------------------
 
 

@@ -347,3 +347,47 @@ def test_rows_at_their_own_id_and_moved_rows_in_one_block(gpt2_source, tmp_path)
     manifest = json.loads((out / "clpsurgery.json").read_text())
     assert manifest["vocabulary"]["missing"] == 300 and manifest["weights"]["rows"] == 300
     assert np.isfinite(written[50257:]).all() and not (written[50257:] == 0).all(axis=1).any()
+
+
+@pytest.mark.parametrize("method", ["clp+fvt", "omp"])
+def test_every_progress_bar_reaches_its_total(gpt2_source, german_helper, tmp_path, method):
+    """Each bar's updates sum to its total: a bar that stops short ends at 0% on a terminal."""
+    from contextlib import contextmanager
+
+    import clpsurgery
+
+    bars: dict[str, list[int]] = {}
+
+    @contextmanager
+    def recorder(label: str, total: int):
+        done = bars.setdefault(label, [total, 0])
+        yield lambda n: done.__setitem__(1, done[1] + n)
+
+    clpsurgery.init(gpt2_source, german_helper, tmp_path / "out", clpsurgery.TransferOptions(method=method), progress=recorder)
+    assert "source pieces" in bars or method == "omp"
+    assert {label: done for label, (total, done) in bars.items()} == {label: total for label, (total, done) in bars.items()}
+
+
+def test_a_helper_configs_null_ids_are_not_copied(llama_source, german_helper, tmp_path):
+    """A helper whose config.json says `"bos_token_id": null` (and the like) gives no id: OUT's ids
+    come from the target tokenizer (the source's token by its string, else the token the target
+    tokenizer declares for that role), a field the source lacks is not added as null, and an id
+    the source leaves null stays null."""
+    helper = tmp_path / "helper"
+    shutil.copytree(german_helper, helper)
+    config = json.loads((helper / "config.json").read_text())
+    config.update({"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "unk_token_id": None, "sep_token_id": None})
+    (helper / "config.json").write_text(json.dumps(config))
+    source_config = json.loads((llama_source / "config.json").read_text())
+    assert "unk_token_id" not in source_config and "sep_token_id" not in source_config
+    out = tmp_path / "out"
+    run_init(llama_source, helper, out, "--method", "clp")
+    written = json.loads((out / "config.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    # <|endoftext|> is not a German token; the German tokenizer's bos and eos are <s> and </s>.
+    assert (written["bos_token_id"], written["eos_token_id"]) == (0, 1)
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (0, 1)
+    for doc in (written, generation):
+        assert "unk_token_id" not in doc and "sep_token_id" not in doc
+    assert ("pad_token_id" in written, written.get("pad_token_id")) == ("pad_token_id" in source_config, None)
+    assert "pad_token_id" not in generation

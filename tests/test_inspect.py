@@ -53,6 +53,7 @@ def test_init_output_and_corrupt_manifest(gpt2_source, german_helper, tmp_path):
     main(["init", "--quiet", str(gpt2_source), str(german_helper), str(out)])
     text = format_report(inspect_checkpoint(out))
     assert "clpsurgery init" in text and "copied" in text and "combined" in text
+    assert python_reprs(text) == [], text
     (out / "clpsurgery.json").write_bytes(b"\xff not json")
     result = run_inspect(out)
     assert result.returncode == 1
@@ -95,3 +96,33 @@ def test_inspect_against_plans_what_init_runs(gpt2_source, german_helper, tmp_pa
     assert report["would_write"]["vocab_size"] == manifest["vocabulary"]["written_vocab_size"]
     assert report["would_write"]["vocab_size"] % 64 == 0
     assert report["would_write"]["neighbours_per_token"] == 3
+
+
+def python_reprs(text: str) -> list[str]:
+    """What a Python dict, list of strings or None looks like printed raw (a token's own text,
+    in quotes, may say None)."""
+    import re
+
+    return re.findall(r"\{'|\['|(?<![\w'])None\b", text)
+
+
+def test_text_reports_print_no_python_reprs(gpt2_source, german_helper, llama_source, tmp_path):
+    """`inspect` and `inspect --against` are for people: roles as `eos=1, bos=0`, a config's null
+    ids as `none`, architectures as names; no raw dicts, lists or None."""
+    from clpsurgery import inspect
+    from clpsurgery.pipeline.inspection import format_transfer_report
+    from clpsurgery.pipeline.options import TransferOptions
+    from conftest import copy_tokenizer_only
+
+    tokenizer_only = copy_tokenizer_only(german_helper, tmp_path / "tokenizer")
+    against = [
+        format_transfer_report(inspect(gpt2_source, german_helper, TransferOptions())),
+        format_transfer_report(inspect(llama_source, german_helper, TransferOptions(method="clp", top_k=None))),
+        format_transfer_report(inspect(gpt2_source, tokenizer_only, TransferOptions(method="fvt"))),
+    ]
+    for text in against:
+        assert python_reprs(text) == [], text
+    assert "roles eos=1, bos=0, unk=2, pad=3" in against[0], against[0]
+    checkpoint = format_report(inspect_checkpoint(gpt2_source))  # its config.json has pad_token_id null
+    assert python_reprs(checkpoint) == [], checkpoint
+    assert "pad_token_id=none" in checkpoint and "GPT2LMHeadModel" in checkpoint

@@ -1,14 +1,15 @@
 """Interrupted conversions: SIGINT, SIGTERM and SIGKILL during the search, the combine and the copy.
 
-Each run is a real `clpsurgery init` process on the fixture models. To hit a stage every time
+Each run is a real `clpsurgery init`, `extend` or `apply` process on the fixture models. To hit a stage every time
 (not "after about 2 seconds"), the run is started with the test hook CLPSURGERY_PAUSE_AT
 (clpsurgery/stage_hooks.py): on reaching the named point it prints `clpsurgery: paused at ...`
 and waits there, with that stage's work half done (the partial output folder exists, the output
 files are laid out, the copies or rebuilt rows partly written); the test sends the signal as soon
 as it reads that line.
 
-After SIGINT or SIGTERM: exit code 130, one line on stderr, the partial folder removed, OUT absent.
-After SIGKILL: OUT absent, the partial folder left behind (nothing can remove it); the next run
+After SIGINT or SIGTERM: exit code 130, one line on stderr, the partial folder removed, OUT absent;
+for init at each stage, for extend and apply at each stage they pass (apply has no search), with
+both signals. After SIGKILL (init): OUT absent, the partial folder left behind (nothing can remove it); the next run
 recognises it (its process is gone), removes it and succeeds.
 """
 
@@ -42,6 +43,14 @@ RUNS = [
     ("copy", signal.SIGINT),
     ("copy", signal.SIGKILL),
 ]
+# extend and apply: both signals at each stage the command passes.
+COMMAND_RUNS = [
+    (command, point, sig)
+    for command, points in (("extend", ("search", "combine", "copy")), ("apply", ("combine", "copy")))
+    for point in points
+    for sig in (signal.SIGINT, signal.SIGTERM)
+]
+INTERRUPTED_LINE = "error: interrupted; the output was not written (its partial folder was removed)"
 
 
 @dataclass(frozen=True)
@@ -59,11 +68,12 @@ def partials(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if PARTIAL_TAG in p.name)
 
 
-def interrupt(source: Path, helper: Path, folder: Path, point: str, sig: signal.Signals) -> Interrupted:
+def interrupt(args: list, folder: Path, point: str, sig: signal.Signals) -> Interrupted:
+    """Run `clpsurgery ARGS... folder/out`, paused at `point`, and send it `sig` there."""
     out = folder / "out"
     env = dict(os.environ, CLPSURGERY_PAUSE_AT=POINTS[point], CLPSURGERY_PAUSE_SECONDS="120")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "clpsurgery", "init", "--quiet", "--top-k", "8", str(source), str(helper), str(out)],
+        [sys.executable, "-m", "clpsurgery", *map(str, args), str(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -100,7 +110,7 @@ def interrupted(gpt2_source, german_helper, tmp_path_factory) -> dict[tuple[str,
         point, sig = item
         folder = base / f"{point}-{sig.name}"
         folder.mkdir()
-        return (point, int(sig)), interrupt(gpt2_source, german_helper, folder, point, sig)
+        return (point, int(sig)), interrupt(["init", "--quiet", "--top-k", "8", gpt2_source, german_helper], folder, point, sig)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(pool.map(run, RUNS))
@@ -113,6 +123,40 @@ def test_interrupt_cleans_up(interrupted, point, sig):
     r = interrupted[(point, int(sig))]
     assert r.returncode == 130, (r.before, r.after)
     assert r.after == ["error: interrupted; the output was not written (its partial folder was removed)"], r.after
+    assert not r.out.exists()
+    assert r.partials == []
+
+
+@pytest.fixture(scope="module")
+def interrupted_commands(gpt2_source, german_helper, tmp_path_factory) -> dict[tuple[str, str, int], Interrupted]:
+    """extend and apply interrupted at each of their stages; apply replays an init output of the
+    GPT-2 source on the source itself."""
+    base = tmp_path_factory.mktemp("interrupt-commands")
+    transfer = base / "transfer"
+    main(["init", "--quiet", "--top-k", "8", str(gpt2_source), str(german_helper), str(transfer)])
+    inputs_before = tree_hashes(gpt2_source), tree_hashes(german_helper), tree_hashes(transfer)
+    commands = {
+        "extend": ["extend", "--quiet", "--top-k", "8", gpt2_source, german_helper],
+        "apply": ["apply", "--quiet", transfer, gpt2_source],
+    }
+
+    def run(item):
+        command, point, sig = item
+        folder = base / f"{command}-{point}-{sig.name}"
+        folder.mkdir()
+        return (command, point, int(sig)), interrupt(commands[command], folder, point, sig)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(pool.map(run, COMMAND_RUNS))
+    assert (tree_hashes(gpt2_source), tree_hashes(german_helper), tree_hashes(transfer)) == inputs_before
+    return results
+
+
+@pytest.mark.parametrize("command,point,sig", COMMAND_RUNS, ids=lambda v: getattr(v, "name", v))
+def test_interrupting_extend_and_apply_cleans_up(interrupted_commands, command, point, sig):
+    r = interrupted_commands[(command, point, int(sig))]
+    assert r.returncode == 130, (r.before, r.after)
+    assert r.after == [INTERRUPTED_LINE], r.after
     assert not r.out.exists()
     assert r.partials == []
 

@@ -21,8 +21,7 @@ from clpsurgery.pipeline.tensor_io import as_tensor
 from clpsurgery.pipeline.verify import verify_output
 from clpsurgery.vocab.vocabulary import load_vocabulary
 
-from test_broken_inputs import shard
-from test_verify import Env
+from conftest import Env, shard
 
 
 def tensor(folder, name) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 
 from clpsurgery.cli import main
 from clpsurgery.pipeline.verify import verify_output
-from test_broken_inputs import EMBEDDING, Env, shard, shared_token_source_id
+from conftest import EMBEDDING, Env, shard, shared_token_source_id
 
 
 def run(args: list[str]) -> int:

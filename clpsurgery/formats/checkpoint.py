@@ -324,13 +324,14 @@ def _check_shard_name(index_path: Path, root: Path, tensor: str, shard: object) 
         raise SurgeryError(index_path, f"weight_map entry for {tensor!r} is not a file name: {shard!r}")
     if os.path.isabs(shard) or "/" in shard or "\\" in shard or shard in (".", "..") or "\x00" in shard:
         raise SurgeryError(index_path, f"weight_map entry for {tensor!r} points outside the folder: {shard!r}")
-    resolved = (root / shard).resolve()
-    if resolved.parent != root.resolve() and not _hub_cache_blob(root, shard, resolved):
+    if (root / shard).resolve().parent != root.resolve() and not in_hub_cache_blobs(root, shard):
         raise SurgeryError(index_path, f"weight_map entry for {tensor!r} points outside the folder: {shard!r}")
 
 
-def _hub_cache_blob(root: Path, shard: str, resolved: Path) -> bool:
-    """The Hugging Face cache's own layout: every file of models--org--name/snapshots/<commit>/ is
-    a symlink into the repository's blobs/ folder, where the shard itself lives."""
-    snapshots = root.resolve().parent
-    return (root / shard).is_symlink() and snapshots.name == "snapshots" and resolved.parent == snapshots.parent / "blobs"
+def in_hub_cache_blobs(folder: Path, name: str) -> bool:
+    """`folder/name` is a file of the Hugging Face cache in its own layout: `folder` is a
+    models--org--name/snapshots/<commit>/ folder and the file a symlink into that repository's
+    blobs/ folder, where the bytes themselves live."""
+    snapshots = folder.resolve().parent
+    path = folder / name
+    return path.is_symlink() and snapshots.name == "snapshots" and path.resolve().parent == (snapshots.parent / "blobs").resolve()

@@ -22,10 +22,15 @@
   listing (trees/<commit>.json, huggingface_hub 2.x) also check that every listed file the patterns
   select is present, which is why the patterns name only what init reads.
 
+Every file of a snapshot that clpsurgery may read must be the cache's own: the library's symlink
+into the repository's blobs/ folder (or a plain file of the snapshot). A link that points anywhere
+else is one line naming the file, before anything is read through it; a snapshot folder typed as a
+path is held to the same rule.
+
 A single file inside a repository (`org/name/model.safetensors`) is not supported: a Hub id names
 a repository, and SOURCE is then the repository's snapshot folder.
 
-Every failure is one SurgeryError naming `spec`: not a path and not an id, not in the cache while
+Every other failure is one SurgeryError naming `spec`: not a path and not an id, not in the cache while
 offline, repository not found or gated, revision not found, the Hub unreachable, or a repository
 that holds no .safetensors weights (PyTorch .bin pickles are named when the listing shows them).
 
@@ -43,7 +48,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from clpsurgery.errors import SurgeryError
-from clpsurgery.formats.checkpoint import INDEX_NAME, SINGLE_NAME
+from clpsurgery.formats.checkpoint import INDEX_NAME, SINGLE_NAME, in_hub_cache_blobs
 from clpsurgery.formats.output_folder import MANIFEST_NAME
 
 # What init reads from a model folder besides its weights. The tokenizer names are
@@ -74,6 +79,7 @@ OTHER_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "
 NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state")
 # A name that ends like a file is a missing file, never a repository.
 FILE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".gguf", ".model", ".txt")
+NOT_AN_ID = "does not exist, and is not a Hub id (org/name or org/name@revision) either"
 
 
 def allow_patterns(weights: bool = True) -> list[str]:
@@ -84,11 +90,12 @@ def allow_patterns(weights: bool = True) -> list[str]:
 def parse_hub_id(spec: str) -> tuple[str, str | None]:
     """`name`, `org/name` or either with `@revision`, as (repo_id, revision or None).
 
-    Raises SurgeryError when `spec` is not a valid Hub model id."""
+    Raises SurgeryError when `spec` is not a valid Hub model id, in our words: the library's own
+    text speaks of arguments the user never passed."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    def refuse(reason: str) -> SurgeryError:
-        return SurgeryError(spec or "''", f"does not exist, and is not a Hub id (org/name or org/name@revision) either: {reason}")
+    def refuse(reason: str | None = None) -> SurgeryError:
+        return SurgeryError(spec or "''", NOT_AN_ID + (f": {reason}" if reason else ""))
 
     if not spec or not spec.strip():
         raise refuse("it is empty")
@@ -108,8 +115,8 @@ def parse_hub_id(spec: str) -> tuple[str, str | None]:
         raise refuse(f"it names a file ({PurePosixPath(repo_id).name}), and a Hub id names a repository")
     try:
         validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise refuse(str(e).splitlines()[0] if str(e) else "invalid repository id") from None
+    except HFValidationError:
+        raise refuse("clpsurgery does not expand '~', write the home folder out" if spec.startswith("~") else None) from None
     return repo_id, revision or None
 
 
@@ -130,6 +137,9 @@ def resolve_model(
     text = os.fspath(spec)
     local = Path(text)
     if text and (local.exists() or local.is_symlink()):
+        folder = local if local.is_dir() else local.parent
+        if is_snapshot_folder(folder):  # the cache typed as a path is still the cache
+            check_snapshot_files(folder, weights=weights)
         return local  # the filesystem first: a local folder named like org/name wins
     repo_id, revision = parse_hub_id(text)
     folder = _snapshot(text, repo_id, revision, role=role, quiet=quiet, weights=weights, cache_dir=cache_dir)
@@ -147,14 +157,40 @@ def _snapshot(spec: str, repo_id: str, revision: str | None, *, role: str, quiet
         with _hub_errors(spec, repo_id, revision, found=False):
             # First the small files: the index says which shards init will read.
             folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=list(SIDE_FILES)))
+        check_snapshot_files(folder, weights=False)  # before the index is read, or any weights fetched
         if not weights:
             return folder
         commit = folder.name  # the snapshot folder is named by its commit: both steps read the same one
         patterns = _weight_patterns(folder, repo_id, commit, cache)
         with _hub_errors(spec, repo_id, revision, found=True):
             folder = Path(snapshot_download(repo_id, revision=commit, cache_dir=cache, allow_patterns=patterns, ignore_patterns=list(SUBFOLDER_PATTERNS)))
+    check_snapshot_files(folder, weights=True)
     _check_weights(spec, folder, repo_id, revision, commit, cache, role)
     return folder
+
+
+def is_snapshot_folder(folder: Path) -> bool:
+    """A models--org--name/snapshots/<commit>/ folder of the Hugging Face cache."""
+    resolved = folder.resolve()
+    return resolved.is_dir() and resolved.parent.name == "snapshots" and (resolved.parent.parent / "blobs").is_dir()
+
+
+def check_snapshot_files(folder: Path, *, weights: bool) -> None:
+    """Every file of a snapshot that clpsurgery may read (what `allow_patterns` names) is the
+    cache's own: the library's symlink into the repository's blobs/, or a plain file of the
+    snapshot (where the file system has no symlinks, the library leaves the file there). A link
+    anywhere else would be followed, and its target's bytes copied into the output."""
+    patterns = allow_patterns(weights)
+    for path in sorted(folder.iterdir()):
+        if not path.is_symlink() or not any(fnmatch.fnmatchcase(path.name, p) for p in patterns):
+            continue
+        if not in_hub_cache_blobs(folder, path.name):
+            repository = folder.resolve().parent.parent
+            raise SurgeryError(
+                path,
+                f"points outside the Hugging Face cache (a link to {os.readlink(path)}, not into {repository.name}/blobs/); "
+                f"clpsurgery reads a snapshot's files from there only: remove the link and fetch the repository again, or pass a folder of your own",
+            )
 
 
 def _index_shards(folder: Path) -> list[str] | None:
@@ -363,7 +399,7 @@ def _as_surgery_error(e: Exception, spec: str, repo_id: str, revision: str | Non
         status = getattr(getattr(e, "response", None), "status_code", None)
         return SurgeryError(spec, f"the Hub refused {repo_id}{f' (HTTP {status})' if status else ''}: {_first_line(e)}")
     if _is(e, "HFValidationError"):
-        return SurgeryError(spec, f"does not exist, and is not a Hub id (org/name or org/name@revision) either: {_first_line(e)}")
+        return SurgeryError(spec, NOT_AN_ID)  # the library's text names arguments the user never passed
     if _is_network_error(e):
         return SurgeryError(spec, f"cannot reach the Hub for {repo_id} ({type(e).__name__}: {_first_line(e)}); check the connection, or fetch it with {fetch}")
     if isinstance(e, OSError):

@@ -29,13 +29,14 @@ def partial_folder(out: Path) -> Path:
 
 
 def check_out_path(out: Path, force: bool) -> None:
-    """Refuse an OUT that exists, unless --force and it is a previous clpsurgery output."""
+    """Refuse an OUT that exists, unless --force and it is a previous clpsurgery output.
+
+    --force is suggested only where it would work: for anything else the refusal says why."""
     if not out.exists() and not out.is_symlink():
         return
-    if not force:
-        raise SurgeryError(out, "already exists; pass --force to replace a previous clpsurgery output")
     if out.is_symlink() or not out.is_dir() or not (out / MANIFEST_NAME).is_file():
-        raise SurgeryError(out, f"exists and is not a clpsurgery output (no {MANIFEST_NAME}); refusing to replace it")
+        what = "a link" if out.is_symlink() else "a file" if not out.is_dir() else f"no {MANIFEST_NAME}"
+        raise SurgeryError(out, f"already exists and is not a clpsurgery output ({what}); choose another folder")
     stray = _files_not_in_manifest(out)
     if stray:
         raise SurgeryError(
@@ -43,6 +44,8 @@ def check_out_path(out: Path, force: bool) -> None:
             f"holds {stray!r}, which its {MANIFEST_NAME} does not list; --force replaces only what clpsurgery "
             "wrote, so move that away first",
         )
+    if not force:
+        raise SurgeryError(out, "already exists, a previous clpsurgery output; pass --force to replace it")
 
 
 def _files_not_in_manifest(out: Path) -> str | None:

@@ -96,19 +96,26 @@ class Header:
 
 
 def read_header(path: str | os.PathLike[str]) -> Header:
-    """Read and validate the header of a safetensors file; raise SurgeryError on any flaw."""
+    """Read and validate the header of a safetensors file; raise SurgeryError on any flaw.
+
+    A length that cannot be right (over the limit, or past the end of the file) with no `{`
+    after it is some other file (a README given as SOURCE), and said so; with the `{` it is a
+    damaged header, and the length is named."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
             file_size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
+            prefix = f.read(9)
             if len(prefix) < 8:
                 raise SurgeryError(path, f"not a safetensors file: {file_size} bytes, shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", prefix)
+            (n,) = struct.unpack("<Q", prefix[:8])
+            if (n >= MAX_HEADER_BYTES or 8 + n > file_size) and prefix[8:] != b"{":
+                raise SurgeryError(path, "not a safetensors file: it does not start with a header length and a JSON header")
             if n >= MAX_HEADER_BYTES:
                 raise SurgeryError(path, f"header length {n} is over the {MAX_HEADER_BYTES}-byte limit")
             if 8 + n > file_size:
-                raise SurgeryError(path, f"header length {n} runs past the end of the file ({file_size} bytes): truncated or not safetensors")
+                raise SurgeryError(path, f"header length {n} runs past the end of the file ({file_size} bytes): truncated or damaged")
+            f.seek(8)
             raw = f.read(n)
     except OSError as e:
         raise SurgeryError(path, f"cannot read: {e.strerror or e}") from e

@@ -122,6 +122,11 @@ def method_names() -> tuple[str, ...]:
     return tuple(_METHODS)
 
 
+def helper_free_methods() -> tuple[str, ...]:
+    """The methods that read no helper weights (a tokenizer-only helper will do)."""
+    return tuple(name for name, method in _METHODS.items() if not method.needs_helper)
+
+
 def find_method(name: str) -> Method | None:
     return _METHODS.get(name)
 

@@ -110,10 +110,10 @@ def run_demo(workdir: Path, force: bool = False, progress=no_progress, echo: Cal
     """Build the demo inputs in workdir and convert; return the output folder."""
     workdir = Path(workdir)
     if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / DEMO_MARKER).is_file():  # --force would not replace it either: not suggested
+            raise SurgeryError(workdir, f"is not empty and is not a previous demo folder (no {DEMO_MARKER}); choose another folder")
         if not force:
-            raise SurgeryError(workdir, "already exists and is not empty; pass --force to rebuild the demo there")
-        if not (workdir / DEMO_MARKER).is_file():
-            raise SurgeryError(workdir, f"is not a previous demo folder (no {DEMO_MARKER}); refusing to replace it")
+            raise SurgeryError(workdir, "already exists, a previous demo folder; pass --force to rebuild the demo there")
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / DEMO_MARKER).write_text(json.dumps({"what": "clpsurgery demo inputs and output"}) + "\n")

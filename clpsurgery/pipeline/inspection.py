@@ -85,6 +85,18 @@ def format_bytes(n: int) -> str:
     raise AssertionError
 
 
+def _assignments(values: dict) -> str:
+    """`name=value, ...` for people: a null (JSON) id as `none`, a list of ids as `1 or 2`."""
+    def shown(v: object) -> str:
+        if v is None:
+            return "none"
+        if isinstance(v, list):
+            return " or ".join(map(shown, v)) or "none"
+        return str(v)
+
+    return ", ".join(f"{k}={shown(v)}" for k, v in values.items())
+
+
 def format_report(report: dict) -> str:
     """The report as an aligned, readable table."""
     lines = [f"checkpoint   {report['path']}"]
@@ -108,9 +120,12 @@ def format_report(report: dict) -> str:
     config = report.get("config")
     tokenizer = report.get("tokenizer")
     if config:
-        lines.append(f"model type   {config['model_type']}  {config['architectures'] or ''}".rstrip())
+        architectures = config["architectures"]
+        if isinstance(architectures, list):
+            architectures = ", ".join(map(str, architectures))
+        lines.append(f"model type   {config['model_type'] or 'not set'}  {architectures or ''}".rstrip())
         rows = report["embedding"]["shape"][0] if report.get("embedding") else None
-        vocab_line = f"vocab_size   {config['vocab_size']} in config.json"
+        vocab_line = f"vocab_size   {'not set' if config['vocab_size'] is None else config['vocab_size']} in config.json"
         if rows is not None:
             vocab_line += f", {rows} embedding rows"
         if tokenizer:
@@ -119,7 +134,7 @@ def format_report(report: dict) -> str:
                 vocab_line += "  WARNING: tokenizer ids past vocab_size"
         lines.append(vocab_line)
         if config["token_ids"]:
-            lines.append("token ids    " + ", ".join(f"{k}={v}" for k, v in config["token_ids"].items()))
+            lines.append("token ids    " + _assignments(config["token_ids"]))
     if tokenizer:
         specials = ", ".join(f"{t}={i}" for t, i in tokenizer["special_tokens"].items()) or "none"
         lines.append(f"special      {specials}")
@@ -235,7 +250,7 @@ def format_transfer_report(report: dict) -> str:
     head = f"{t['head']} (untied)" if t["head"] else "tied to the embedding"
     lines.append(f"tensors      embedding {t['embedding']}, head {head}" + (f", bias {t['head_bias']}" if t["head_bias"] else "") + (f", copies {', '.join(t['copies'])}" if t["copies"] else ""))
     for role, v in report["tokenizers"].items():
-        lines.append(f"{role:<12} {v['format']} {v['style']}, {v['tokens']} tokens, ids 0..{v['id_space'] - 1}  roles {v['roles']}")
+        lines.append(f"{role:<12} {v['format']} {v['style']}, {v['tokens']} tokens, ids 0..{v['id_space'] - 1}  " + (f"roles {_assignments(v['roles'])}" if v["roles"] else "no special-token roles"))
     for rule, o in report["overlap"].items():
         chosen = "  <- --match" if rule == report["match"] else ""
         kinds = ", ".join(f"{k} {n}" for k, n in o["by_kind"].items())

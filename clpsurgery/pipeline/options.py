@@ -101,6 +101,13 @@ class TransferOptions:
     def needs_helper(self) -> bool:
         return any(self.method_of(side).needs_helper for side in ("input", "output"))
 
+    def helper_method_flags(self) -> dict[str, str]:
+        """The method options in effect whose method reads the helper's weights, as flag -> method
+        (--head-method only when given: otherwise the head's method is --method's), for errors."""
+        specs = self.specs()
+        given = {"method": self.method} if self.head_method is None else {"method": self.method, "head_method": self.head_method}
+        return {specs[name].flag: method for name, method in given.items() if get_method(method).needs_helper}
+
     def as_dict(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return {**values, "top_k": "all" if self.top_k is None else self.top_k, "maps": list(self.maps)}

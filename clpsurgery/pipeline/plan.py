@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from clpsurgery.errors import SurgeryError
-from clpsurgery.formats.checkpoint import CheckpointLayout
+from clpsurgery.formats.checkpoint import INDEX_NAME, CheckpointLayout
 from clpsurgery.formats.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
-from clpsurgery.mixing.registry import Method, get_method
+from clpsurgery.mixing.registry import Method, get_method, helper_free_methods
 from clpsurgery.pipeline import memory
 from clpsurgery.pipeline.options import TransferOptions
 from clpsurgery.vocab.architecture import (
@@ -316,6 +316,30 @@ def _keep_source_specials(source_vocab: Vocabulary, target_vocab: Vocabulary, he
     return extended, helper_config, tuple(sorted(files.items())), kept
 
 
+def check_rebuildable_dtypes(source: CheckpointLayout, tensors: VocabTensors, place: Path) -> None:
+    """The vocabulary tensors a transfer rebuilds are F16, BF16, F32 or F64: init's source and
+    apply's sibling are refused in the same line otherwise."""
+    for name in tensors.names:
+        dtype = source.info(name).dtype
+        if dtype not in FLOAT_DTYPES or dtype.startswith("F8"):
+            raise SurgeryError(place, f"tensor {name!r} is {dtype}; clpsurgery rebuilds F16, BF16, F32 and F64 embeddings")
+
+
+def _open_helper(helper_path: Path, options: TransferOptions) -> CheckpointLayout:
+    """The helper's weights; a folder with none (a tokenizer-only helper) is told which method
+    option reads them and that a helper-free method needs only the tokenizer."""
+    if not (helper_path / INDEX_NAME).is_file() and not any(p.is_file() for p in helper_path.glob("*.safetensors")):
+        needing = options.helper_method_flags()
+        verb = "needs" if len(needing) == 1 else "need"
+        free = " ".join(f"{flag} {helper_free_methods()[0]}" for flag in needing)
+        raise SurgeryError(
+            helper_path,
+            f"{' and '.join(f'{flag} {m}' for flag, m in needing.items())} {verb} the helper's weights, and this folder has "
+            f"no .safetensors file; {free} needs only its tokenizer",
+        )
+    return CheckpointLayout.open(helper_path)
+
+
 def make_plan(inputs: Inputs, options: TransferOptions) -> TransferPlan:
     """Open and check both models, read both vocabularies and compute the overlap."""
     source_path, helper_path = inputs.source, inputs.helper
@@ -324,7 +348,7 @@ def make_plan(inputs: Inputs, options: TransferOptions) -> TransferPlan:
     if not helper_path.is_dir():
         what = "the target tokenizer" if helper_free else "weights, tokenizer.json, config.json"
         raise SurgeryError(helper_path, f"the helper must be a model folder ({what})")
-    helper = None if helper_free else CheckpointLayout.open(helper_path)
+    helper = None if helper_free else _open_helper(helper_path, options)
     config_path = inputs.source_config
     config = read_config(config_path)
     generation_config_path = config_path.parent / "generation_config.json"
@@ -336,10 +360,7 @@ def make_plan(inputs: Inputs, options: TransferOptions) -> TransferPlan:
     )
     helper_tensors = None if helper is None else find_helper_embedding({n: r.info.shape for n, r in helper.tensors.items()}, str(helper_path), helper_config)
     _check_head_options(source_tensors, source_shapes, options, source_path)
-    for name in source_tensors.names:
-        dtype = source.info(name).dtype
-        if dtype not in FLOAT_DTYPES or dtype.startswith("F8"):
-            raise SurgeryError(source_path, f"tensor {name!r} is {dtype}; clpsurgery rebuilds F16, BF16, F32 and F64 embeddings")
+    check_rebuildable_dtypes(source, source_tensors, source_path)
     if helper is not None and helper.info(helper_tensors.embedding).dtype not in FLOAT_DTYPES:
         raise SurgeryError(helper_path, f"helper embedding {helper_tensors.embedding!r} is {helper.info(helper_tensors.embedding).dtype}, not a float")
 

@@ -98,8 +98,9 @@ def find_mixings(plan: TransferPlan, source_vocab_pieces, helper: Checkpoint | N
     methods = {side: plan.method_for(side) for side in plan.sides}
     pieces = None
     if any(m.needs_pieces for m in methods.values()):
-        with progress("source pieces", int(plan.overlap.missing_ids.size)):
-            pieces = source_vocab_pieces(plan.overlap.missing_ids)
+        with progress("source pieces", int(plan.overlap.missing_ids.size)) as advance:
+            pieces = source_vocab_pieces(plan.overlap.missing_ids)  # one batch encode: the bar fills when it ends
+            advance(len(pieces))
     helper_rows = overlap_vectors = missing_vectors = None
     if any(m.needs_helper for m in methods.values()):
         helper_rows, overlap_vectors, missing_vectors = _helper_vectors(plan, helper, result)

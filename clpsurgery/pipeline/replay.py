@@ -7,6 +7,12 @@ SIBLING OUT` rebuilds the same rows from another checkpoint with the same vocabu
 (an instruct or fine-tuned sibling, a base with a merged LoRA), with no helper and no search: the
 same rows and weights through the same combine give the same bytes, so applying a transfer to its
 own source reproduces init's output.
+
+A record is input like any file. It carries a checksum of its own content (`content_sha256`: the
+metadata and every array, see record_checksum), so a damaged or edited record is refused even
+where it travels alone; beside its init's manifest (`clpsurgery.json`) its bytes must also match
+the SHA-256 the manifest gives. A record from before the checksum is accepted only where that
+manifest vouches for its bytes, and refused alone in one line (nothing else could tell a damaged one).
 """
 
 from __future__ import annotations
@@ -21,8 +27,11 @@ import numpy as np
 
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.checkpoint import CheckpointLayout
+from clpsurgery.formats.json_input import read_json_file
+from clpsurgery.formats.output_folder import MANIFEST_NAME
+from clpsurgery.pipeline.manifest import file_sha256
 from clpsurgery.pipeline.options import TransferOptions
-from clpsurgery.pipeline.plan import TransferPlan, with_recorded_mixing
+from clpsurgery.pipeline.plan import TransferPlan, check_rebuildable_dtypes, with_recorded_mixing
 from clpsurgery.vocab.architecture import find_vocab_tensors, read_config
 from clpsurgery.vocab.vocabulary import MATCH_KINDS, Overlap, Vocabulary, load_vocabulary
 
@@ -33,6 +42,9 @@ if TYPE_CHECKING:  # the mixing layer loads torch: imported where a record is re
 # safetensors bytes, under a name no weights loader globs for (vLLM and llama.cpp read *.safetensors)
 TRANSFER_NAME = "clpsurgery.transfer"
 FORMAT = "clpsurgery-transfer/1"
+# The record's metadata lives in one safetensors metadata entry; its checksum is a key inside it.
+METADATA_ENTRY = "clpsurgery_transfer"
+CHECKSUM_KEY = "content_sha256"
 # Options a replay takes from the command line, not from the record: where and how it runs.
 RUN_OPTIONS = ("max_memory", "device")
 
@@ -72,13 +84,28 @@ def transfer_record(plan: TransferPlan, matrices: dict[str, MixingMatrix]) -> tu
     return arrays, metadata
 
 
+def record_checksum(arrays: dict[str, np.ndarray], metadata: dict) -> str:
+    """SHA-256 of a record's content in a canonical order, whatever the file's layout: the
+    metadata (without the checksum) as sorted-key JSON, then each array in name order as its
+    name, dtype and shape (JSON) and its little-endian bytes."""
+    digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode("utf-8"))
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        digest.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode("utf-8"))
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def write_record(path: Path, plan: TransferPlan, matrices: dict[str, MixingMatrix]) -> None:
     from safetensors.numpy import save_file
 
     arrays, metadata = transfer_record(plan, matrices)
+    metadata = json.loads(json.dumps(metadata))  # as a reader sees it (tuples as lists, keys as strings)
+    metadata[CHECKSUM_KEY] = record_checksum(arrays, metadata)
     # One metadata entry: safetensors keeps the entries in a hash map, whose order (and so the
     # file's bytes) would change from run to run.
-    save_file(arrays, str(path), metadata={"clpsurgery_transfer": json.dumps(metadata, sort_keys=True)})
+    save_file(arrays, str(path), metadata={METADATA_ENTRY: json.dumps(metadata, sort_keys=True)})
 
 
 @dataclass(frozen=True)
@@ -96,7 +123,8 @@ class RecordedTransfer:
 
 
 def read_record(folder: Path, max_memory: int, device: str) -> RecordedTransfer:
-    """The record in an init output folder; one SurgeryError line for anything missing or malformed."""
+    """The record in an init output folder; one SurgeryError line for anything missing, damaged
+    or malformed (its checksums first, then its consistency)."""
     path = folder / TRANSFER_NAME
     from clpsurgery.mixing.matrix import MixingMatrix
     from clpsurgery.mixing.weights import WeightStats
@@ -105,11 +133,12 @@ def read_record(folder: Path, max_memory: int, device: str) -> RecordedTransfer:
         raise SurgeryError(folder, "is not a clpsurgery init output folder")
     if not path.is_file():
         raise SurgeryError(path, "not found: TRANSFER must be the output folder of a clpsurgery init that saved its decisions")
+    vouched = _check_manifest_hash(folder, path)
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), "np") as f:
-            metadata = json.loads((f.metadata() or {}).get("clpsurgery_transfer", "{}"))
+            metadata = json.loads((f.metadata() or {}).get(METADATA_ENTRY, "{}"))
             arrays = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:  # the library's own parse errors
         raise SurgeryError(path, f"is not a readable safetensors file ({' '.join(str(e).split())[:160]})") from e
@@ -117,6 +146,7 @@ def read_record(folder: Path, max_memory: int, device: str) -> RecordedTransfer:
         raise SurgeryError(path, "holds no transfer record")
     if metadata.get("format") != FORMAT:
         raise SurgeryError(path, f"format {metadata.get('format')!r} is not {FORMAT!r}")
+    _check_own_checksum(path, arrays, metadata, vouched)
     try:
         sides, stats, recorded = list(metadata["sides"]), dict(metadata["stats"]), dict(metadata["options"])
         target_size = int(metadata["target_size"])
@@ -150,6 +180,35 @@ def read_record(folder: Path, max_memory: int, device: str) -> RecordedTransfer:
     )
 
 
+def _check_manifest_hash(folder: Path, path: Path) -> bool:
+    """Whether the manifest beside the record gives its SHA-256 (refused where the bytes differ)."""
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return False
+    manifest = read_json_file(manifest_path, "manifest")
+    outputs = manifest.get("outputs") if isinstance(manifest, dict) else None
+    entry = next((e for e in outputs or () if isinstance(e, dict) and e.get("file") == TRANSFER_NAME), None)
+    if entry is None or not isinstance(entry.get("sha256"), str):
+        return False
+    digest = file_sha256(path)
+    if digest != entry["sha256"]:
+        raise SurgeryError(path, f"SHA-256 {digest[:16]}..., the {MANIFEST_NAME} beside it says {entry['sha256'][:16]}...: the record is damaged or was edited")
+    return True
+
+
+def _check_own_checksum(path: Path, arrays: dict[str, np.ndarray], metadata: dict, vouched: bool) -> None:
+    """The record's content against the checksum it carries (taken out of METADATA); a record
+    without one (written before records carried it) only where the manifest vouched for it."""
+    recorded = metadata.pop(CHECKSUM_KEY, None)
+    if recorded is None:
+        if not vouched:
+            raise SurgeryError(path, f"has no checksum of its own (an older record) and no {MANIFEST_NAME} beside it gives its SHA-256: apply it from its init output folder")
+        return
+    actual = record_checksum(arrays, metadata)
+    if actual != recorded:
+        raise SurgeryError(path, f"its content does not match its checksum ({CHECKSUM_KEY} {str(recorded)[:16]}..., the content gives {actual[:16]}...): the record is damaged or was edited")
+
+
 def _check_record(path: Path, overlap: Overlap, matrices: dict[str, MixingMatrix], sides: list) -> None:
     """Ids and positions inside their ranges, shapes that agree: a record is input like any file."""
     problems = []
@@ -177,6 +236,15 @@ def _check_record(path: Path, overlap: Overlap, matrices: dict[str, MixingMatrix
         raise SurgeryError(path, f"is not a consistent transfer record: {problems[0]}")
 
 
+def _check_source_rows(record: RecordedTransfer, rows: int, embedding: str) -> None:
+    """The source rows the record copies (overlap) and mixes (extra rows) must lie in the
+    sibling's rows, or the write stage would fail half way through."""
+    named = {"overlap": record.overlap.source_ids, **{f"{side} mixing's extra": m.extra_source_ids for side, m in record.matrices.items()}}
+    for what, ids in named.items():
+        if ids.size and int(ids.max()) >= rows:
+            raise SurgeryError(record.path, f"its {what} source row {int(ids.max())} is beyond the sibling's {rows} rows of {embedding!r} (0..{rows - 1})")
+
+
 def make_replay_plan(record: RecordedTransfer, inputs: Inputs) -> TransferPlan:
     """The plan of `apply TRANSFER SIBLING` (inputs: the sibling as source, TRANSFER as helper):
     the recorded overlap and mixing on the sibling's tensors, refused in one line where the
@@ -196,6 +264,8 @@ def make_replay_plan(record: RecordedTransfer, inputs: Inputs) -> TransferPlan:
         raise SurgeryError(
             sibling, f"its vocabulary tensors differ from the source's: {name!r} is {shapes.get(name, 'absent')}, the transfer was made on {record.source_tensors.get(name, 'absent')}"
         )
+    check_rebuildable_dtypes(layout, tensors, sibling)
+    _check_source_rows(record, layout.info(tensors.embedding).rows, tensors.embedding)
     source_vocab = load_vocabulary(inputs.source_tokenizer, config)
     if vocabulary_sha256(source_vocab) != record.source_vocab_sha256:
         raise SurgeryError(source_vocab.path, "its vocabulary is not the one the transfer was made from (token ids or strings differ)")

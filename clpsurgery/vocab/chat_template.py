@@ -17,6 +17,7 @@ from pathlib import Path
 
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.json_input import read_json_file
+from clpsurgery.vocab.tokenizer_files import parse_json_object
 from clpsurgery.vocab.vocabulary import TOKENIZER_FILE, TOKENIZER_FILES, Vocabulary
 
 TEMPLATE_FILE = "chat_template.jinja"
@@ -89,7 +90,7 @@ def tokenizer_files_with_specials(
         ]
         doc["added_tokens"] = list(doc.get("added_tokens") or []) + added
         files[TOKENIZER_FILE] = _dump(doc)
-    config = json.loads(files[CONFIG_FILE]) if CONFIG_FILE in files else {}
+    config = parse_json_object(target_folder / CONFIG_FILE, files[CONFIG_FILE]) if CONFIG_FILE in files else {}
     if kept:
         decoder = config.get("added_tokens_decoder")
         if isinstance(decoder, dict):
@@ -108,7 +109,7 @@ def tokenizer_files_with_specials(
     if config:
         files[CONFIG_FILE] = _dump(config)
     if SPECIALS_FILE in files and (kept or eos is not None):
-        specials = json.loads(files[SPECIALS_FILE])
+        specials = parse_json_object(target_folder / SPECIALS_FILE, files[SPECIALS_FILE])
         if eos is not None:
             specials["eos_token"] = eos
         if kept:

@@ -738,9 +738,8 @@ def _new_scores(lowest: float, space: IdSpace, chosen: list[Candidate]) -> tuple
     return scores[: len(space.gap)], {c.token: s for c, s in zip(by_order, scores[len(space.gap) :])}
 
 
-def _extended_document(source: Side, space: IdSpace, chosen: list[Candidate], merges: list[tuple[str, str]]) -> str:
-    """The source's tokenizer.json with the new tokens (and merges) in its model, checked by loading
-    it: every source token and every new one at its id."""
+def _extended_model(source: Side, space: IdSpace, chosen: list[Candidate], merges: list[tuple[str, str]]) -> dict:
+    """The source's tokenizer.json model with the new tokens (and merges) in it."""
     model = dict(source.model)
     if source.kind == "Unigram":
         gap_scores, scores = _new_scores(min(s for _, s in model["vocab"]), space, chosen)
@@ -754,7 +753,13 @@ def _extended_document(source: Side, space: IdSpace, chosen: list[Candidate], me
     if source.kind == "BPE":
         model["merges"] = list(model.get("merges") or [])
         model["merges"].extend(_merge_entries(model["merges"], merges))
-    text = json.dumps({**source.doc, "model": model}, ensure_ascii=False)
+    return model
+
+
+def _extended_document(source: Side, space: IdSpace, chosen: list[Candidate], merges: list[tuple[str, str]]) -> str:
+    """The source's tokenizer.json with the new tokens (and merges) in its model, checked by loading
+    it: every source token and every new one at its id."""
+    text = json.dumps({**source.doc, "model": _extended_model(source, space, chosen, merges)}, ensure_ascii=False)
     try:
         tokenizer = _tokenizer_from(text)
     except Exception as e:  # the library's own parse errors
@@ -814,6 +819,101 @@ def _write(source: Side, space: IdSpace, chosen: list[Candidate], merges: list[t
     return files, notes
 
 
+# --- keeping the source's splits --------------------------------------------------------------------
+
+# Source-language words the source's splits are kept on: the source's own word tokens and English,
+# the language of the sources extend is made for, from wordfreq (a dependency, so that the same
+# inputs give the same extension on every install).
+GUARD_LANGUAGE, GUARD_WORDS = "en", 50_000
+RESPLITS = "would re-split source-language words no shorter"
+
+
+def guard_words(source: Side) -> tuple[list[str], str]:
+    """The words (as the source's model sees them: normalised, pre-tokenised) whose source
+    encodings a new WordPiece or Unigram entry must not change into one no shorter, and where they
+    come from."""
+    prefix = source.vocab.continuing_prefix
+    texts = [t for t, i in source.vocab.token_to_id.items() if i not in source.vocab.special_ids and not (prefix and t.startswith(prefix))]
+    if source.kind == "Unigram":
+        texts = [t.replace("▁", " ") for t in texts]
+    import wordfreq
+    from importlib.metadata import version
+
+    texts += wordfreq.top_n_list(GUARD_LANGUAGE, GUARD_WORDS)
+    origin = f"the source's word tokens and wordfreq {version('wordfreq')}'s {GUARD_WORDS} most frequent {GUARD_LANGUAGE!r} words"
+    # One text of them all, normalised and pre-tokenised at once: the same words, much faster.
+    tokenizer, text = source.tokenizer, " ".join(t for t in texts if t.strip())
+    if tokenizer.normalizer is not None:
+        text = tokenizer.normalizer.normalize_str(text)
+    pieces = tokenizer.pre_tokenizer.pre_tokenize_str(text) if tokenizer.pre_tokenizer is not None else [(w, None) for w in text.split()]
+    return sorted({w for w, _ in pieces if w.strip("▁")}), origin
+
+
+def _model_encodings(model: dict, words: list[str]) -> list[list[int]]:
+    """Each word's ids under a tokenizer.json model alone (no normaliser or pre-tokeniser)."""
+    tokenizer = _tokenizer_from({"version": "1.0", "model": model})
+    return [e.ids for e in tokenizer.encode_batch([[w] for w in words], is_pretokenized=True, add_special_tokens=False)]
+
+
+def _greedy_path(model: dict, word: str) -> list[str]:
+    """The pieces WordPiece's longest-match-first takes on a word before it finds no match (the
+    library gives only [UNK] for such a word)."""
+    vocab, prefix, out, start = model["vocab"], model.get("continuing_subword_prefix") or "", [], 0
+    while start < len(word):
+        end = len(word)
+        while end > start and ((prefix if start else "") + word[start:end]) not in vocab:
+            end -= 1
+        if end == start:
+            return out
+        out.append((prefix if start else "") + word[start:end])
+        start = end
+    return out
+
+
+def keep_source_splits(source: Side, space: IdSpace, candidates: list[Candidate], skipped: Counter) -> tuple[list[Candidate], str]:
+    """The candidates less those that change a guard word's source encoding into a different one
+    no shorter (or one with more unknown tokens). WordPiece's longest match first and Unigram's
+    best total score can both re-split a word the source splits well once an entry is added (MiniLM:
+    `ins ##truct` becomes `instru ##ct`); neither model can prefer the source's split, so such an
+    entry is not added. Blamed is the new entry where the encodings part (WordPiece), or every new
+    piece in the encoding (Unigram); what is left is checked again until no word is re-split.
+    BPE needs no guard: the new merges all come after the source's, so a word's encoding is its
+    source encoding, merged further or not at all."""
+    if source.kind not in ("WordPiece", "Unigram") or not candidates:
+        return candidates, ""
+    words, origin = guard_words(source)
+    before = _model_encodings(_extended_model(source, space, [], []), words)
+    unk = source.model.get("unk_token") if source.kind == "WordPiece" else None
+    unk_id = source.model["vocab"].get(unk) if unk is not None else source.model.get("unk_id")
+    kept, blamed, check = list(candidates), set(), list(range(len(words)))
+    while check:
+        model = _extended_model(source, space, kept, [])
+        after = _model_encodings(model, [words[k] for k in check])
+        new_of = {space.size + k: c.token for k, c in enumerate(kept)}
+        now: set[str] = set()
+        for k, ids in zip(check, after):
+            old = before[k]
+            if ids == old or (len(ids) < len(old) and ids.count(unk_id) <= old.count(unk_id)):
+                continue
+            part = next((j for j, (a, b) in enumerate(zip(ids, old)) if a != b), min(len(ids), len(old)))
+            if source.kind == "WordPiece" and part < len(ids) and ids[part] in new_of:
+                now.add(new_of[ids[part]])
+            elif source.kind == "WordPiece":
+                now.update(t for t in _greedy_path(model, words[k]) if t not in source.model["vocab"])
+            else:
+                now.update(new_of[i] for i in ids if i in new_of)
+        if not now:
+            break
+        blamed |= now
+        # Only words whose encoding used a dropped entry can change when it goes.
+        dropped = {i for i, t in new_of.items() if t in now}
+        check = [k for k, ids in zip(check, after) if dropped.intersection(ids) or (unk_id in ids and unk_id not in before[k])]
+        kept = [c for c in kept if c.token not in blamed]
+    if blamed:
+        skipped[RESPLITS] += len(blamed)
+    return kept, f"kept the source's splits of {len(words)} words ({origin}): {len(blamed)} entries left out"
+
+
 # --- the whole ---------------------------------------------------------------------------------
 
 
@@ -839,11 +939,13 @@ def extend_tokenizer(
     skipped: Counter = Counter()
     candidates = _candidates(source_side, target_side, match, skipped)
     candidates, builds = _builds(source_side, candidates, skipped)
+    space = _id_space(source_side)
+    candidates, guarded = keep_source_splits(source_side, space, candidates, skipped)
     useful = _usefulness(source_side, target_side, candidates, rank_texts) if rank_texts else None
     chosen = _choose(candidates, builds, max_new_tokens, useful, skipped)
     merges = _new_merges(source_side, chosen, builds)
-    space = _id_space(source_side)
     files, notes = _write(source_side, space, chosen, merges)
+    notes = [guarded, *notes] if guarded else notes
     return TokenizerExtension(
         files=files,
         source_size=space.size,

@@ -28,9 +28,10 @@ def target_token_id(
 ) -> tuple[object, str]:
     """The id a token-id field should hold for the target tokenizer, and where it came from.
 
-    The helper already speaks the target tokenizer, so its config is trusted first; otherwise the
-    source's token is looked up by string in the target vocabulary; failing both, the field is
-    cleared rather than left pointing at an unrelated token.
+    The helper already speaks the target tokenizer, so an id in its config is trusted first (its
+    null says nothing); otherwise the source's token is looked up by string in the target
+    vocabulary, then the token the target tokenizer declares for that role (bos_token_id: its
+    bos); failing all, the field is cleared rather than left pointing at an unrelated token.
     """
     if helper_config is not None:
         helper_value = text_config(helper_config).get(key, helper_config.get(key))
@@ -48,11 +49,13 @@ def target_token_id(
         mapped = [remap(v) for v in source_value if isinstance(v, int)]
         if mapped and all(m is not None for m in mapped):
             return mapped, "same token string"
-        return None, "no target token with the source's string"
-    if isinstance(source_value, int):
+    elif isinstance(source_value, int):
         mapped_one = remap(source_value)
         if mapped_one is not None:
             return mapped_one, "same token string"
+    role = key.removesuffix("_token_id")
+    if role in target_vocab.roles:
+        return target_vocab.roles[role], f"the target tokenizer's {role} token"
     return None, "no target token with the source's string"
 
 
@@ -79,6 +82,8 @@ def update_token_ids(
                 continue
             old = section.get(key)
             new, why = target_token_id(key, old, helper_config, source_vocab, target_vocab)
+            if key not in section and new is None:
+                continue  # only the helper names it, with no id (a null): not added as null
             section[key] = new
             changes[prefix + key] = {"source": old, "target": new, "from": why}
     return changes

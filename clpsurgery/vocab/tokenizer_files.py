@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clpsurgery.errors import SurgeryError
+from clpsurgery.formats.json_input import parse_json, read_json_file
 
 ROLES = ("eos", "bos", "unk", "pad", "sep", "cls", "mask")
 STYLES = ("byte-level", "metaspace", "wordpiece", "plain")
@@ -221,14 +222,10 @@ def read_vocab_json(folder: Path) -> TokenizerData:
         raise SurgeryError(folder / "merges.txt", "not found (vocab.json needs its merges.txt)")
     token_to_id = dict(vocab)
     data = TokenizerData(path, "vocab.json+merges.txt", token_to_id, style="byte-level")
-    added_path = folder / "added_tokens.json"
-    if added_path.is_file():
-        added = json.loads(added_path.read_text(encoding="utf-8"))
-        if isinstance(added, dict):
-            for token, i in added.items():
-                if isinstance(i, int):
-                    token_to_id[token] = i
-                    data.added_ids.add(i)
+    for token, i in read_json_object(folder / "added_tokens.json").items():
+        if isinstance(i, int):
+            token_to_id[token] = i
+            data.added_ids.add(i)
     _merge_tokenizer_config_added(folder, data)
     return data
 
@@ -250,7 +247,7 @@ def read_vocab_txt(folder: Path) -> TokenizerData:
 
 def _merge_tokenizer_config_added(folder: Path, data: TokenizerData) -> None:
     """Added tokens declared in tokenizer_config.json's added_tokens_decoder."""
-    config = _read_json_object(folder / "tokenizer_config.json")
+    config = read_json_object(folder / "tokenizer_config.json")
     decoder = config.get("added_tokens_decoder")
     if not isinstance(decoder, dict):
         return
@@ -444,14 +441,28 @@ def read_gguf_vocabulary(path: Path) -> TokenizerData:
 # --- roles -------------------------------------------------------------------------------------
 
 
-def _read_json_object(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON object file beside the tokenizer (tokenizer_config.json, special_tokens_map.json,
+    added_tokens.json), {} where there is none. One that is not a JSON object is an error naming
+    it: these files travel into the output as they are."""
     if not path.is_file():
         return {}
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
+    return json_object(path, read_json_file(path, "tokenizer file"))
+
+
+def parse_json_object(path: Path, data: bytes) -> dict:
+    """The bytes of a JSON object file read earlier from `path` (see read_json_object)."""
+    return json_object(path, parse_json(path, data, "tokenizer file"))
+
+
+def json_object(path: Path, doc: object) -> dict:
+    if not isinstance(doc, dict):
+        raise SurgeryError(path, f"tokenizer file is not a JSON object (it holds a JSON {_json_kind(doc)})")
+    return doc
+
+
+def _json_kind(doc: object) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(doc), "number")
 
 
 def _token_string(value: object) -> str | None:
@@ -469,7 +480,7 @@ def fill_roles(data: TokenizerData, folder: Path | None, config: dict | None = N
     size = max(data.token_to_id.values()) + 1 if data.token_to_id else 0
     if folder is not None:
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
-            doc = _read_json_object(folder / name)
+            doc = read_json_object(folder / name)
             for role in ROLES:
                 token = _token_string(doc.get(f"{role}_token"))
                 if role not in data.roles and token is not None and token in data.token_to_id:

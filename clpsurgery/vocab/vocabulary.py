@@ -30,6 +30,7 @@ from clpsurgery.vocab.tokenizer_files import (
     TokenizerData,
     fill_roles,
     read_gguf_vocabulary,
+    read_json_object,
     read_sentencepiece_model,
     read_tokenizer_json,
     read_vocab_json,
@@ -161,6 +162,15 @@ def read_tokenizer_data(path: Path) -> TokenizerData:
     return read_tokenizer_json(path)
 
 
+def check_json_files(folder: Path, read: Path) -> None:
+    """Every JSON file of TOKENIZER_FILES in `folder` is a JSON object, checked before anything is
+    written: they are copied into the output as they are. `read`, the file the vocabulary came
+    from, was parsed already."""
+    for name in TOKENIZER_FILES:
+        if name.endswith(".json") and folder / name != read:
+            read_json_object(folder / name)
+
+
 def load_vocabulary(place: str | os.PathLike[str], config: dict | None = None) -> Vocabulary:
     """Read a tokenizer (a file, or the one in a folder) and the roles of its special tokens.
 
@@ -176,6 +186,7 @@ def load_vocabulary(place: str | os.PathLike[str], config: dict | None = None) -
     data = read_tokenizer_data(path)
     if not data.token_to_id:
         raise SurgeryError(path, "tokenizer has an empty vocabulary")
+    check_json_files(path.parent, read=path)
     fill_roles(data, path.parent, config)
     id_to_token = {i: t for t, i in data.token_to_id.items()}
     special = tuple(sorted({id_to_token[i] for i in data.special_ids if i in id_to_token}, key=data.token_to_id.get))
