@@ -180,7 +180,7 @@ def init_command(source: str, helper: str, out: Path, options: TransferOptions, 
 
     result = commands.init(
         source, helper, out, options, source_tokenizer=source_tokenizer, source_config=source_config, force=force,
-        progress=progress_factory(quiet), echo=_echo_err(quiet), command=_command_line(),
+        progress=progress_factory(quiet), echo=_echo_err(quiet), command=_command_line(), show_downloads=not quiet,
     )
     _report_written(out, result)
     stats = result.weight_stats
@@ -212,7 +212,7 @@ def extend_command(source: str, helper: str, out: Path, options: TransferOptions
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in rank_texts]
     result = commands.extend(
         source, helper, out, options, max_new_tokens=max_new_tokens, rank_texts=texts or None, source_tokenizer=source_tokenizer,
-        source_config=source_config, force=force, progress=progress_factory(quiet), echo=_echo_err(quiet), command=_command_line(),
+        source_config=source_config, force=force, progress=progress_factory(quiet), echo=_echo_err(quiet), command=_command_line(), show_downloads=not quiet,
     )
     _report_written(out, result)
     if texts:
@@ -245,7 +245,7 @@ def apply_command(transfer: Path, sibling: str, out: Path, max_memory: int, devi
 
     result = commands.apply(
         transfer, sibling, out, max_memory=max_memory, device=device, source_tokenizer=source_tokenizer, source_config=source_config,
-        force=force, progress=progress_factory(quiet), command=_command_line(),
+        force=force, progress=progress_factory(quiet), command=_command_line(), show_downloads=not quiet,
     )
     _report_written(out, result)
 
@@ -264,10 +264,10 @@ def inspect_command(path: Path, as_json: bool, helper, options: TransferOptions,
     from clpsurgery.pipeline.inspection import format_report, format_transfer_report
 
     if helper is not None:
-        report = commands.inspect(path, helper, options, source_tokenizer=source_tokenizer, source_config=source_config)
+        report = commands.inspect(path, helper, options, source_tokenizer=source_tokenizer, source_config=source_config, show_downloads=not quiet)
         click.echo(json.dumps(report, indent=2, ensure_ascii=False) if as_json else format_transfer_report(report))
         return
-    report = commands.inspect(path)
+    report = commands.inspect(path, show_downloads=not quiet)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
@@ -282,7 +282,7 @@ def verify_command(out: Path, source: str | None, quiet: bool) -> None:
     """
     from clpsurgery.pipeline import commands
 
-    checks = commands.verify(out, source, progress=progress_factory(quiet), echo=lambda line: click.echo(line))
+    checks = commands.verify(out, source, progress=progress_factory(quiet), echo=lambda line: click.echo(line), show_downloads=not quiet)
     failed = [c for c in checks if c.ok is False]
     skipped = sum(1 for c in checks if c.ok is None)
     summary = f"{len(checks) - len(failed) - skipped} passed, {len(failed)} failed" + (f", {skipped} skipped" if skipped else "")

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from clpsurgery.formats.hub import resolve_model
 from clpsurgery.pipeline.extend import extend_source_tokenizer, extension_matrices, make_base_plan, make_extension_plan
 from clpsurgery.pipeline.inputs import resolve_inputs
 from clpsurgery.pipeline.options import DEFAULT_DEVICE, DEFAULT_MAX_MEMORY, TransferOptions
@@ -36,14 +37,14 @@ def _silent(line: str) -> None:
 def init(
     source: str | Path, helper: str | Path, out: str | Path, options: TransferOptions | None = None, *,
     source_tokenizer: str | Path | None = None, source_config: str | Path | None = None, force: bool = False,
-    progress: ProgressFactory = no_progress, echo: Echo = _silent, command: list[str] | None = None,
+    progress: ProgressFactory = no_progress, echo: Echo = _silent, command: list[str] | None = None, show_downloads: bool = False,
 ) -> TransferResult:
     """Write OUT: SOURCE's weights with the vocabulary-sized tensors rebuilt for HELPER's tokenizer
     (shared tokens copy their rows, the others get their method's mixing of source rows)."""
     options, out = options or TransferOptions(), Path(out)
     inputs = resolve_inputs(
         source, helper, out, helper_weights=options.needs_helper, source_tokenizer=source_tokenizer, source_config=source_config,
-        force=force, device=options.device, quiet=progress is no_progress,
+        force=force, device=options.device, quiet=not show_downloads,
     )
     plan = make_plan(inputs, options)
     echo(describe_plan(plan))
@@ -63,14 +64,14 @@ def extend(
     source: str | Path, helper: str | Path, out: str | Path, options: TransferOptions | None = None, *,
     max_new_tokens: int | None = None, rank_texts: list[str] | None = None,
     source_tokenizer: str | Path | None = None, source_config: str | Path | None = None, force: bool = False,
-    progress: ProgressFactory = no_progress, echo: Echo = _silent, command: list[str] | None = None,
+    progress: ProgressFactory = no_progress, echo: Echo = _silent, command: list[str] | None = None, show_downloads: bool = False,
 ) -> TransferResult:
     """Write OUT: SOURCE with its whole vocabulary kept (every token keeps its id and rows, byte for
     byte) and HELPER's tokens it lacks appended to its tokenizer, their rows made as init makes them."""
     options, out = options or TransferOptions(), Path(out)
     inputs = resolve_inputs(
         source, helper, out, helper_weights=options.needs_helper, source_tokenizer=source_tokenizer, source_config=source_config,
-        force=force, device=options.device, quiet=progress is no_progress,
+        force=force, device=options.device, quiet=not show_downloads,
     )
     base = make_base_plan(inputs, options)  # names the files and the rebuilt tensors already
     with StagedOutput(out, force, base.source) as output:
@@ -94,7 +95,7 @@ def extend(
 def apply(
     transfer: str | Path, sibling: str | Path, out: str | Path, *, max_memory: int = DEFAULT_MAX_MEMORY, device: str = DEFAULT_DEVICE,
     source_tokenizer: str | Path | None = None, source_config: str | Path | None = None, force: bool = False,
-    progress: ProgressFactory = no_progress, command: list[str] | None = None,
+    progress: ProgressFactory = no_progress, command: list[str] | None = None, show_downloads: bool = False,
 ) -> TransferResult:
     """Replay the transfer recorded in TRANSFER (an init or extend output) on SIBLING, a checkpoint
     with the vocabulary and shapes of that transfer's source: the same rows copied, the same new
@@ -102,7 +103,7 @@ def apply(
     out = Path(out)
     inputs = resolve_inputs(
         sibling, transfer, out, helper_role="transfer", source_tokenizer=source_tokenizer, source_config=source_config,
-        force=force, device=device, quiet=progress is no_progress,
+        force=force, device=device, quiet=not show_downloads,
     )
     record = read_record(inputs.helper, max_memory, device)
     plan = make_replay_plan(record, inputs)
@@ -118,33 +119,27 @@ def apply(
 
 
 def inspect(path: str | Path, against: str | Path | None = None, options: TransferOptions | None = None, *,
-            source_tokenizer: str | Path | None = None, source_config: str | Path | None = None) -> dict:
+            source_tokenizer: str | Path | None = None, source_config: str | Path | None = None, show_downloads: bool = False) -> dict:
     """What is in a checkpoint (headers only) and what init did to it; with `against` (a helper),
     what `init PATH AGAINST` would do with these options, before anything is written."""
     from clpsurgery.pipeline.inspection import inspect_checkpoint, inspect_transfer
 
     options = options or TransferOptions()
     if against is None:
-        return inspect_checkpoint(resolve_inputs_path(path))
-    inputs = resolve_inputs(path, against, helper_weights=options.needs_helper, source_tokenizer=source_tokenizer, source_config=source_config)
+        return inspect_checkpoint(resolve_model(path, role="checkpoint", quiet=not show_downloads))
+    inputs = resolve_inputs(
+        path, against, helper_weights=options.needs_helper, source_tokenizer=source_tokenizer, source_config=source_config, quiet=not show_downloads,
+    )
     return inspect_transfer(make_plan(inputs, options))
 
 
-def verify(out: str | Path, source: str | Path | None = None, *, progress: ProgressFactory = no_progress, echo: Echo = _silent) -> list[Check]:
+def verify(out: str | Path, source: str | Path | None = None, *, progress: ProgressFactory = no_progress, echo: Echo = _silent, show_downloads: bool = False) -> list[Check]:
     """Check an output: file hashes, shapes, finite rows; with SOURCE, the copies too. Returns
     every check (ok True, False, or None for skipped)."""
-    from clpsurgery.formats.hub import resolve_model
     from clpsurgery.pipeline.verify import verify_output
 
-    source_path = None if source is None else resolve_model(source, role="source", quiet=progress is no_progress)
+    source_path = None if source is None else resolve_model(source, role="source", quiet=not show_downloads)
     return verify_output(Path(out), source_path, progress=progress, echo=echo)
-
-
-def resolve_inputs_path(path: str | Path) -> Path:
-    """A checkpoint argument as a local path (a Hub id fetched into the cache)."""
-    from clpsurgery.formats.hub import resolve_model
-
-    return resolve_model(path, role="checkpoint", quiet=True)
 
 
 def describe_plan(plan: TransferPlan) -> str:
