@@ -454,7 +454,8 @@ def _read_json_object(path: Path) -> dict:
     return doc if isinstance(doc, dict) else {}
 
 
-def _token_string(value: object) -> str | None:
+def token_string(value: object) -> str | None:
+    """A special token as a config spells it: a string, or an added-token object's content."""
     if isinstance(value, str):
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
@@ -471,7 +472,7 @@ def fill_roles(data: TokenizerData, folder: Path | None, config: dict | None = N
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             doc = _read_json_object(folder / name)
             for role in ROLES:
-                token = _token_string(doc.get(f"{role}_token"))
+                token = token_string(doc.get(f"{role}_token"))
                 if role not in data.roles and token is not None and token in data.token_to_id:
                     data.roles[role] = data.token_to_id[token]
     if config:
