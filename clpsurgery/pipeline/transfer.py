@@ -45,6 +45,7 @@ from clpsurgery.pipeline.result import (
 from clpsurgery.vocab.architecture import read_config
 from clpsurgery.vocab.model_config import target_config, target_generation_config
 from clpsurgery.vocab.pieces import source_pieces
+from clpsurgery.vocab.source_side_files import carried_side_files
 from clpsurgery.vocab.output_tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from clpsurgery.vocab.output_tokenizer import output_tokenizer_config_file
 from clpsurgery.vocab.vocabulary import TOKENIZER_FILE, TOKENIZER_FILES
@@ -244,6 +245,14 @@ def _write_side_files(plan: TransferPlan, staging: Path, result: TransferResult)
     for name, data in tokenizer_files.items():
         (staging / name).write_bytes(data)
         result.files.append(name)
+    source_folder = plan.source_config_path.parent
+    for relative in carried_side_files(source_folder):
+        if (staging / relative.split("/")[0]).is_file() and "/" in relative:
+            continue  # a module folder named as a file the output writes
+        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source_folder / relative, staging / relative)
+        result.carried_from_source.append(relative)
+        result.files.append(relative)
 
 
 def _write_manifest(plan: TransferPlan, staging: Path, result: TransferResult, command: list[str] | None) -> None:
