@@ -15,7 +15,7 @@ from clpsurgery.cli import main
 from clpsurgery.pipeline.verify import verify_output
 from conftest import SENTENCE_TRANSFORMERS_FILES, copy_tokenizer_only
 
-CARRIED = [*SENTENCE_TRANSFORMERS_FILES, "1_Pooling/config.json"]
+CARRIED = [*SENTENCE_TRANSFORMERS_FILES, "1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors"]
 TEXTS = ["Der Hund läuft über die Straße.", "Schöne Grüße aus Köln."]
 
 
@@ -26,13 +26,30 @@ def run(*args) -> None:
         pytest.fail(f"clpsurgery exited with {e.code}")
 
 
+def add_dense_module(folder: Path) -> None:
+    """A projection module (2_Dense/, its weights in a model.safetensors of its own) before
+    MiniLM's Normalize, as sentence-transformers saves one."""
+    from safetensors.torch import save_file
+
+    modules = json.loads((folder / "modules.json").read_text())
+    normalize = {**modules[2], "idx": 3, "name": "3"}
+    dense = {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+    (folder / "modules.json").write_text(json.dumps([*modules[:2], dense, normalize], indent=2))
+    (folder / "2_Dense").mkdir()
+    config = {"in_features": 32, "out_features": 16, "bias": True, "activation_function": "torch.nn.modules.activation.Tanh"}
+    (folder / "2_Dense" / "config.json").write_text(json.dumps(config, indent=2))
+    g = torch.Generator().manual_seed(5)
+    save_file({"linear.weight": torch.randn(16, 32, generator=g), "linear.bias": torch.randn(16, generator=g)}, str(folder / "2_Dense" / "model.safetensors"))
+
+
 @pytest.fixture(scope="module")
 def carried_output(tmp_path_factory, bert_source, german_helper):
-    """init from the sentence-transformers source (a card and training notes beside it) with a
-    tokenizer-only German helper."""
+    """init from the sentence-transformers source (with a Dense module, and a card and training
+    notes beside it) with a tokenizer-only German helper."""
     base = tmp_path_factory.mktemp("side-files")
     source = base / "source"
     shutil.copytree(bert_source, source)
+    add_dense_module(source)
     (source / "README.md").write_text("# all-MiniLM-L6-v2 (small)\n")
     (source / "data_config.json").write_text("[]\n")
     helper = copy_tokenizer_only(german_helper, base / "helper")
@@ -54,13 +71,13 @@ def test_carried_byte_for_byte_and_listed(carried_output):
 
 
 def test_sentence_transformer_pools_and_normalises_as_the_source(carried_output):
-    """The carried modules: mean pooling over the attention mask, then L2 normalisation (without
-    them sentence-transformers would mean-pool and not normalise)."""
+    """The carried modules: mean pooling over the attention mask, the projection, then L2
+    normalisation (without them sentence-transformers would only mean-pool)."""
     sentence_transformers = pytest.importorskip("sentence_transformers")
     transformers = pytest.importorskip("transformers")
     _, out = carried_output
     model = sentence_transformers.SentenceTransformer(str(out), device="cpu")
-    assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Normalize"]
+    assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Dense", "Normalize"]
     embeddings = model.encode(TEXTS, convert_to_tensor=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     encoder = transformers.AutoModel.from_pretrained(out).eval()
@@ -68,7 +85,11 @@ def test_sentence_transformer_pools_and_normalises_as_the_source(carried_output)
     with torch.no_grad():
         hidden = encoder(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()
-    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    from safetensors.torch import load_file
+
+    dense = load_file(str(out / "2_Dense" / "model.safetensors"))
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    expected = torch.nn.functional.normalize(torch.tanh(pooled @ dense["linear.weight"].T + dense["linear.bias"]), dim=-1)
     assert torch.allclose(embeddings, expected, atol=1e-5)
     assert torch.allclose(embeddings.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-5)
 

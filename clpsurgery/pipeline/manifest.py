@@ -76,23 +76,24 @@ def output_files(
     copied_whole = copied_whole or {}
     rebuilt = rebuilt or {}
     sources = sources or {}
-    paths = [p for p in sorted(folder.iterdir()) if p.is_file()]
-    paths += [folder / name for name in carried or [] if "/" in name]
-    to_hash = [p for p in paths if p.name not in copied_whole and p.name not in rebuilt]
+    names = [p.name for p in sorted(folder.iterdir()) if p.is_file()]
+    names += [name for name in carried or [] if "/" in name]
+    to_hash = [name for name in names if name not in copied_whole and name not in rebuilt]
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1, len(to_hash)))) as pool:
-        hashes = dict(zip(to_hash, pool.map(file_sha256, to_hash)))
+        hashes = dict(zip(to_hash, pool.map(file_sha256, [folder / name for name in to_hash])))
     entries = []
-    for path in paths:
-        entry: dict = {"file": path.relative_to(folder).as_posix(), "bytes": path.stat().st_size}
-        if path in hashes:
-            entry["sha256"] = hashes[path]
+    for name in names:
+        path = folder / name
+        entry: dict = {"file": name, "bytes": path.stat().st_size}
+        if name in hashes:
+            entry["sha256"] = hashes[name]
         if path.suffix == ".safetensors":
             entry["header_sha256"] = hashlib.sha256(read_header(path).raw).hexdigest()
-        if path.name in rebuilt:
-            entry["tensor_sha256"] = dict(sorted(rebuilt[path.name].items()))
-            entry["other_tensors_from"] = sources.get(path.name)
-        if path.name in copied_whole:
-            entry["copied_from"] = copied_whole[path.name]
+        if name in rebuilt:
+            entry["tensor_sha256"] = dict(sorted(rebuilt[name].items()))
+            entry["other_tensors_from"] = sources.get(name)
+        if name in copied_whole:
+            entry["copied_from"] = copied_whole[name]
         entries.append(entry)
     return entries
 

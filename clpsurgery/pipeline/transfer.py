@@ -44,10 +44,10 @@ from clpsurgery.pipeline.result import (
 )
 from clpsurgery.vocab.architecture import read_config
 from clpsurgery.vocab.model_config import target_config, target_generation_config
-from clpsurgery.vocab.pieces import source_pieces
-from clpsurgery.vocab.source_side_files import carried_side_files
 from clpsurgery.vocab.output_tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from clpsurgery.vocab.output_tokenizer import output_tokenizer_config_file
+from clpsurgery.vocab.pieces import source_pieces
+from clpsurgery.vocab.source_side_files import carried_side_files
 from clpsurgery.vocab.vocabulary import TOKENIZER_FILE, TOKENIZER_FILES
 
 if TYPE_CHECKING:
@@ -247,7 +247,7 @@ def _write_side_files(plan: TransferPlan, staging: Path, result: TransferResult)
         result.files.append(name)
     source_folder = plan.source_config_path.parent
     for relative in carried_side_files(source_folder):
-        if (staging / relative.split("/")[0]).is_file() and "/" in relative:
+        if "/" in relative and (staging / relative.split("/")[0]).is_file():
             continue  # a module folder named as a file the output writes
         (staging / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source_folder / relative, staging / relative)
