@@ -1,7 +1,7 @@
 """Every output loads its tokenizer with the model library as the tokenizer itself: for each
 output kind (init with a full helper, init with a tokenizer-only helper, extend, apply) and each
-tokenizer family (GPT-2's byte-level BPE, a German byte-level BPE, MiniLM's WordPiece, a
-SentencePiece model's Metaspace tokenizer.json), `AutoTokenizer.from_pretrained(OUT)` encodes
+tokenizer family (GPT-2's byte-level BPE, extended by extend; a German byte-level BPE; MiniLM's
+WordPiece; a SentencePiece model's Metaspace tokenizer.json), `AutoTokenizer.from_pretrained(OUT)` encodes
 German and English text to exactly the ids `tokenizers` gives for OUT/tokenizer.json.
 
 The output's config.json is the source's: without a tokenizer config that names the wrapping
@@ -33,13 +33,12 @@ def run(*args) -> None:
 
 
 @pytest.fixture(scope="module")
-def tokenizer_only(tmp_path_factory, gpt2_source, german_helper, bert_folder, llama_sp) -> dict[str, Path]:
+def tokenizer_only(tmp_path_factory, german_helper, bert_folder, llama_sp) -> dict[str, Path]:
     """Helper folders holding only a tokenizer.json, one per family."""
     from clpsurgery.vocab.extension import read_sentencepiece, sentencepiece_document
 
     base = tmp_path_factory.mktemp("tokenizer-only")
     documents = {
-        "gpt2-bpe": (gpt2_source / "tokenizer.json").read_bytes(),
         "german-bpe": (german_helper / "tokenizer.json").read_bytes(),
         "wordpiece": (bert_folder / "tokenizer.json").read_bytes(),
         "metaspace": json.dumps(sentencepiece_document(read_sentencepiece(llama_sp), llama_sp), ensure_ascii=False).encode("utf-8"),
