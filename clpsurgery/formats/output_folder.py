@@ -56,13 +56,38 @@ def _files_not_in_manifest(out: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SurgeryError(out / MANIFEST_NAME, f"cannot be read as a clpsurgery manifest ({type(e).__name__}); refusing to replace {out.name}") from e
     try:
-        entries = sorted(os.listdir(out))
+        unlisted = unlisted_entries(out, listed)
     except OSError as e:
         raise SurgeryError(out, f"cannot list: {e.strerror or e}") from e
-    for name in entries:
-        if name not in listed or (out / name).is_symlink() or not (out / name).is_file():
-            return name
-    return None
+    return unlisted[0] if unlisted else None
+
+
+def is_inside_path(name: str) -> bool:
+    """Whether a manifest entry names a file inside the output folder: a relative POSIX path with
+    no empty, `.` or `..` part (`model.safetensors`, or a carried module's `1_Pooling/config.json`)."""
+    return isinstance(name, str) and bool(name) and "\\" not in name and not name.startswith("/") and all(p not in ("", ".", "..") for p in name.split("/"))
+
+
+def unlisted_entries(out: Path, listed: set[str]) -> list[str]:
+    """The entries under OUT that `listed` (relative POSIX paths) does not name, sorted: a file
+    not listed, a symlink, anything that is not a plain file or folder, a folder that holds no
+    listed file. Only folders that hold a listed file are walked."""
+    folders = {"/".join(n.split("/")[:k]) for n in listed if is_inside_path(n) for k in range(1, n.count("/") + 1)}
+    found = []
+
+    def walk(relative: str) -> None:
+        for name in sorted(os.listdir(out / relative if relative else out)):
+            path = f"{relative}/{name}" if relative else name
+            full = out / path
+            if full.is_symlink():
+                found.append(path)
+            elif full.is_dir() and path in folders:
+                walk(path)
+            elif path not in listed or not full.is_file():
+                found.append(path)
+
+    walk("")
+    return found
 
 
 def remove_stale_partials(out: Path) -> list[Path]:

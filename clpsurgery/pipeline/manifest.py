@@ -57,8 +57,10 @@ def output_files(
     copied_whole: dict[str, str] | None = None,
     rebuilt: dict[str, dict[str, str]] | None = None,
     sources: dict[str, str] | None = None,
+    carried: list[str] | None = None,
 ) -> list[dict]:
-    """The files written: size, SHA-256, and of the header for weights.
+    """The files written: size, SHA-256, and of the header for weights; `carried`: the source's
+    side files copied into the output, some in folders of their own (1_Pooling/config.json).
 
     Weights files hold the bytes init computed (the rebuilt tensors) and bytes it copied from
     the source, and are hashed accordingly. A rebuilt file (`rebuilt`: output name -> its
@@ -74,22 +76,24 @@ def output_files(
     copied_whole = copied_whole or {}
     rebuilt = rebuilt or {}
     sources = sources or {}
-    paths = [p for p in sorted(folder.iterdir()) if p.is_file()]
-    to_hash = [p for p in paths if p.name not in copied_whole and p.name not in rebuilt]
+    names = [p.name for p in sorted(folder.iterdir()) if p.is_file()]
+    names += [name for name in carried or [] if "/" in name]
+    to_hash = [name for name in names if name not in copied_whole and name not in rebuilt]
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1, len(to_hash)))) as pool:
-        hashes = dict(zip(to_hash, pool.map(file_sha256, to_hash)))
+        hashes = dict(zip(to_hash, pool.map(file_sha256, [folder / name for name in to_hash])))
     entries = []
-    for path in paths:
-        entry: dict = {"file": path.name, "bytes": path.stat().st_size}
-        if path in hashes:
-            entry["sha256"] = hashes[path]
+    for name in names:
+        path = folder / name
+        entry: dict = {"file": name, "bytes": path.stat().st_size}
+        if name in hashes:
+            entry["sha256"] = hashes[name]
         if path.suffix == ".safetensors":
             entry["header_sha256"] = hashlib.sha256(read_header(path).raw).hexdigest()
-        if path.name in rebuilt:
-            entry["tensor_sha256"] = dict(sorted(rebuilt[path.name].items()))
-            entry["other_tensors_from"] = sources.get(path.name)
-        if path.name in copied_whole:
-            entry["copied_from"] = copied_whole[path.name]
+        if name in rebuilt:
+            entry["tensor_sha256"] = dict(sorted(rebuilt[name].items()))
+            entry["other_tensors_from"] = sources.get(name)
+        if name in copied_whole:
+            entry["copied_from"] = copied_whole[name]
         entries.append(entry)
     return entries
 
@@ -139,7 +143,7 @@ def build_manifest(plan: TransferPlan, staging: Path, result: TransferResult, co
     """The manifest as plain data."""
     summary = plan.summary()
     started = time.perf_counter()
-    outputs = output_files(staging, files_copied_whole(plan), result.tensor_hashes, source_file_names(plan))
+    outputs = output_files(staging, files_copied_whole(plan), result.tensor_hashes, source_file_names(plan), result.carried_from_source)
     result.stage_seconds["hash"] = result.stage_seconds.get("hash", 0.0) + time.perf_counter() - started
     return {
         "tool": {"name": "clpsurgery", "version": __version__},
@@ -191,6 +195,8 @@ def build_manifest(plan: TransferPlan, staging: Path, result: TransferResult, co
         "extension": plan.extension,
         "maps": [m.as_dict() for m in plan.maps],
         "kept_source_specials": list(plan.kept_specials),
+        # the source's side files that do not depend on its vocabulary, copied byte for byte
+        "carried_from_source": result.carried_from_source,
         "config_changes": result.config_changes,
         "bytes": {
             "copied": result.write_stats.copied_bytes,

@@ -34,6 +34,7 @@ class TransferResult:
     config_changes: dict = field(default_factory=dict)
     tensor_hashes: dict[str, dict[str, str]] = field(default_factory=dict)  # file -> rebuilt tensor -> SHA-256
     files: list[str] = field(default_factory=list)
+    carried_from_source: list[str] = field(default_factory=list)  # vocabulary-free side files (vocab.source_side_files)
     paths: dict = field(default_factory=dict)  # device, and which search and combine paths ran
 
 

@@ -49,7 +49,10 @@ from clpsurgery.pipeline.result import (
 )
 from clpsurgery.vocab.architecture import read_config
 from clpsurgery.vocab.model_config import target_config, target_generation_config
-from clpsurgery.vocab.vocabulary import TOKENIZER_FILES
+from clpsurgery.vocab.output_tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
+from clpsurgery.vocab.output_tokenizer import output_tokenizer_config_file
+from clpsurgery.vocab.source_side_files import carried_side_files
+from clpsurgery.vocab.vocabulary import TOKENIZER_FILE, TOKENIZER_FILES
 
 if TYPE_CHECKING:
     from clpsurgery.mixing.backend import ComputeBackend
@@ -239,15 +242,25 @@ def _write_side_files(plan: TransferPlan, staging: Path, result: TransferResult)
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         result.config_changes["generation_config.json"] = generation_changes
     if plan.tokenizer_files is not None:
-        for name, data in plan.tokenizer_files:
-            (staging / name).write_bytes(data)
-            result.files.append(name)
-        return
-    for name in TOKENIZER_FILES:
-        helper_file = plan.helper_path / name
-        if helper_file.is_file():
-            shutil.copyfile(helper_file, staging / name)
-            result.files.append(name)
+        tokenizer_files = dict(plan.tokenizer_files)
+    else:
+        tokenizer_files = {name: (plan.helper_path / name).read_bytes() for name in TOKENIZER_FILES if (plan.helper_path / name).is_file()}
+    if TOKENIZER_FILE in tokenizer_files:
+        config, changes = output_tokenizer_config_file(tokenizer_files.get(TOKENIZER_CONFIG_FILE), plan.target_vocab)
+        if config is not None:
+            tokenizer_files[TOKENIZER_CONFIG_FILE] = config
+            result.config_changes[TOKENIZER_CONFIG_FILE] = changes
+    for name, data in tokenizer_files.items():
+        (staging / name).write_bytes(data)
+        result.files.append(name)
+    source_folder = plan.source_config_path.parent
+    for relative in carried_side_files(source_folder):
+        if "/" in relative and (staging / relative.split("/")[0]).is_file():
+            continue  # a module folder named as a file the output writes
+        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source_folder / relative, staging / relative)
+        result.carried_from_source.append(relative)
+        result.files.append(relative)
 
 
 def _write_manifest(plan: TransferPlan, staging: Path, result: TransferResult, command: list[str] | None) -> None:

@@ -42,7 +42,7 @@ import numpy as np
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.formats.json_input import read_json_file
-from clpsurgery.formats.output_folder import MANIFEST_NAME
+from clpsurgery.formats.output_folder import MANIFEST_NAME, is_inside_path, unlisted_entries
 from clpsurgery.formats.safetensors_header import FLOAT_DTYPES
 from clpsurgery.formats.writer import row_blocks
 from clpsurgery.pipeline.manifest import decode_pairs, file_sha256
@@ -155,7 +155,7 @@ def _check_files(out: Path, manifest: dict, progress, report: Callable[[Check], 
         name = entry["file"]
         listed.add(name)
         path = out / name
-        if os.path.basename(name) != name or name in ("", ".", ".."):
+        if not is_inside_path(name):
             problems[name] = "the manifest names a path outside the folder"
             continue
         if not path.is_file():
@@ -191,9 +191,8 @@ def _check_files(out: Path, manifest: dict, progress, report: Callable[[Check], 
         if digest != expected and name not in problems:
             what = f"tensor {tensor!r}: " if tensor else ""
             problems[name] = f"{what}SHA-256 {digest[:16]}..., the manifest says {expected[:16]}..."
-    for name in sorted(os.listdir(out)):
-        if name not in listed:
-            problems[name] = "not written by clpsurgery (not in the manifest)"
+    for name in unlisted_entries(out, listed):
+        problems.setdefault(name, "not written by clpsurgery (not in the manifest)")
     for name, problem in sorted(problems.items()):
         report(Check(False, f"file {name}", problem))
     whole_files = {name for name, _, tensor, _, _, _ in to_hash if tensor is None}

@@ -465,7 +465,8 @@ def _json_kind(doc: object) -> str:
     return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(doc), "number")
 
 
-def _token_string(value: object) -> str | None:
+def token_string(value: object) -> str | None:
+    """A special token as a config spells it: a string, or an added-token object's content."""
     if isinstance(value, str):
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
@@ -482,7 +483,7 @@ def fill_roles(data: TokenizerData, folder: Path | None, config: dict | None = N
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             doc = read_json_object(folder / name)
             for role in ROLES:
-                token = _token_string(doc.get(f"{role}_token"))
+                token = token_string(doc.get(f"{role}_token"))
                 if role not in data.roles and token is not None and token in data.token_to_id:
                     data.roles[role] = data.token_to_id[token]
     if config:
