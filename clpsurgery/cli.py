@@ -188,6 +188,7 @@ def init_command(source: Path, helper: Path, out: Path, options: TransferOptions
         click.echo(f"note: {stats.degenerate_rows} rows had nearly dependent atoms (solved with a small ridge); {stats.uniform_rows} had a zero helper vector and got the mean of their nearest tokens", err=True)
     if stats.empty_rows:
         click.echo(f"note: {stats.empty_rows} target tokens have no piece the source tokenizer can encode (or no token at their id): their rows are zero", err=True)
+    _note_if_nothing_mixed(plan)
 
 
 @cli.command("extend")
@@ -227,6 +228,7 @@ def extend_command(source: str, helper: str, out: Path, options: TransferOptions
     result = run_transfer(extending.pending(), out, force=force, progress=progress_factory(quiet), recorded=extending.find_mixing, command=["clpsurgery", *sys.argv[1:]])
     seconds = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
     click.echo(f"wrote {out} ({seconds})")
+    _note_if_nothing_mixed(extending.plan)
     if texts:
         from clpsurgery.vocab.extension import fertility
         from clpsurgery.vocab.vocabulary import tokenizer_path
@@ -265,6 +267,13 @@ def apply_command(transfer: Path, sibling: str, out: Path, max_memory: int, devi
     result = run_transfer(plan, out, force=force, progress=progress_factory(quiet), recorded=recorded, command=["clpsurgery", *sys.argv[1:]])
     seconds = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
     click.echo(f"wrote {out} ({seconds})")
+    _note_if_nothing_mixed(plan)
+
+
+def _note_if_nothing_mixed(plan) -> None:
+    """A target with no token the source lacks is a legitimate transfer: a copy, said once."""
+    if not plan.overlap.missing_ids.size:
+        click.echo("note: no new tokens: every target token is in the source, so every row is copied from it", err=True)
 
 
 def _method_summary(plan) -> str:
