@@ -139,6 +139,18 @@ def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
+def write_output_file(path: Path, data: bytes) -> None:
+    """Write one whole file of the output (a side file, the record, the index, the manifest) with
+    an OSError that names it, so that staged_output reports a full disk against OUT's file."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from e
+
+
 def _write_error(e: OSError, out: Path, staging: Path) -> Exception:
     """An OSError met while building OUT, as one line naming the output file and the problem.
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.checkpoint import CheckpointLayout
+from clpsurgery.formats.output_folder import write_output_file
 from clpsurgery.pipeline.options import TransferOptions
 from clpsurgery.pipeline.plan import TransferPlan, find_source_file, find_source_tokenizer, with_recorded_mixing
 from clpsurgery.vocab.architecture import find_vocab_tensors, read_config
@@ -72,12 +73,13 @@ def transfer_record(plan: TransferPlan, matrices: dict[str, MixingMatrix]) -> tu
 
 
 def write_record(path: Path, plan: TransferPlan, matrices: dict[str, MixingMatrix]) -> None:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     arrays, metadata = transfer_record(plan, matrices)
     # One metadata entry: safetensors keeps the entries in a hash map, whose order (and so the
-    # file's bytes) would change from run to run.
-    save_file(arrays, str(path), metadata={"clpsurgery_transfer": json.dumps(metadata, sort_keys=True)})
+    # file's bytes) would change from run to run. Serialised here and written by Python, so that
+    # a full disk is an OSError (ENOSPC) like the other files'.
+    write_output_file(path, save(arrays, metadata={"clpsurgery_transfer": json.dumps(metadata, sort_keys=True)}))
 
 
 @dataclass(frozen=True)
