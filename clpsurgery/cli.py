@@ -1,7 +1,8 @@
 """The `clpsurgery` command: init, extend, apply, inspect, verify and demo.
 
-Bad input ends with one line on stderr, `error: PLACE: PROBLEM`, and exit code 1; `--debug`
-shows the traceback instead.
+Bad input ends with one line on stderr, `error: PLACE: PROBLEM`, and exit code 1; a wrong
+option (a value no input could make right) the same line and exit code 2; `--debug` shows the
+traceback instead.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import click
 
-from clpsurgery.errors import SurgeryError
+from clpsurgery.errors import OptionError, SurgeryError
 from clpsurgery.pipeline.options import OptionSpec, TransferOptions
 
 EXIT_FAILURE = 1
+EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
@@ -391,6 +393,17 @@ def _signals_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _usage_line(e: click.UsageError) -> str:
+    """click's usage error as the one line of every option error: `error: --flag: problem`, or
+    the command where no one option is at fault."""
+    param = getattr(e, "param", None)
+    if isinstance(e, click.BadParameter) and not isinstance(e, click.MissingParameter) and param is not None:
+        place = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+        return f"error: {place}: {' '.join(e.message.split())}"
+    command = e.ctx.command_path if e.ctx is not None else "clpsurgery"
+    return f"error: {command}: {' '.join(e.format_message().split())} (see '{command} --help')"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the command, turning errors into one line and an exit code."""
     args = sys.argv[1:] if argv is None else argv
@@ -400,6 +413,12 @@ def main(argv: list[str] | None = None) -> None:
             cli.main(args=args, prog_name="clpsurgery", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except click.UsageError as e:
+        if isinstance(e, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # `clpsurgery` alone: the help (click 8.2+)
+            e.show()
+        else:
+            click.echo(_usage_line(e), err=True)
+        sys.exit(EXIT_USAGE)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
@@ -414,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_FAILURE)
+        sys.exit(EXIT_USAGE if isinstance(e, OptionError) else EXIT_FAILURE)
     except OSError as e:
         if debug:
             raise

@@ -533,6 +533,36 @@ def test_debug_shows_the_traceback(gpt2_source, german_helper, tmp_path):
     assert not c.out.exists()
 
 
+# --- wrong options -------------------------------------------------------------------------------------
+
+# Every option error, click's own and those TransferOptions finds, is one `error:` line and exit
+# code 2 (the command line is wrong); a file's or a model's problem is exit code 1.
+WRONG_OPTIONS = [
+    (["--blend", "1.5"], "error: --blend: is a share between 0 and 1, not 1.5"),
+    (["--temperature", "0"], "error: --temperature: must be positive, not 0.0"),
+    (["--top-k", "0"], "error: --top-k: 0 is not a positive integer"),
+    (["--method", "nope"], "error: --method: 'nope' is not one of 'clp', 'omp', 'fvt', 'clp+fvt'."),
+    (["--max-memory", "3"], "error: --max-memory: '3' is below 1 MiB"),
+    (["--nope"], "error: clpsurgery init: No such option '--nope'."),
+    (["--method", "omp", "--top-k", "all"], "error: --top-k: omp picks a few atoms per token"),
+]
+
+
+@pytest.mark.parametrize("options,line", WRONG_OPTIONS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_a_wrong_option_exits_2_in_one_line(options, line, gpt2_source, german_helper, tmp_path, capsys):
+    code = run_main(["init", "--quiet", *options, str(gpt2_source), str(german_helper), str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert len(captured.err.splitlines()) == 1 and captured.err.startswith(line) and captured.out == "", captured.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_argument_exits_2_in_one_line(gpt2_source, capsys):
+    assert run_main(["init", "--quiet", str(gpt2_source)]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: clpsurgery init: Missing argument 'HELPER'. (see 'clpsurgery init --help')\n", err
+
+
 # --- unreadable files --------------------------------------------------------------------------------
 
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
