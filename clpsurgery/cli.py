@@ -372,18 +372,23 @@ class Interrupted(BaseException):
     an empty line first: the run unwinds (removing its partial output) and exits 130, one line."""
 
 
-def _raise_interrupted(signum, frame) -> None:
-    raise Interrupted(signal.Signals(signum).name)
-
-
 @contextmanager
 def _signals_interrupt() -> Iterator[None]:
-    """Ctrl-C and SIGTERM (kill, timeout, a job scheduler) both unwind the run and exit 130."""
+    """Ctrl-C and SIGTERM (kill, timeout, a job scheduler) both unwind the run and exit 130, until
+    its output is complete: from then on the run only reports, and succeeds."""
+    from clpsurgery.formats.output_folder import finished_outputs
+
+    finished_before = len(finished_outputs())
+
+    def interrupt(signum, frame) -> None:
+        if len(finished_outputs()) == finished_before:
+            raise Interrupted(signal.Signals(signum).name)
+
     previous = {}
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(sig) is not signal.SIG_IGN:  # an ignored SIGINT (nohup, &) stays ignored
-                previous[sig] = signal.signal(sig, _raise_interrupted)
+                previous[sig] = signal.signal(sig, interrupt)
     except ValueError:  # not the main thread: leave signals alone
         pass
     try:
@@ -426,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         command = args[0] if args else ""
-        after = "; the output was not written (its partial folder was removed)" if command in ("init", "demo") else ""
+        after = "; the output was not written (its partial folder was removed)" if command in ("init", "extend", "apply", "demo") else ""
         click.echo(f"error: interrupted{after}", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except SurgeryError as e:
