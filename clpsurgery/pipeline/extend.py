@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clpsurgery.errors import SurgeryError
+from clpsurgery.errors import OptionError, SurgeryError
 from clpsurgery.pipeline.options import TransferOptions
 from clpsurgery.pipeline.plan import PendingPlan, TransferPlan, find_source_tokenizer, make_plan
 from clpsurgery.vocab.extension import TokenizerExtension, extend_tokenizer
@@ -41,7 +41,9 @@ def make_base_plan(
 ) -> TransferPlan:
     """init's plan for SOURCE and HELPER, whose mixing the new tokens take."""
     if options.untie_head:
-        raise SurgeryError("--untie-head", "extend keeps the source's head as it is: tied stays tied")
+        raise OptionError("--untie-head", "extend keeps the source's head as it is: tied stays tied")
+    if options.top_k is None and "clp" in (options.method_for("input"), options.method_for("output")):
+        raise OptionError("--top-k", "extend mixes a few source rows per new token: give a number, not 'all'")
     # the extended tokenizer holds every source token: nothing to keep apart
     return make_plan(source, helper, replace(options, keep_source_specials="no"), source_tokenizer, source_config)
 
@@ -160,9 +162,7 @@ def extension_matrices(base: TransferPlan, plan: TransferPlan, extension: Tokeni
     mixed_at[base.overlap.missing_ids] = np.arange(base.overlap.missing_ids.size)
     out = {}
     for side in plan.sides:
-        matrix = mixings[side].matrix
-        if matrix is None:
-            raise SurgeryError("--top-k", "extend mixes a few source rows per new token: give a number, not 'all'")
+        matrix = mixings[side].matrix  # never the dense form: make_base_plan refuses --top-k all
         rows = np.concatenate([base.overlap.source_ids, matrix.extra_source_ids])
         positions = np.zeros((helper_ids.size, matrix.width), dtype=np.int64)
         weights = np.zeros((helper_ids.size, matrix.width), dtype=np.float32)

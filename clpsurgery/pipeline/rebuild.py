@@ -131,7 +131,7 @@ def _helper_mixing(plan: TransferPlan, side: str, vectors, progress: ProgressFac
     helper_rows, overlap_vectors, missing_vectors = vectors
     overlap = plan.overlap
     k = plan.k_for(side) - (memory.FVT_PIECES if plan.side_method(side) == "clp+fvt" else 0)  # the helper's part
-    if plan.side_method(side) == "omp" and overlap.missing_ids.size:
+    if plan.side_method(side) == "omp":
         raw = helper_rows.numpy()  # OMP rebuilds the helper's vectors as they are, norms included
         candidates = candidate_count(k, overlap.count)
 
@@ -141,7 +141,7 @@ def _helper_mixing(plan: TransferPlan, side: str, vectors, progress: ProgressFac
         with progress("orthogonal matching pursuit", int(overlap.missing_ids.size)) as advance:
             pursuit = omp_mixing(raw[overlap.target_ids], raw[overlap.missing_ids], k, search, on_rows=advance)
         return Mixing(plan, pursuit.matrix())
-    if not plan.dense_for(side) and overlap.missing_ids.size:
+    if not plan.dense_for(side):
         with progress("neighbour search", int(overlap.missing_ids.size)) as advance:
             neighbours = backend.search_top_k(overlap_vectors, missing_vectors, k, on_chunk=advance)
         return Mixing(plan, clp_matrix(neighbours, plan.options.weighting, plan.options.temperature))
