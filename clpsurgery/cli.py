@@ -1,7 +1,8 @@
 """The `clpsurgery` command: init, extend, apply, inspect, verify and demo.
 
-Bad input ends with one line on stderr, `error: PLACE: PROBLEM`, and exit code 1; `--debug`
-shows the traceback instead.
+Bad input ends with one line on stderr, `error: PLACE: PROBLEM`, and exit code 1; a wrong
+option (a value no input could make right) the same line and exit code 2; `--debug` shows the
+traceback instead.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import click
 
-from clpsurgery.errors import SurgeryError
+from clpsurgery.errors import OptionError, SurgeryError
 from clpsurgery.pipeline.options import OptionSpec, TransferOptions
 
 EXIT_FAILURE = 1
+EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
@@ -160,6 +162,8 @@ def _echo_err(quiet: bool) -> Callable[[str], None]:
 def _report_written(out: Path, result) -> None:
     seconds = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
     click.echo(f"wrote {out} ({seconds})")
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
 
 
 @cli.command("init")
@@ -183,12 +187,6 @@ def init_command(source: str, helper: str, out: Path, options: TransferOptions, 
         progress=progress_factory(quiet), echo=_echo_err(quiet), command=_command_line(), show_downloads=not quiet,
     )
     _report_written(out, result)
-    stats = result.weight_stats
-    note = options.method_of("input").notes(stats)
-    if note:
-        click.echo(f"note: {note}", err=True)
-    if stats.empty_rows:
-        click.echo(f"note: {stats.empty_rows} target tokens have no piece the source tokenizer can encode (or no token at their id): their rows are zero", err=True)
 
 
 @cli.command("extend")
@@ -309,18 +307,23 @@ class Interrupted(BaseException):
     an empty line first: the run unwinds (removing its partial output) and exits 130, one line."""
 
 
-def _raise_interrupted(signum, frame) -> None:
-    raise Interrupted(signal.Signals(signum).name)
-
-
 @contextmanager
 def _signals_interrupt() -> Iterator[None]:
-    """Ctrl-C and SIGTERM (kill, timeout, a job scheduler) both unwind the run and exit 130."""
+    """Ctrl-C and SIGTERM (kill, timeout, a job scheduler) both unwind the run and exit 130, until
+    its output is complete: from then on the run only reports, and succeeds."""
+    from clpsurgery.formats.output_folder import finished_outputs
+
+    finished_before = len(finished_outputs())
+
+    def interrupt(signum, frame) -> None:
+        if len(finished_outputs()) == finished_before:
+            raise Interrupted(signal.Signals(signum).name)
+
     previous = {}
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(sig) is not signal.SIG_IGN:  # an ignored SIGINT (nohup, &) stays ignored
-                previous[sig] = signal.signal(sig, _raise_interrupted)
+                previous[sig] = signal.signal(sig, interrupt)
     except ValueError:  # not the main thread: leave signals alone
         pass
     try:
@@ -328,6 +331,17 @@ def _signals_interrupt() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _usage_line(e: click.UsageError) -> str:
+    """click's usage error as the one line of every option error: `error: --flag: problem`, or
+    the command where no one option is at fault."""
+    param = getattr(e, "param", None)
+    if isinstance(e, click.BadParameter) and not isinstance(e, click.MissingParameter) and param is not None:
+        place = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+        return f"error: {place}: {' '.join(e.message.split())}"
+    command = e.ctx.command_path if e.ctx is not None else "clpsurgery"
+    return f"error: {command}: {' '.join(e.format_message().split())} (see '{command} --help')"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -339,6 +353,12 @@ def main(argv: list[str] | None = None) -> None:
             cli.main(args=args, prog_name="clpsurgery", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except click.UsageError as e:
+        if isinstance(e, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # `clpsurgery` alone: the help (click 8.2+)
+            e.show()
+        else:
+            click.echo(_usage_line(e), err=True)
+        sys.exit(EXIT_USAGE)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
@@ -353,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_FAILURE)
+        sys.exit(EXIT_USAGE if isinstance(e, OptionError) else EXIT_FAILURE)
     except OSError as e:
         if debug:
             raise

@@ -12,3 +12,8 @@ class SurgeryError(Exception):
         self.place = os.fspath(place)
         self.problem = " ".join(str(problem).split())
         super().__init__(f"{self.place}: {self.problem}")
+
+
+class OptionError(SurgeryError):
+    """An option's value, or a combination of options, that no input could make right: the command
+    line itself is wrong, as in click's own usage errors, so it exits 2 where a file's problem exits 1."""

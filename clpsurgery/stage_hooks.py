@@ -8,7 +8,8 @@ The points:
 
 - `search`: the helper vectors are read and normalised, the neighbour search is about to start;
 - `combine`: the first block of a rebuilt tensor has been written, the rest are still to come;
-- `copy`: a byte copy of an unchanged tensor (or whole file) is about to start.
+- `copy`: a byte copy of an unchanged tensor (or whole file) is about to start;
+- `placed`: the output is complete and has just been renamed into place.
 
 Without the variable (always, outside the tests in tests/test_interrupt.py) a call is one dict
 lookup. The variable is read once, at import.
@@ -21,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 
-POINTS = ("search", "combine", "copy")
+POINTS = ("search", "combine", "copy", "placed")
 
 
 def _parse(text: str) -> dict[str, int]:

@@ -13,6 +13,7 @@ widely through `inspect` and the library in test_hostile_files.py; here they go 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -545,6 +546,36 @@ def test_debug_shows_the_traceback(gpt2_source, german_helper, tmp_path):
     assert not c.out.exists()
 
 
+# --- wrong options -------------------------------------------------------------------------------------
+
+# Every option error, click's own and those TransferOptions finds, is one `error:` line and exit
+# code 2 (the command line is wrong); a file's or a model's problem is exit code 1.
+WRONG_OPTIONS = [
+    (["--blend", "1.5"], "error: --blend: is a share between 0 and 1, not 1.5"),
+    (["--temperature", "0"], "error: --temperature: must be positive, not 0.0"),
+    (["--top-k", "0"], "error: --top-k: 0 is not a positive integer"),
+    (["--method", "nope"], "error: --method: 'nope' is not one of 'clp', 'omp', 'fvt', 'clp+fvt'."),
+    (["--max-memory", "3"], "error: --max-memory: '3' is below 1 MiB"),
+    (["--nope"], "error: clpsurgery init: No such option '--nope'."),
+    (["--method", "omp", "--top-k", "all"], "error: --top-k: omp picks a few atoms per token"),
+]
+
+
+@pytest.mark.parametrize("options,line", WRONG_OPTIONS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_a_wrong_option_exits_2_in_one_line(options, line, gpt2_source, german_helper, tmp_path, capsys):
+    code = run_main(["init", "--quiet", *options, str(gpt2_source), str(german_helper), str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert len(captured.err.splitlines()) == 1 and captured.err.startswith(line) and captured.out == "", captured.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_argument_exits_2_in_one_line(gpt2_source, capsys):
+    assert run_main(["init", "--quiet", str(gpt2_source)]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: clpsurgery init: Missing argument 'HELPER'. (see 'clpsurgery init --help')\n", err
+
+
 # --- unreadable files --------------------------------------------------------------------------------
 
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
@@ -594,18 +625,41 @@ def test_unreadable_file(which, gpt2_source, german_helper, tmp_path):
 # --- the disk filling up --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 128 KiB tmpfs (the output needs about 400 KiB); skipped where mounting is not allowed."""
+def mounted_tmpfs(tmp_path: Path, size: str):
+    """A tmpfs of SIZE under tmp_path, unmounted afterwards; skipped where mounting is not allowed."""
     mount_point = tmp_path / "small-disk"
     mount_point.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount_point)], capture_output=True, text=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"environment: cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); the RLIMIT_FSIZE test covers the error path")
     try:
         yield mount_point
     finally:
         subprocess.run(["umount", str(mount_point)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 128 KiB tmpfs (the output needs about 400 KiB)."""
+    yield from mounted_tmpfs(tmp_path, "128k")
+
+
+@pytest.fixture
+def roomy_disk(tmp_path):
+    """An 8 MiB tmpfs: room for the whole output, until a test fills it."""
+    yield from mounted_tmpfs(tmp_path, "8m")
+
+
+def fill_disk(folder: Path, room: int = 0) -> None:
+    """Write a file in FOLDER until its disk is full, then give back ROOM bytes: a write there past
+    them fails with ENOSPC."""
+    with open(folder / "filler", "wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+        filler.truncate(filler.tell() - room)
 
 
 def test_disk_full(small_disk, gpt2_source, german_helper, capsys):
@@ -619,6 +673,31 @@ def test_disk_full(small_disk, gpt2_source, german_helper, capsys):
     assert str(out) in lines[0] and "the disk is full" in lines[0] and "No space left on device" in lines[0], lines[0]
     assert os.listdir(small_disk) == [], "the partial output must be removed"
     assert (tree_hashes(gpt2_source), tree_hashes(german_helper)) == before
+
+
+# the room left on the disk as the stage starts: two pages hold config.json and
+# generation_config.json, not the tokenizer.json copied from HELPER after them
+@pytest.mark.parametrize("stage,room", [("_write_side_files", 8192), ("write_record", 0)])
+def test_disk_full_after_the_weights(stage, room, roomy_disk, gpt2_source, german_helper, capsys, monkeypatch):
+    """The disk filling once the weights are written, as the side files (a tokenizer.json copied
+    from HELPER) or the transfer record are written: the disk of OUT is full, not the input's."""
+    from clpsurgery.pipeline import transfer
+
+    writes = getattr(transfer, stage)
+
+    def on_a_full_disk(*args, **kwargs):
+        fill_disk(roomy_disk, room)
+        return writes(*args, **kwargs)
+
+    monkeypatch.setattr(transfer, stage, on_a_full_disk)
+    out = roomy_disk / "out"
+    code = run_main(["init", "--quiet", str(gpt2_source), str(german_helper), str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {out}") and "Traceback" not in err, err
+    assert "the disk is full (No space left on device)" in lines[0] and "partial output was removed" in lines[0], lines[0]
+    assert os.listdir(roomy_disk) == ["filler"], "the partial output must be removed"
 
 
 def test_file_size_limit(gpt2_source, german_helper, tmp_path, capsys):

@@ -103,15 +103,17 @@ def test_extend_without_a_helper_model(gpt2_source, german_helper, tmp_path):
         assert written[new_id] == pytest.approx(source[pieces].mean(axis=0), rel=1e-4, abs=1e-5)
 
 
-def one_line_error(args) -> str:
+def one_line_error(args, code: int = 1) -> str:
     proc = subprocess.run([sys.executable, "-m", "clpsurgery", *args], capture_output=True, text=True)
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == code and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
     return proc.stderr
 
 
 def test_extend_refusals(gpt2_source, german_helper, tmp_path):
-    assert "--top-k" in one_line_error(["extend", "--quiet", "--top-k", "all", str(gpt2_source), str(german_helper), str(tmp_path / "a")])
-    assert "--untie-head" in one_line_error(["extend", "--quiet", "--untie-head", str(gpt2_source), str(german_helper), str(tmp_path / "b")])
+    """Options extend cannot take: option errors, exit code 2."""
+    assert "--top-k" in one_line_error(["extend", "--quiet", "--top-k", "all", str(gpt2_source), str(german_helper), str(tmp_path / "a")], code=2)
+    assert "--top-k" in one_line_error(["extend", "--quiet", "--method", "clp", "--top-k", "all", str(gpt2_source), str(german_helper), str(tmp_path / "a")], code=2)
+    assert "--untie-head" in one_line_error(["extend", "--quiet", "--untie-head", str(gpt2_source), str(german_helper), str(tmp_path / "b")], code=2)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

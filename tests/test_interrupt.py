@@ -174,3 +174,31 @@ def test_kill_leaves_a_partial_that_the_next_run_removes(interrupted, point, gpt
         pytest.fail(f"the run after a killed one exited with {e.code}")
     assert partials(r.folder) == []
     assert all(c.ok is not False for c in verify_output(r.out, gpt2_source)), [c.line() for c in verify_output(r.out, gpt2_source)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_signal_once_out_is_in_place_is_no_failure(sig, gpt2_source, german_helper, tmp_path):
+    """A signal landing once OUT is complete and renamed into place (the `placed` hook, before the
+    success line) no longer fails the run: exit 0, the success line, and OUT verifies."""
+    out = tmp_path / "out"
+    env = dict(os.environ, CLPSURGERY_PAUSE_AT="placed", CLPSURGERY_PAUSE_SECONDS="3")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clpsurgery", "init", "--quiet", "--top-k", "8", str(gpt2_source), str(german_helper), str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env,
+    )
+    try:
+        before = []
+        for line in proc.stderr:
+            before.append(line)
+            if line.startswith(PAUSE_LINE):
+                break
+        assert before and before[-1].startswith(PAUSE_LINE + "placed"), "".join(before)
+        assert out.is_dir() and partials(tmp_path) == []
+        proc.send_signal(sig)
+        stdout, after = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, after
+    assert after == "" and stdout.startswith(f"wrote {out} ("), (stdout, after)
+    assert all(c.ok is not False for c in verify_output(out, gpt2_source))

@@ -130,5 +130,5 @@ def test_omp_refuses_the_dense_form_in_one_line(gpt2_source, german_helper, tmp_
         [sys.executable, "-m", "clpsurgery", "init", "--method", "omp", "--top-k", "all", str(gpt2_source), str(german_helper), str(tmp_path / "out")],
         capture_output=True, text=True,
     )
-    assert proc.returncode == 1 and proc.stderr == "error: --top-k: omp picks a few atoms per token: give a number, not 'all' (the dense form is --method clp's)\n"
+    assert proc.returncode == 2 and proc.stderr == "error: --top-k: omp picks a few atoms per token: give a number, not 'all' (the dense form is --method clp's)\n"
     assert not (tmp_path / "out").exists()

@@ -39,7 +39,7 @@ class StoredRows:
 
     def finite_rows(self) -> np.ndarray:
         """Per row, whether every element is finite (no NaN, no Inf); integers always are."""
-        rows = self.data.reshape(self.shape[0] if self.shape else 1, -1)
+        rows = self.data if self.shape else self.data.reshape(1, -1)  # [rows, bytes per row], zero rows included
         if self.dtype not in FLOAT_BITS:
             return np.ones(rows.shape[0], dtype=bool)
         view, exponent = FLOAT_BITS[self.dtype]

@@ -18,10 +18,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from clpsurgery.errors import SurgeryError
+from clpsurgery.stage_hooks import reached
 
 MANIFEST_NAME = "clpsurgery.json"
 PARTIAL_TAG = ".clpsurgery-partial-"
 OLD_TAG = ".clpsurgery-old-"
+
+_finished: list[Path] = []  # the outputs this process has completed (see finished_outputs)
+
+
+def finished_outputs() -> tuple[Path, ...]:
+    """The outputs this process has completed: written in full, then renamed into place (marked
+    just before the rename). The command line's signal handling asks, so that a Ctrl-C landing
+    once OUT is complete no longer turns the run into a failure."""
+    return tuple(_finished)
 
 
 def partial_folder(out: Path) -> Path:
@@ -146,12 +156,19 @@ def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
         _fsync_dir(staging)
         if out.exists():
             check_out_path(out, force)
-            old = parent / f".{out.name}{OLD_TAG}{os.getpid()}"
-            os.rename(out, old)
-            os.rename(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, out)
+        _finished.append(out)
+        try:
+            if out.exists():
+                old = parent / f".{out.name}{OLD_TAG}{os.getpid()}"
+                os.rename(out, old)
+                os.rename(staging, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(staging, out)
+        except BaseException:
+            _finished.remove(out)
+            raise
+        reached("placed")  # test hook (stage_hooks.py): a no-op unless CLPSURGERY_PAUSE_AT names it
         _fsync_dir(parent)
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
@@ -165,6 +182,18 @@ def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
 
 
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def write_output_file(path: Path, data: bytes) -> None:
+    """Write one whole file of the output (a side file, the record, the index, the manifest) with
+    an OSError that names it, so that staged_output reports a full disk against OUT's file."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from e
 
 
 def _write_error(e: OSError, out: Path, staging: Path) -> Exception:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clpsurgery.errors import SurgeryError
+from clpsurgery.formats.output_folder import write_output_file
 from clpsurgery.formats.safetensors_header import TensorSpec, encode_header
 from clpsurgery.stage_hooks import reached
 
@@ -421,7 +422,7 @@ def write_index(folder: Path, weight_map: dict[str, str], total_size: int, extra
         metadata.update({k: v for k, v in extra_metadata.items() if k != "total_size"})
     doc = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
     path = folder / "model.safetensors.index.json"
-    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    write_output_file(path, (json.dumps(doc, indent=2) + "\n").encode())
     return path
 
 

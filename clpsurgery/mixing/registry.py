@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from clpsurgery.errors import SurgeryError
+from clpsurgery.errors import OptionError
 from clpsurgery.mixing.choices import OMP_BLOCK_BYTES
 
 if TYPE_CHECKING:
@@ -132,10 +132,10 @@ def find_method(name: str) -> Method | None:
 
 
 def get_method(name: str, option: str = "--method") -> Method:
-    """The method of that name; one SurgeryError line naming the choices otherwise."""
+    """The method of that name; one OptionError line naming the choices otherwise."""
     method = _METHODS.get(name)
     if method is None:
-        raise SurgeryError(option, f"unknown method {name!r}; choose from {', '.join(_METHODS)}")
+        raise OptionError(option, f"unknown method {name!r}; choose from {', '.join(_METHODS)}")
     return method
 
 

@@ -57,7 +57,10 @@ def init(
         with output.stage("search"):
             mixings = search_mixings(plan, progress, output.result, backend)
         output.write(plan, mixings, backend, progress)
-        return output.finish(plan, mixings, command or ["clpsurgery", "init", str(source), str(helper), str(out)])
+        result = output.finish(plan, mixings, command or ["clpsurgery", "init", str(source), str(helper), str(out)])
+    stats = result.weight_stats
+    result.notes[:0] = [note for note in (options.method_of("input").notes(stats), _empty_rows_note(stats.empty_rows)) if note]
+    return result
 
 
 def extend(
@@ -140,6 +143,12 @@ def verify(out: str | Path, source: str | Path | None = None, *, progress: Progr
 
     source_path = None if source is None else resolve_model(source, role="source", quiet=not show_downloads)
     return verify_output(Path(out), source_path, progress=progress, echo=echo)
+
+
+def _empty_rows_note(empty_rows: int) -> str | None:
+    if not empty_rows:
+        return None
+    return f"{empty_rows} target tokens have no piece the source tokenizer can encode (or no token at their id): their rows are zero"
 
 
 def describe_plan(plan: TransferPlan) -> str:

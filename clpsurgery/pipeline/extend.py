@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clpsurgery.errors import SurgeryError
+from clpsurgery.errors import OptionError, SurgeryError
 from clpsurgery.pipeline.options import TransferOptions
 from clpsurgery.pipeline.plan import TransferPlan, make_plan
 from clpsurgery.vocab.extension import TokenizerExtension, extend_tokenizer
@@ -37,12 +37,11 @@ if TYPE_CHECKING:
 def make_base_plan(inputs: Inputs, options: TransferOptions) -> TransferPlan:
     """init's plan for SOURCE and HELPER, whose mixing the new tokens take."""
     if options.untie_head:
-        raise SurgeryError("--untie-head", "extend keeps the source's head as it is: tied stays tied")
+        raise OptionError("--untie-head", "extend keeps the source's head as it is: tied stays tied")
+    if options.top_k is None and any(options.method_of(side).dense_form for side in ("input", "output")):
+        raise OptionError("--top-k", "extend mixes a few source rows per new token: give a number, not 'all'")
     # the extended tokenizer holds every source token: nothing to keep apart
-    base = make_plan(inputs, replace(options, keep_source_specials="no"))
-    if any(base.dense_for(side) for side in base.sides):
-        raise SurgeryError("--top-k", "extend mixes a few source rows per new token: give a number, not 'all'")
-    return base
+    return make_plan(inputs, replace(options, keep_source_specials="no"))
 
 
 def extend_source_tokenizer(inputs: Inputs, options: TransferOptions, max_new_tokens: int | None = None, rank_texts: list[str] | None = None) -> TokenizerExtension:

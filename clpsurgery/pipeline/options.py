@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from clpsurgery.errors import SurgeryError
+from clpsurgery.errors import OptionError
 from clpsurgery.mixing.choices import DEFAULT_BLEND, DEFAULT_TEMPERATURE, DEVICES, PIECE_WEIGHTINGS, SCHEMES
 from clpsurgery.mixing.registry import Method, get_method, method_names
 
@@ -71,23 +71,23 @@ class TransferOptions:
         for method in sorted(chosen, key=lambda m: m.name):
             if self.top_k is None and not method.dense_form:
                 dense = " or ".join(f"--method {name}" for name in method_names() if get_method(name).dense_form)
-                raise SurgeryError("--top-k", f"{method.name} {method.top_k_means} per token: give a number, not 'all' (the dense form is {dense}'s)")
+                raise OptionError("--top-k", f"{method.name} {method.top_k_means} per token: give a number, not 'all' (the dense form is {dense}'s)")
         if not 0.0 <= self.blend <= 1.0:
-            raise SurgeryError("--blend", f"is a share between 0 and 1, not {self.blend}")
+            raise OptionError("--blend", f"is a share between 0 and 1, not {self.blend}")
         if self.piece_weighting not in PIECE_WEIGHTINGS:
-            raise SurgeryError("--piece-weighting", f"unknown weighting {self.piece_weighting!r}; choose from {', '.join(PIECE_WEIGHTINGS)}")
+            raise OptionError("--piece-weighting", f"unknown weighting {self.piece_weighting!r}; choose from {', '.join(PIECE_WEIGHTINGS)}")
         if self.weighting not in SCHEMES:
-            raise SurgeryError("--weighting", f"unknown scheme {self.weighting!r}; choose from {', '.join(SCHEMES)}")
+            raise OptionError("--weighting", f"unknown scheme {self.weighting!r}; choose from {', '.join(SCHEMES)}")
         if self.top_k is not None and self.top_k < 1:
-            raise SurgeryError("--top-k", f"must be a positive integer or 'all', not {self.top_k}")
+            raise OptionError("--top-k", f"must be a positive integer or 'all', not {self.top_k}")
         if not self.temperature > 0:
-            raise SurgeryError("--temperature", f"must be positive, not {self.temperature}")
+            raise OptionError("--temperature", f"must be positive, not {self.temperature}")
         if self.match not in MATCH_RULES:
-            raise SurgeryError("--match", f"unknown rule {self.match!r}; choose from {', '.join(MATCH_RULES)}")
+            raise OptionError("--match", f"unknown rule {self.match!r}; choose from {', '.join(MATCH_RULES)}")
         if self.pad_vocab_to_multiple is not None and self.pad_vocab_to_multiple < 1:
-            raise SurgeryError("--pad-vocab-to-multiple", f"must be a positive integer, not {self.pad_vocab_to_multiple}")
+            raise OptionError("--pad-vocab-to-multiple", f"must be a positive integer, not {self.pad_vocab_to_multiple}")
         if self.device not in DEVICES:
-            raise SurgeryError("--device", f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
+            raise OptionError("--device", f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
 
     def method_for(self, side: str) -> str:
         """The method that makes the new rows of one side ("input" or "output")."""

@@ -28,7 +28,7 @@ import numpy as np
 from clpsurgery.errors import SurgeryError
 from clpsurgery.formats.checkpoint import CheckpointLayout
 from clpsurgery.formats.json_input import read_json_file
-from clpsurgery.formats.output_folder import MANIFEST_NAME
+from clpsurgery.formats.output_folder import MANIFEST_NAME, write_output_file
 from clpsurgery.pipeline.manifest import file_sha256
 from clpsurgery.pipeline.options import TransferOptions
 from clpsurgery.pipeline.plan import TransferPlan, check_rebuildable_dtypes, with_recorded_mixing
@@ -98,14 +98,15 @@ def record_checksum(arrays: dict[str, np.ndarray], metadata: dict) -> str:
 
 
 def write_record(path: Path, plan: TransferPlan, matrices: dict[str, MixingMatrix]) -> None:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     arrays, metadata = transfer_record(plan, matrices)
     metadata = json.loads(json.dumps(metadata))  # as a reader sees it (tuples as lists, keys as strings)
     metadata[CHECKSUM_KEY] = record_checksum(arrays, metadata)
     # One metadata entry: safetensors keeps the entries in a hash map, whose order (and so the
-    # file's bytes) would change from run to run.
-    save_file(arrays, str(path), metadata={METADATA_ENTRY: json.dumps(metadata, sort_keys=True)})
+    # file's bytes) would change from run to run. Serialised here and written by Python, so that
+    # a full disk is an OSError (ENOSPC) like the other files'.
+    write_output_file(path, save(arrays, metadata={METADATA_ENTRY: json.dumps(metadata, sort_keys=True)}))
 
 
 @dataclass(frozen=True)

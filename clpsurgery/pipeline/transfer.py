@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clpsurgery.formats.checkpoint import Checkpoint, CheckpointLayout
-from clpsurgery.formats.output_folder import MANIFEST_NAME, staged_output
+from clpsurgery.formats.output_folder import MANIFEST_NAME, staged_output, write_output_file
 from clpsurgery.formats.safetensors_header import TensorSpec
 from clpsurgery.formats.writer import (
     BackgroundCopier,
@@ -208,6 +207,8 @@ class StagedOutput:
         if mixings["output"] is not mixings["input"]:
             self.result.head_weight_stats = mixings["output"].stats
         self.result.paths = backend.describe()
+        if not plan.overlap.missing_ids.size:  # a legitimate transfer: a copy, said once
+            self.result.notes.append("no new tokens: every target token is in the source, so every row is copied from it")
 
     def finish(self, plan: TransferPlan, mixings: dict[str, Mixing], command: list[str] | None = None) -> TransferResult:
         """Flush the weights files; write the index, the side files, the transfer record and the
@@ -233,13 +234,13 @@ class StagedOutput:
 
 def _write_side_files(plan: TransferPlan, staging: Path, result: TransferResult) -> None:
     config, changes = target_config(plan.source_config, plan.helper_config, plan.source_vocab, plan.target_vocab, plan.output_rows, untie=plan.unties_head)
-    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_output_file(staging / "config.json", (json.dumps(config, indent=2) + "\n").encode())
     result.config_changes = {"config.json": changes}
     if plan.generation_config_path is not None:
         generation, generation_changes = target_generation_config(
             read_config(plan.generation_config_path), plan.helper_config, plan.source_vocab, plan.target_vocab
         )
-        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+        write_output_file(staging / "generation_config.json", (json.dumps(generation, indent=2) + "\n").encode())
         result.config_changes["generation_config.json"] = generation_changes
     if plan.tokenizer_files is not None:
         tokenizer_files = dict(plan.tokenizer_files)
@@ -251,18 +252,18 @@ def _write_side_files(plan: TransferPlan, staging: Path, result: TransferResult)
             tokenizer_files[TOKENIZER_CONFIG_FILE] = config
             result.config_changes[TOKENIZER_CONFIG_FILE] = changes
     for name, data in tokenizer_files.items():
-        (staging / name).write_bytes(data)
+        write_output_file(staging / name, data)  # a full disk is OUT's, not HELPER's
         result.files.append(name)
     source_folder = plan.source_config_path.parent
     for relative in carried_side_files(source_folder):
         if "/" in relative and (staging / relative.split("/")[0]).is_file():
             continue  # a module folder named as a file the output writes
         (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source_folder / relative, staging / relative)
+        write_output_file(staging / relative, (source_folder / relative).read_bytes())
         result.carried_from_source.append(relative)
         result.files.append(relative)
 
 
 def _write_manifest(plan: TransferPlan, staging: Path, result: TransferResult, command: list[str] | None) -> None:
     manifest = build_manifest(plan, staging, result, command)
-    (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_output_file(staging / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
