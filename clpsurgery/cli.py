@@ -1,4 +1,4 @@
-"""The `clpsurgery` command: init, extend, apply, inspect, verify and demo.
+"""The `clpsurgery` command: init, extend, apply, inspect, verify and demo; score.
 
 Bad input ends with one line on stderr, `error: PLACE: PROBLEM`, and exit code 1; `--debug`
 shows the traceback instead.
@@ -418,3 +418,53 @@ def main(argv: list[str] | None = None) -> None:
         message = " ".join(str(e).split()) or type(e).__name__
         click.echo(f"error: internal error ({type(e).__name__}: {message}); rerun with --debug for the traceback", err=True)
         sys.exit(EXIT_FAILURE)
+
+
+# --- learning beside the surgery: score (clpsurgery/learning/, the `refine` extra) ---------------
+
+
+class TextBytes(ByteSize):
+    """A number of bytes of text such as 200000, 500kB or 2MiB (no floor: a text may be short)."""
+
+    name = "BYTES"
+
+    def convert(self, value, param, ctx):  # type: ignore[override]
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        try:
+            size = int(float(number) * self.UNITS[text[len(number):]])
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a size like 200000, 500kB or 2MiB", param, ctx)
+        if size < 1:
+            self.fail(f"{value!r} is not a positive size", param, ctx)
+        return size
+
+
+DEVICE_CHOICE = click.Choice(["auto", "cpu", "cuda"])
+
+
+@cli.command("score")
+@click.argument("model", type=click.Path())
+@click.option("--text", "text", type=click.Path(path_type=Path), required=True, help="The UTF-8 text to score, cut into segments at line breaks.")
+@click.option("--against", type=click.Path(), help="A second model (the source), scored on the same segments through its own tokenizer; prints the gap.")
+@click.option("--max-bytes", type=TextBytes(), default=None, help="Score only the first BYTES of the text (whole lines).")
+@click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True, help="Where the model runs; auto takes the GPU where torch sees one.")
+@click.option("--context", type=click.IntRange(min=2), default=1024, show_default=True, help="Tokens per window (at most the model's positions); a longer segment is scored in windows.")
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Windows per forward pass.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@common_options
+def score_command(model: str, text: Path, against: str | None, max_bytes: int | None, device: str, context: int, batch: int, as_json: bool, quiet: bool) -> None:
+    """Bits per UTF-8 byte of the causal LM in MODEL on a text: comparable across tokenizers.
+
+    For a clpsurgery output, also the loss on its new and its shared tokens and the probability it
+    puts on new tokens. Needs the model library: pip install 'clpsurgery[refine]'.
+    """
+    from clpsurgery.learning.score import format_score
+    from clpsurgery.learning.score import score_command as score
+
+    model_path = _local(model, "model", quiet)
+    against_path = None if against is None else _local(against, "against", quiet)
+    report = score(model_path, text, against_path, max_bytes, device, context, batch, progress=progress_factory(quiet))
+    click.echo(json.dumps(report, indent=2) if as_json else format_score(report))
