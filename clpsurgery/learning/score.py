@@ -31,7 +31,7 @@ DEFAULT_BATCH = 4
 Progress = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
 
 
-def _no_progress(label: str, total: int) -> AbstractContextManager[Callable[[int], None]]:
+def no_progress(label: str, total: int) -> AbstractContextManager[Callable[[int], None]]:
     return nullcontext(lambda n: None)
 
 
@@ -48,7 +48,7 @@ def windows(token_ids: Sequence[Sequence[int]], start_token_id: int, context: in
 
 def score_segments(
     model, tokenizer, segments: Sequence[str], context: int = DEFAULT_CONTEXT, batch: int = DEFAULT_BATCH,
-    new_ids: np.ndarray | None = None, start_token_id: int | None = None, progress: Progress = _no_progress,
+    new_ids: np.ndarray | None = None, start_token_id: int | None = None, progress: Progress = no_progress,
 ) -> dict:
     """The summed NLL (nats) of every token of every segment, perplexity per token and bits per
     UTF-8 byte; with `new_ids`, `by_target`: the split by new and shared target token and the
@@ -116,7 +116,7 @@ def score_segments(
     return result
 
 
-def score_loaded(loaded: LoadedModel, segments: Sequence[str], context: int, batch: int, new_ids: np.ndarray | None = None, progress: Progress = _no_progress) -> dict:
+def score_loaded(loaded: LoadedModel, segments: Sequence[str], context: int, batch: int, new_ids: np.ndarray | None = None, progress: Progress = no_progress) -> dict:
     """score_segments for a loaded model, its context capped at what its positions allow."""
     context = min(context, loaded.context or context)
     return score_segments(loaded.model, loaded.tokenizer, segments, context, batch, new_ids, loaded.start_token_id, progress)
@@ -124,7 +124,7 @@ def score_loaded(loaded: LoadedModel, segments: Sequence[str], context: int, bat
 
 def score_command(
     model: str | Path, text: str | Path, against: str | Path | None = None, max_bytes: int | None = None,
-    device: str = "auto", context: int = DEFAULT_CONTEXT, batch: int = DEFAULT_BATCH, progress: Progress = _no_progress,
+    device: str = "auto", context: int = DEFAULT_CONTEXT, batch: int = DEFAULT_BATCH, progress: Progress = no_progress,
 ) -> dict:
     """Score MODEL (and SOURCE) on the same segments of the text: the report `score` prints."""
     model, against = Path(model), None if against is None else Path(against)
