@@ -1,4 +1,4 @@
-"""The `clpsurgery` command: init, extend, apply, inspect, verify and demo.
+"""The `clpsurgery` command: init, extend, apply, inspect, verify and demo; score and refine.
 
 Bad input ends with one line on stderr, `error: PLACE: PROBLEM`, and exit code 1; a wrong
 option (a value no input could make right) the same line and exit code 2; `--debug` shows the
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         command = args[0] if args else ""
-        after = "; the output was not written (its partial folder was removed)" if command in ("init", "extend", "apply", "demo") else ""
+        after = "; the output was not written (its partial folder was removed)" if command in ("init", "extend", "apply", "demo", "refine") else ""
         click.echo(f"error: interrupted{after}", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except SurgeryError as e:
@@ -386,3 +386,93 @@ def main(argv: list[str] | None = None) -> None:
         message = " ".join(str(e).split()) or type(e).__name__
         click.echo(f"error: internal error ({type(e).__name__}: {message}); rerun with --debug for the traceback", err=True)
         sys.exit(EXIT_FAILURE)
+
+
+# --- learning beside the surgery: score and refine (clpsurgery/learning/, the `refine` extra) ------
+
+
+class TextBytes(ByteSize):
+    """A number of bytes of text such as 200000, 500kB or 2MiB (no floor: a text may be short)."""
+
+    name = "BYTES"
+
+    def convert(self, value, param, ctx):  # type: ignore[override]
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        try:
+            size = int(float(number) * self.UNITS[text[len(number):]])
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a size like 200000, 500kB or 2MiB", param, ctx)
+        if size < 1:
+            self.fail(f"{value!r} is not a positive size", param, ctx)
+        return size
+
+
+DEVICE_CHOICE = click.Choice(["auto", "cpu", "cuda"])
+
+
+@cli.command("score")
+@click.argument("model", type=click.Path())
+@click.option("--text", "text", type=click.Path(path_type=Path), required=True, help="The UTF-8 text to score, cut into segments at line breaks.")
+@click.option("--against", type=click.Path(), help="A second model (the source), scored on the same segments through its own tokenizer; prints the gap.")
+@click.option("--max-bytes", type=TextBytes(), default=None, help="Score only the first BYTES of the text (whole lines).")
+@click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True, help="Where the model runs; auto takes the GPU where torch sees one.")
+@click.option("--context", type=click.IntRange(min=2), default=1024, show_default=True, help="Tokens per window (at most the model's positions); a longer segment is scored in windows.")
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Windows per forward pass.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@common_options
+def score_command(model: str, text: Path, against: str | None, max_bytes: int | None, device: str, context: int, batch: int, as_json: bool, quiet: bool) -> None:
+    """Bits per UTF-8 byte of the causal LM in MODEL on a text: comparable across tokenizers.
+
+    For a clpsurgery output, also the loss on its new and its shared tokens and the probability it
+    puts on new tokens. Needs the model library: pip install 'clpsurgery[refine]'.
+    """
+    from clpsurgery.learning.score import format_score
+    from clpsurgery.learning.score import score_command as score
+
+    model_path = _local(model, "model", quiet)
+    against_path = None if against is None else _local(against, "against", quiet)
+    report = score(model_path, text, against_path, max_bytes, device, context, batch, progress=progress_factory(quiet))
+    click.echo(json.dumps(report, indent=2) if as_json else format_score(report))
+
+
+@cli.command("refine")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--text", "text", type=click.Path(path_type=Path), required=True, help="The UTF-8 text to learn from; its last tenth is held out and scored before and after.")
+@click.option("--output", "destination", type=click.Path(path_type=Path), help="Write the refined output to this new folder.")
+@click.option("--in-place", is_flag=True, help="Replace OUT with its refined self (through the same staging and rename).")
+@click.option("--force", is_flag=True, help="Replace --output if it is a previous clpsurgery output.")
+@click.option("--objective", type=click.Choice(["lm"]), default="lm", show_default=True, help="lm: next-token loss on the text.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimiser steps (default 200).")
+@click.option("--tokens", type=click.IntRange(min=1), default=None, help="Train on about this many tokens instead of --steps.")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None, help="Train for this long instead of --steps (not reproducible).")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Rows of --seq tokens per step.")
+@click.option("--seq", type=click.IntRange(min=1), default=256, show_default=True, help="Tokens per row (at most the model's positions).")
+@click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Peak learning rate (AdamW; warmup, then cosine to a tenth).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the order of the rows: on the CPU the same seed writes the same bytes.")
+@click.option("--max-bytes", type=TextBytes(), default=None, help="Read only the first BYTES of the text (whole lines).")
+@click.option("--max-memory", type=ByteSize(), default=None, help="Refuse to start when the estimate (weights, activations, trained rows) exceeds this (default: the machine's available memory).")
+@click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True, help="Where training runs; auto takes the GPU where torch sees one.")
+@common_options
+def refine_command(out: Path, text: Path, destination: Path | None, in_place: bool, force: bool, objective: str, steps, tokens, minutes, batch: int, seq: int,
+                   learning_rate: float, seed: int, max_bytes, max_memory, device: str, quiet: bool) -> None:
+    """Train only the rows init or extend made in OUT (the input embedding's new rows, and an
+    untied head's), every other parameter frozen and every other tensor byte for byte as it was.
+
+    Writes --output DIR (or OUT itself with --in-place) atomically, as init does; its manifest
+    records the refine and `verify` checks it. Needs the model library: pip install 'clpsurgery[refine]'.
+    """
+    from clpsurgery.learning.refine import RefineSettings, refine_output
+
+    if sum(x is not None for x in (steps, tokens, minutes)) > 1:
+        raise SurgeryError("refine", "give one of --steps, --tokens and --minutes")
+    settings = RefineSettings(objective=objective, steps=steps, tokens=tokens, minutes=minutes, batch=batch, seq=seq, learning_rate=learning_rate,
+                              seed=seed, device=device, max_memory=max_memory, max_bytes=max_bytes)
+    echo = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    record = refine_output(out, text, destination, settings, in_place=in_place, force=force, command=["clpsurgery", *sys.argv[1:]],
+                           progress=progress_factory(quiet), echo=echo)
+    held = record["held_out"]
+    click.echo(f"wrote {out if in_place else destination}: held-out {held['before']['bpb']:.4f} -> {held['after']['bpb']:.4f} bits/byte "
+               f"after {record['steps']} steps ({record['tokens']} tokens, {record['seconds']:.1f}s)")

@@ -383,3 +383,82 @@ def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
     assert a.dtype == b.dtype
     assert tuple(a.shape) == tuple(b.shape)
     assert as_bytes(a) == as_bytes(b)
+
+
+# --- score and refine (test_score, test_refine): a German text and init outputs of the fixtures ---
+
+GERMAN_LINES = (
+    "Die Bundesregierung hat am Mittwoch beschlossen, dass die Schulen im Herbst wieder öffnen.",
+    "Der schnelle braune Fuchs springt über den faulen Hund, und die Kinder lachen in der Schule.",
+    "Im Sommer fahren viele Familien an die Nordsee oder in die Berge, um sich zu erholen.",
+    "Das Wetter war gestern sehr schön, aber heute regnet es schon den ganzen Tag.",
+    "Meine Großmutter backt jeden Sonntag einen Apfelkuchen mit viel Zimt und Sahne.",
+    "Der Zug nach München hatte wegen einer Störung im Stellwerk fast eine Stunde Verspätung.",
+    "In der Bibliothek der Universität stehen mehr als zwei Millionen Bücher und Zeitschriften.",
+    "Wir haben uns im Restaurant am Marktplatz getroffen und lange über die Zukunft gesprochen.",
+    "Die Ärztin empfahl ihm, weniger Kaffee zu trinken und abends früher schlafen zu gehen.",
+    "Nach dem Konzert gingen die Freunde noch in eine kleine Kneipe in der Altstadt.",
+    "Die Stadtverwaltung plant, im nächsten Jahr neue Radwege entlang des Flusses zu bauen.",
+    "Es ist nicht leicht, eine bezahlbare Wohnung in einer großen Stadt wie Hamburg zu finden.",
+    "Der Lehrer erklärte den Schülern geduldig, wie man eine quadratische Gleichung löst.",
+    "Am Wochenende besuchen wir meine Eltern, die in einem kleinen Dorf im Schwarzwald wohnen.",
+    "Die Mannschaft hat das entscheidende Spiel in der letzten Minute noch gewonnen.",
+    "Bitte vergiss nicht, die Blumen auf dem Balkon zu gießen, während ich verreist bin.",
+    "Die Forscher haben eine neue Methode entwickelt, um Wasser mit Sonnenenergie zu reinigen.",
+    "Jeden Morgen kauft er beim Bäcker an der Ecke zwei Brötchen und eine Zeitung.",
+    "Das Museum zeigt in diesem Winter eine Ausstellung über die Geschichte der Eisenbahn.",
+    "Sie hat drei Jahre in Frankreich gelebt und spricht deshalb fließend Französisch.",
+    "Die Preise für Lebensmittel sind in den letzten Monaten deutlich gestiegen.",
+    "Unser Nachbar repariert sein altes Fahrrad selbst, weil er gern mit den Händen arbeitet.",
+    "Der Bürgermeister eröffnete das neue Schwimmbad mit einer kurzen Rede.",
+    "Wenn du morgen Zeit hast, können wir zusammen in den Wald spazieren gehen.",
+    "Die Kinder bauten am Strand eine riesige Sandburg mit Türmen und Gräben.",
+    "Viele Menschen arbeiten inzwischen von zu Hause aus und sparen sich den langen Arbeitsweg.",
+    "Im Herbst färben sich die Blätter der Bäume gelb, orange und rot.",
+    "Der Kellner brachte uns die Speisekarte und fragte, was wir trinken möchten.",
+    "Die Feuerwehr konnte den Brand in der Lagerhalle schnell unter Kontrolle bringen.",
+    "Ich lese gerade einen spannenden Roman über eine Familie im neunzehnten Jahrhundert.",
+    "Die Studenten bereiten sich in der Bibliothek gemeinsam auf die schwierige Prüfung vor.",
+    "Auf dem Wochenmarkt gibt es frisches Gemüse, Käse aus der Region und selbstgemachte Marmelade.",
+)
+
+
+@pytest.fixture(scope="session")
+def german_text(tmp_path_factory) -> Path:
+    """About 8 kB of German prose (the lines three times over): six segments for score and refine."""
+    path = tmp_path_factory.mktemp("german-text") / "deutsch.txt"
+    path.write_text("\n".join(GERMAN_LINES * 3) + "\n", encoding="utf-8")
+    return path
+
+
+def init_output(folder: Path, source: Path, helper: Path) -> Path:
+    from clpsurgery.cli import main
+
+    main(["init", "--quiet", str(source), str(helper), str(folder)])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gpt2_output(tmp_path_factory, gpt2_source, german_helper) -> Path:
+    """`clpsurgery init` of the tied GPT-2 source with the German helper (never changed by a test)."""
+    return init_output(tmp_path_factory.mktemp("gpt2-output") / "out", gpt2_source, german_helper)
+
+
+@pytest.fixture(scope="session")
+def llama_output(tmp_path_factory, llama_source, german_helper) -> Path:
+    """`clpsurgery init` of the untied bf16 LLaMA source with the German helper (never changed)."""
+    return init_output(tmp_path_factory.mktemp("llama-output") / "out", llama_source, german_helper)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, list[str]]:
+    """`clpsurgery ARGS` in this process: the exit code, stdout and the stderr lines."""
+    from clpsurgery.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.splitlines()

@@ -19,9 +19,9 @@ def test_import_contracts_hold():
 
 
 def test_every_module_lives_in_a_room():
-    """Beside the four rooms, the package's top level holds only the command line and the
+    """Beside the five rooms, the package's top level holds only the command line and the
     modules every layer may use."""
     top = {p.name for p in (ROOT / "clpsurgery").glob("*.py")}
     assert top == {"__init__.py", "__main__.py", "cli.py", "errors.py", "stage_hooks.py"}
     rooms = {p.name for p in (ROOT / "clpsurgery").iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
-    assert rooms == {"formats", "vocab", "mixing", "pipeline"}
+    assert rooms == {"formats", "vocab", "mixing", "pipeline", "learning"}

@@ -380,105 +380,31 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def segments(docs: list[str], max_bytes: int, seg_bytes: int = 1500) -> list[str]:
-    """Cut the documents into text segments of at most ~seg_bytes (at line breaks), up to max_bytes."""
-    segs: list[str] = []
-    total = 0
-    for doc in docs:
-        cur = ""
-        for line in doc.split("\n"):
-            piece = line + "\n"
-            if cur and len((cur + piece).encode()) > seg_bytes:
-                segs.append(cur)
-                total += len(cur.encode())
-                cur = ""
-                if total >= max_bytes:
-                    return segs
-            cur += piece
-        if cur.strip():
-            segs.append(cur)
-            total += len(cur.encode())
-        if total >= max_bytes:
-            return segs
-    return segs
+def segments(docs: list[str], max_bytes: int) -> list[str]:
+    """The documents cut into text segments of at most ~1500 bytes (at line breaks), up to
+    max_bytes: `clpsurgery score`'s cut (clpsurgery/learning/text.py), each document read as
+    ending with a line break."""
+    sys.path.insert(0, str(REPO))
+    from clpsurgery.learning.text import cut_segments
+
+    return cut_segments([doc + "\n" for doc in docs], max_bytes)
 
 
 def evaluate(model_dir: Path | Any, docs: list[str], ctx: int, max_bytes: int, batch: int, tokenizer=None, new_ids=None) -> dict:
     """Summed NLL over every token of each text segment (each preceded by BOS), in nats; perplexity per
-    token and bits per UTF-8 byte of the segment text.
+    token and bits per UTF-8 byte of the segment text: `clpsurgery score`'s scoring
+    (clpsurgery/learning/score.py, one implementation), on a model here loaded in fp32.
 
     With `new_ids` (the target ids CLP combines, i.e. not copied from the source), also the loss
     split by whether the token to predict is new or shared, and the probability the model puts on
     new tokens against their share of the text: where a zero-shot model loses its bits.
     """
-    import torch
+    sys.path.insert(0, str(REPO))
+    from clpsurgery.learning.score import score_segments
 
     model = load_model(model_dir) if isinstance(model_dir, (str, Path)) else model_dir
     tok = tokenizer or load_tokenizer(model_dir)
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    segs = segments(docs, max_bytes)
-    seqs = []
-    nbytes = 0
-    for s in segs:
-        ids = tok(s, add_special_tokens=False)["input_ids"]
-        nbytes += len(s.encode("utf-8"))
-        # Long segments: consecutive windows, each window after the first conditioned on the previous tokens only within it.
-        for i in range(0, len(ids), ctx - 1):
-            seqs.append([bos] + ids[i : i + ctx - 1])
-    seqs.sort(key=len)
-    nll = 0.0
-    ntok = 0
-    is_new = None
-    if new_ids is not None:
-        is_new = torch.zeros(model.get_input_embeddings().weight.shape[0], dtype=torch.bool, device=device())
-        is_new[torch.as_tensor(new_ids, dtype=torch.long, device=device())] = True
-        split = {"new_tokens": 0, "new_nll_nats": 0.0, "shared_nll_nats": 0.0, "summed_probability_on_new": 0.0}
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(seqs), batch):
-            chunk = seqs[i : i + batch]
-            width = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), width), 0, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, s in enumerate(chunk):
-                ids[j, : len(s)] = torch.tensor(s)
-                mask[j, : len(s)] = 1
-            ids, mask = ids.to(device()), mask.to(device())
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            tgt = ids[:, 1:]
-            lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-            m = mask[:, 1:].bool()
-            nll -= float(lp[m].sum())
-            ntok += int(m.sum())
-            if is_new is not None:
-                new = is_new[tgt] & m
-                split["new_tokens"] += int(new.sum())
-                split["new_nll_nats"] -= float(lp[new].sum())
-                split["shared_nll_nats"] -= float(lp[m & ~new].sum())
-                split["summed_probability_on_new"] += float(logp[m].exp()[:, is_new].sum())
-    if was_training:
-        model.train()
-    result = {
-        "nll_nats": nll,
-        "tokens": ntok,
-        "bytes": nbytes,
-        "segments": len(segs),
-        "ppl": math.exp(nll / ntok),
-        "bpb": nll / math.log(2) / nbytes,
-        "bytes_per_token": nbytes / ntok,
-    }
-    if is_new is not None:
-        n_new = split["new_tokens"]
-        result["by_target"] = {
-            "new_share": n_new / ntok,
-            "mass_on_new": split["summed_probability_on_new"] / ntok,
-            "new_nll_per_token": split["new_nll_nats"] / max(1, n_new),
-            "shared_nll_per_token": split["shared_nll_nats"] / max(1, ntok - n_new),
-            **split,
-        }
-    return result
+    return score_segments(model, tok, segments(docs, max_bytes), ctx, batch, new_ids)
 
 
 # ------------------------------------------------------------------------------------ helper

@@ -161,6 +161,11 @@ def format_report(report: dict) -> str:
             lines.append(f"  output     {', '.join(manifest['tensors'].get('output_side', []))}: {describe(head['method'], o, 'output')}")
         lines.append(f"  rebuilt    {', '.join(manifest['tensors']['rebuilt'])}")
         lines.append("  seconds    " + ", ".join(f"{k} {s:.2f}" for k, s in manifest["seconds"].items()))
+        for run in manifest.get("refine") or []:  # `clpsurgery refine`: the new rows trained afterwards
+            held, settings = run["held_out"], run["settings"]
+            lines.append(f"  refined    {run['objective']} on {Path(run['text']['path']).name} (SHA-256 {run['text']['sha256'][:12]}, {run['text']['trained_bytes']} bytes):"
+                         f" {run['steps']} steps, {run['tokens']} tokens, learning rate {settings['learning_rate']:g}, seed {settings['seed']};"
+                         f" held-out {held['before']['bpb']:.4f} -> {held['after']['bpb']:.4f} bits/byte; {', '.join(run['tensors'])}")
     return "\n".join(lines)
 
 

@@ -15,6 +15,8 @@ Checks, each reported as one PASS, FAIL or SKIP line:
   its width too: a head, a copy of the embedding; a 1-D bias [vocab]) and the shape the manifest
   records for it;
 - finite: every row of every rebuilt tensor is finite;
+- refined (a `clpsurgery refine` output): the tensors the last refine wrote are rebuilt tensors,
+  and the hashes it recorded for them are those the weights files list (and the files hold);
 
 and with `--source`:
 
@@ -100,6 +102,8 @@ def verify_output(
     with target:
         report(Check(True, "headers", f"{len(target.headers)} safetensors file(s), {len(target.tensors)} tensors, index consistent" if target.is_sharded else f"{len(target.tensors)} tensors"))
         rebuilt = _rebuilt_tensors(manifest, target, report)
+        if manifest.get("refine"):
+            _check_refine(manifest, rebuilt, report)
         _check_shapes(out, target, rebuilt, report)
         _check_finite(target, rebuilt, progress, report)
         if source is not None:
@@ -255,6 +259,29 @@ def _rebuilt_tensors(manifest: dict, target: Checkpoint, report: Callable[[Check
         source = "listed and hashed" if isinstance(listed, dict) else "named and hashed (no list of rebuilt tensors)"
         report(Check(True, "rebuilt tensors", f"{len(rebuilt)} tensor(s) {source} by the manifest, all in the output: {', '.join(rebuilt)}"))
     return rebuilt
+
+
+def _check_refine(manifest: dict, rebuilt: dict[str, tuple[int, ...] | None], report: Callable[[Check], None]) -> None:
+    """The last refine's record against the files: only rebuilt tensors refined, and their
+    recorded hashes those the manifest's weights files list (which _check_files compared)."""
+    runs = manifest["refine"]
+    last = runs[-1] if isinstance(runs, list) and runs and isinstance(runs[-1], dict) else None
+    tensors = last.get("tensors") if last is not None else None
+    if not isinstance(tensors, dict) or not tensors:
+        report(Check(False, "refined", "the manifest's refine record names no tensors"))
+        return
+    listed = {n: h for entry in manifest["outputs"] if isinstance(entry.get("tensor_sha256"), dict) for n, h in entry["tensor_sha256"].items()}
+    problems = []
+    for name, entry in tensors.items():
+        after = entry.get("sha256_after") if isinstance(entry, dict) else None
+        if name not in rebuilt:
+            problems.append(f"refine wrote {name!r}, which is not a rebuilt tensor")
+        elif not isinstance(after, str) or listed.get(name) != after:
+            problems.append(f"{name!r}: the refine record's SHA-256 is not the one its weights file lists")
+    for problem in problems:
+        report(Check(False, "refined", problem))
+    if not problems:
+        report(Check(True, "refined", f"{', '.join(tensors)}: new rows refined ({last.get('objective')}, {last.get('steps')} steps), hashes as recorded"))
 
 
 def _check_shapes(out: Path, target: Checkpoint, rebuilt: dict[str, tuple[int, ...] | None], report: Callable[[Check], None]) -> None:
