@@ -7,6 +7,7 @@ then, in one run and on the same disk:
   cp      `cp -r SOURCE COPY && sync`: the physical floor
   init    `clpsurgery init SOURCE HELPER OUT --quiet` with the default options (or --init-options)
   dense   the same with `--top-k all` (the paper's dense form)
+  baseline  the same init from another checkout (--baseline DIR): before and after in one run
 
 Each is a child process whose peak RSS is its own VmHWM, polled; before each, the source is
 evicted from the page cache (--source-cache cold, the default), so that each reads it from disk.
@@ -204,9 +205,12 @@ def _sync_seconds() -> float:
     return time.perf_counter() - started
 
 
-def run_init(source: Path, helper: Path, out: Path, extra: list[str], command: str = "init") -> dict:
+def run_init(source: Path, helper: Path, out: Path, extra: list[str], command: str = "init", checkout: Path | None = None) -> dict:
+    """`clpsurgery COMMAND` as a child process (the code of `checkout`, another clone of the
+    repository, where given: the same source and helper timed on another commit)."""
     argv = [sys.executable, "-m", "clpsurgery", command, str(source), str(helper), str(out), "--quiet", *extra]
-    result = run_polled(argv)
+    env = None if checkout is None else {**os.environ, "PYTHONPATH": f"{checkout}:{checkout / 'kernels'}"}
+    result = run_polled(argv, env=env)
     result["seconds"] += _sync_seconds()
     if result["returncode"] != 0:
         raise RuntimeError(f"init failed: {result['stderr_tail']}")
@@ -231,6 +235,7 @@ def main() -> int:
     parser.add_argument("--init-options", default="", help="extra init flags for the init runs, e.g. '--method omp --top-k 8'")
     parser.add_argument("--json-out", type=Path,
                         help="write the results here instead of benchmarks/results/seven_b/current.json (a trial run)")
+    parser.add_argument("--baseline", type=Path, help="another checkout of the repository (e.g. `git worktree add /tmp/before COMMIT`): its init runs too, after ours, on the same source, as `baseline`")
     parser.add_argument("--label", help="a word naming this result in the archive (default: warm with --source-cache as-is)")
     parser.add_argument("--source-cache", choices=("cold", "as-is"), default="cold",
                         help="cold: evict the source from the page cache before each cp and init (default); as-is: leave it")
@@ -241,6 +246,9 @@ def main() -> int:
     report = {"benchmark": "seven_b", "date": dt.date.today().isoformat(), "command": " ".join(sys.argv),
               "machine": machine_info(work), "shapes": {}}
     prov = provenance(machine=report["machine"])
+    if args.baseline is not None:
+        report["baseline"] = {"checkout": str(args.baseline), "commit": subprocess.run(
+            ["git", "-C", str(args.baseline), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()}
     try:
         helper = work / "helper-de"
         report["helper"] = build_helper(helper)
@@ -249,6 +257,8 @@ def main() -> int:
             print(f"writing {shape} ...", flush=True)
             facts = build_source(source, shape, seed=1)
             runs: dict[str, list[dict]] = {"cp": [], "init": []}
+            if args.baseline is not None:
+                runs["baseline"] = []
             if not args.skip_dense:
                 runs["dense"] = []
             cold = (lambda: evict(source)) if args.source_cache == "cold" else (lambda: None)
@@ -265,6 +275,11 @@ def main() -> int:
                 runs["init"].append(run_init(source, helper, work / "out", args.init_options.split(), args.command))
                 r = runs["init"][-1]
                 print(f"  init     {r['seconds']:7.1f} s  peak {r['peak_rss_kib'] / 1024:7.0f} MiB  {r['stage_seconds']}", flush=True)
+            for _ in range(args.repeats if args.baseline is not None else 0):
+                cold()
+                runs["baseline"].append(run_init(source, helper, work / "out", args.init_options.split(), args.command, args.baseline))
+                r = runs["baseline"][-1]
+                print(f"  baseline {r['seconds']:7.1f} s  peak {r['peak_rss_kib'] / 1024:7.0f} MiB  {r['stage_seconds']}", flush=True)
             for _ in range(0 if args.skip_dense else args.repeats):
                 cold()
                 runs["dense"].append(run_init(source, helper, work / "out", ["--top-k", "all"]))

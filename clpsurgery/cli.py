@@ -81,7 +81,7 @@ class MethodChoice(click.ParamType):
 
         if value is None or find_method(value) is not None:
             return value
-        self.fail(f"{value!r} is not one of {', '.join(map(repr, method_names()))}", param, ctx)
+        self.fail(f"{value!r} is not one of {', '.join(map(repr, method_names()))}.", param, ctx)
 
 
 def common_options(command: Callable) -> Callable:
@@ -432,8 +432,10 @@ def score_command(model: str, text: Path, against: str | None, max_bytes: int | 
     from clpsurgery.learning.score import format_score
     from clpsurgery.learning.score import score_command as score
 
-    model_path = _local(model, "model", quiet)
-    against_path = None if against is None else _local(against, "against", quiet)
+    from clpsurgery.formats.hub import resolve_model
+
+    model_path = resolve_model(model, role="model", quiet=quiet)
+    against_path = None if against is None else resolve_model(against, role="against", quiet=quiet)
     report = score(model_path, text, against_path, max_bytes, device, context, batch, progress=progress_factory(quiet))
     click.echo(json.dumps(report, indent=2) if as_json else format_score(report))
 
@@ -467,7 +469,7 @@ def refine_command(out: Path, text: Path, destination: Path | None, in_place: bo
     from clpsurgery.learning.refine import RefineSettings, refine_output
 
     if sum(x is not None for x in (steps, tokens, minutes)) > 1:
-        raise SurgeryError("refine", "give one of --steps, --tokens and --minutes")
+        raise OptionError("refine", "give one of --steps, --tokens and --minutes")
     settings = RefineSettings(objective=objective, steps=steps, tokens=tokens, minutes=minutes, batch=batch, seq=seq, learning_rate=learning_rate,
                               seed=seed, device=device, max_memory=max_memory, max_bytes=max_bytes)
     echo = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))

@@ -19,7 +19,7 @@ from clpsurgery.cli import cli
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN = "<!-- options:begin -->"
 END = "<!-- options:end -->"
-COMMANDS = ("init", "extend", "apply", "inspect", "verify", "demo")
+COMMANDS = ("init", "extend", "apply", "inspect", "verify", "score", "refine", "demo")
 TRANSFER_COMMANDS = ("init", "extend", "inspect")  # the commands that plan a transfer share its options
 
 

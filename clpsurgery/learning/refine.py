@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from clpsurgery import __version__
-from clpsurgery.errors import SurgeryError
+from clpsurgery.errors import OptionError, SurgeryError
 from clpsurgery.formats.checkpoint import CheckpointLayout
 from clpsurgery.formats.output_folder import check_out_path
 from clpsurgery.formats.safetensors_header import DTYPE_SIZES
@@ -178,9 +178,9 @@ def refine_output(
     `in_place`); returns the manifest's new refine record."""
     out = Path(out)
     if settings.objective not in OBJECTIVES:
-        raise SurgeryError("--objective", f"{settings.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        raise OptionError("--objective", f"{settings.objective!r} is not one of {', '.join(OBJECTIVES)}")
     if (destination is None) == (not in_place):
-        raise SurgeryError("refine", "give the refined output's folder (--output DIR) or --in-place, one of them")
+        raise OptionError("refine", "give the refined output's folder (--output DIR) or --in-place, one of them")
     destination = out if in_place else Path(destination)
     manifest = read_manifest(out)
     check_causal_lm_folder(out, "OUT")
