@@ -46,6 +46,7 @@ class Mixing:
         self.missing_vectors = missing_vectors
         self.stats = WeightStats() if matrix is None else matrix.stats
         self.extra_source_ids = np.zeros(0, dtype=np.int64) if matrix is None else matrix.extra_source_ids
+        self._counted = 0  # dense: the rows whose weight statistics are counted so far
         if matrix is not None:
             self._positions = torch.from_numpy(matrix.positions)
             self._weights = torch.from_numpy(matrix.weights)
@@ -59,14 +60,17 @@ class Mixing:
         """Source rows mixed per new token."""
         return self.plan.overlap.count if self.matrix is None else self.matrix.width
 
-    def neighbours_and_weights(self, start: int, stop: int, record: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(positions or None for dense, fp32 weights) of missing tokens [start, stop)."""
+    def neighbours_and_weights(self, start: int, stop: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(positions or None for dense, fp32 weights) of missing tokens [start, stop), asked in
+        row order. The dense form computes its weights here, and counts their statistics on the
+        first pass over the rows only (every rebuilt tensor of a side asks for the same weights)."""
         if self.matrix is not None:
             return self._positions[start:stop], self._weights[start:stop]
         sims = dense_similarities(self.overlap_vectors, self.missing_vectors[start:stop])
         weights, stats = mixing_weights(sims, self.plan.options.weighting, self.plan.options.temperature)
-        if record:
+        if start == self._counted:
             self.stats.add(stats)
+            self._counted = stop
         return None, weights
 
 
@@ -203,79 +207,114 @@ def own_rows(plan: TransferPlan, source: Checkpoint, name: str, ids: np.ndarray)
     return _checked_finite(plan, name, ids, stored)
 
 
-def rebuilt_rows(plan: TransferPlan, source: Checkpoint, mixing: Mixing, tensor: RebuiltTensor, record: bool, clock: StageClock, backend: ComputeBackend) -> Iterator[torch.Tensor]:
-    """Row blocks of one rebuilt tensor: overlap rows copied, the others mixed, in row order.
+class RebuiltRows:
+    """The rebuilt tensors' row blocks as the write stage streams them, for one output: the source
+    they read, the backend that combines, the clock that times both.
 
-    The held source rows (HeldRows) are read when the first block is asked for and dropped after
-    the last, so only one rebuilt tensor's rows are held at a time; rows copied to their own id
-    are read block by block.
+    For each tensor (`blocks`) the held source rows (HeldRows) are read when the first block is
+    asked for and dropped after the last, so only one rebuilt tensor's rows are held at a time.
+    A block is either rows copied to their own id, read straight from the file (`_own_block`), or
+    a mixed block: rows copied from the held rows and new rows combined (`_mixed_block`).
     """
-    overlap = plan.overlap
-    held = HeldRows.of(plan, mixing)
-    info = source.info(tensor.source_name)
-    with clock.stage("read"):
-        source_held_rows = read_source_rows(plan, source, tensor.source_name, held.source_ids)
-    dtype = source_held_rows.dtype
-    row_shape = tuple(info.shape[1:])
-    width = math.prod(row_shape)
-    source_2d = source_held_rows.reshape(source_held_rows.shape[0], width)
-    budget = plan.block_budget
-    position_at = None if held.position_at is None else torch.from_numpy(held.position_at)
-    # The held rows in fp32 once (in column blocks for the top-k combine), when that takes at
-    # most half the block budget: converting them per block costs more than the combine itself.
-    if backend.gpu:
-        mixing_rows = backend.rows_for_combine(source_2d)  # on the GPU, in the source dtype
-    elif source_2d.numel() * 4 <= budget // 2:
-        if not mixing.dense:
-            mixing_rows = ColumnBlocks.of(source_2d)
-            budget -= mixing_rows.nbytes
-        else:
-            mixing_rows = source_2d.to(torch.float32)
-            budget -= mixing_rows.numel() * 4 if mixing_rows.dtype != source_2d.dtype else 0
-    else:
-        mixing_rows = source_2d
-    missing_position = np.full(plan.target_size, -1, dtype=np.int64)
-    missing_position[overlap.missing_ids] = np.arange(overlap.missing_ids.size)
-    mixed_sum = torch.zeros(width, dtype=torch.float64)
-    # with nothing mixed, vocab padding takes the copied rows' mean
-    copied_sum = torch.zeros(width, dtype=torch.float64) if not overlap.missing_ids.size and plan.output_rows > plan.target_size else None
-    for start, stop in row_blocks(plan.target_size, memory.block_rows(budget, plan.target_size, width, mixing.width, plan.overlap.count, mixing.dense)):
-        own = held.own_row[start:stop]
-        if own.all():  # a block of rows copied as they are: straight from the file
-            with clock.stage("read"):
-                block = own_rows(plan, source, tensor.source_name, np.arange(start, stop)).reshape(stop - start, width)
-            if copied_sum is not None:
-                copied_sum += block.to(torch.float64).sum(dim=0)
+
+    def __init__(self, plan: TransferPlan, source: Checkpoint, backend: ComputeBackend, clock: StageClock) -> None:
+        self.plan, self.source, self.backend, self.clock = plan, source, backend, clock
+        self.missing_position = np.full(plan.target_size, -1, dtype=np.int64)
+        self.missing_position[plan.overlap.missing_ids] = np.arange(plan.overlap.missing_ids.size)
+
+    def blocks(self, tensor: RebuiltTensor, mixing: Mixing) -> Iterator[torch.Tensor]:
+        """Row blocks of one rebuilt tensor: overlap rows copied, the others mixed, in row order;
+        then its vocab padding rows."""
+        plan = self.plan
+        held = HeldRows.of(plan, mixing)
+        info = self.source.info(tensor.source_name)
+        with self.clock.stage("read"):
+            held_rows = read_source_rows(plan, self.source, tensor.source_name, held.source_ids)
+        dtype, row_shape = held_rows.dtype, tuple(info.shape[1:])
+        width = math.prod(row_shape)
+        held_2d = held_rows.reshape(held_rows.shape[0], width)
+        mixing_rows, budget = self._rows_for_combine(held_2d, mixing)
+        position_at = None if held.position_at is None else torch.from_numpy(held.position_at)
+        sums = _RowSums(width, fill_from_copies=not plan.overlap.missing_ids.size and plan.output_rows > plan.target_size)
+        rows_per_block = memory.block_rows(budget, plan.target_size, width, mixing.width, plan.overlap.count, mixing.dense)
+        for start, stop in row_blocks(plan.target_size, rows_per_block):
+            if held.own_row[start:stop].all():  # a block of rows copied as they are: straight from the file
+                block = self._own_block(tensor, start, stop, width, sums)
+            else:
+                block = self._mixed_block(tensor, mixing, held, held_2d, mixing_rows, position_at, start, stop, width, dtype, sums)
             yield block.reshape(stop - start, *row_shape)
-            continue
+            if not held.own_row[start:stop].all():
+                reached("combine")  # test hook
+        padding = plan.output_rows - plan.target_size
+        if padding:
+            # Rows past the tokenizer's ids (vocab padded for speed) are never looked up as inputs,
+            # but a head scores them: the mean of the combined rows keeps them unremarkable.
+            fill = sums.mean(plan.overlap.missing_ids.size, plan.overlap.count)
+            yield fill.to(dtype).expand(padding, width).reshape(padding, *row_shape).contiguous()
+
+    def _rows_for_combine(self, held_2d: torch.Tensor, mixing: Mixing) -> tuple[torch.Tensor | ColumnBlocks, int]:
+        """The held rows as the combine reads them, and the block budget left. On the CPU they are
+        converted to fp32 once (in column blocks for the top-k combine) when that takes at most
+        half the block budget: converting them per block costs more than the combine itself."""
+        budget = self.plan.block_budget
+        if self.backend.gpu:
+            return self.backend.rows_for_combine(held_2d), budget  # on the GPU, in the source dtype
+        if held_2d.numel() * 4 > budget // 2:
+            return held_2d, budget
+        if not mixing.dense:
+            rows = ColumnBlocks.of(held_2d)
+            return rows, budget - rows.nbytes
+        rows = held_2d.to(torch.float32)
+        return rows, budget - (rows.numel() * 4 if rows.dtype != held_2d.dtype else 0)
+
+    def _own_block(self, tensor: RebuiltTensor, start: int, stop: int, width: int, sums: _RowSums) -> torch.Tensor:
+        with self.clock.stage("read"):
+            block = own_rows(self.plan, self.source, tensor.source_name, np.arange(start, stop)).reshape(stop - start, width)
+        sums.add_copied(block)
+        return block
+
+    def _mixed_block(self, tensor: RebuiltTensor, mixing: Mixing, held: HeldRows, held_2d: torch.Tensor, mixing_rows, position_at,
+                     start: int, stop: int, width: int, dtype: torch.dtype, sums: _RowSums) -> torch.Tensor:
         block = torch.empty((stop - start, width), dtype=dtype)
+        own = held.own_row[start:stop]
         if own.any():
-            with clock.stage("read"):
-                block[torch.from_numpy(own)] = own_rows(plan, source, tensor.source_name, np.flatnonzero(own) + start).reshape(-1, width)
+            with self.clock.stage("read"):
+                block[torch.from_numpy(own)] = own_rows(self.plan, self.source, tensor.source_name, np.flatnonzero(own) + start).reshape(-1, width)
         copied = held.copy_at[start:stop]
         is_copied = torch.from_numpy(copied >= 0)
-        block[is_copied] = source_2d[torch.from_numpy(copied[copied >= 0])]
-        if copied_sum is not None:
-            copied_sum += block[is_copied | torch.from_numpy(own)].to(torch.float64).sum(dim=0)
-        mixed = missing_position[start:stop]
+        block[is_copied] = held_2d[torch.from_numpy(copied[copied >= 0])]
+        sums.add_copied(block[is_copied | torch.from_numpy(own)])
+        mixed = self.missing_position[start:stop]
         if (mixed >= 0).any():
             first, last = int(mixed[mixed >= 0][0]), int(mixed[mixed >= 0][-1]) + 1
-            with clock.stage("combine"):
-                positions, weights = mixing.neighbours_and_weights(first, last, record)
+            with self.clock.stage("combine"):
+                positions, weights = mixing.neighbours_and_weights(first, last)
                 if positions is None:
-                    rows = backend.combine_dense(mixing_rows, weights, dtype, memory.DENSE_CHUNK_ROWS)
+                    rows = self.backend.combine_dense(mixing_rows, weights, dtype, memory.DENSE_CHUNK_ROWS)
                 else:
-                    rows = backend.combine_top_k(mixing_rows, position_at[positions], weights, dtype)
+                    rows = self.backend.combine_top_k(mixing_rows, position_at[positions], weights, dtype)
             block[torch.from_numpy(mixed >= 0)] = rows
-            mixed_sum += rows.to(torch.float64).sum(dim=0)
-        yield block.reshape(stop - start, *row_shape)
-        reached("combine")  # test hook
-    padding = plan.output_rows - plan.target_size
-    if padding:
-        # Rows past the tokenizer's ids (vocab padded for speed) are never looked up as inputs,
-        # but a head scores them: the mean of the combined rows keeps them unremarkable.
-        fill = mixed_sum / overlap.missing_ids.size if overlap.missing_ids.size else copied_sum / max(1, overlap.count)
-        yield fill.to(dtype).expand(padding, width).reshape(padding, *row_shape).contiguous()
+            sums.add_mixed(rows)
+        return block
+
+
+class _RowSums:
+    """The float64 sums of a tensor's mixed rows (and, when nothing is mixed, of its copied rows),
+    for the vocab padding rows' fill."""
+
+    def __init__(self, width: int, fill_from_copies: bool) -> None:
+        self.mixed = torch.zeros(width, dtype=torch.float64)
+        self.copied = torch.zeros(width, dtype=torch.float64) if fill_from_copies else None
+
+    def add_mixed(self, rows: torch.Tensor) -> None:
+        self.mixed += rows.to(torch.float64).sum(dim=0)
+
+    def add_copied(self, rows: torch.Tensor) -> None:
+        if self.copied is not None:
+            self.copied += rows.to(torch.float64).sum(dim=0)
+
+    def mean(self, mixed_count: int, copied_count: int) -> torch.Tensor:
+        return self.mixed / mixed_count if mixed_count else self.copied / max(1, copied_count)
 
 
 @contextmanager

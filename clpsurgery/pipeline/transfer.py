@@ -182,14 +182,11 @@ class StagedOutput:
         from . import rebuild, tensor_io
 
         by_name = {t.name: t for t in plan.rebuilt}
-        first_of_side = {}
-        for tensor in plan.rebuilt:  # a side's weight statistics are recorded once, from its first tensor
-            first_of_side.setdefault(tensor.side, tensor)
+        rows = rebuild.RebuiltRows(plan, self.source, backend, self.clock)
 
         def blocks_of(spec: TensorSpec) -> Iterator[memoryview]:
             tensor = by_name[spec.name]
-            rows = rebuild.rebuilt_rows(plan, self.source, mixings[tensor.side], tensor, first_of_side[tensor.side] == tensor, self.clock, backend)
-            return tensor_io.checked_blocks(spec, rows)
+            return tensor_io.checked_blocks(spec, rows.blocks(tensor, mixings[tensor.side]))
 
         copier, stats = self._copier, self.result.write_stats
         with progress("combine, copy and write", _output_bytes(plan)) as advance:
