@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clpsurgery.formats.hub import resolve_model
-from clpsurgery.pipeline.extend import extend_source_tokenizer, extension_matrices, make_base_plan, make_extension_plan
+from clpsurgery.pipeline.extend import extend_source_tokenizer, extension_matrices, extension_summary, make_base_plan, make_extension_plan
 from clpsurgery.pipeline.inputs import resolve_inputs
 from clpsurgery.pipeline.options import DEFAULT_DEVICE, DEFAULT_MAX_MEMORY, TransferOptions
 from clpsurgery.pipeline.plan import TransferPlan, make_plan, with_recorded_mixing
@@ -82,6 +82,7 @@ def extend(
         with output.stage("plan"):
             extension = extend_source_tokenizer(inputs, options, max_new_tokens, rank_texts)
             plan = make_extension_plan(base, extension)
+        output.result.extension = extension_summary(extension, plan.source_rows)
         echo(describe_extension(extension))
         output.lay_out(plan)
         backend = output.load_compute(options.device, options.max_memory)

@@ -52,7 +52,7 @@ def extend_source_tokenizer(inputs: Inputs, options: TransferOptions, max_new_to
 
 def make_extension_plan(base: TransferPlan, extension: TokenizerExtension) -> TransferPlan:
     """The plan that writes the output: every source row kept, the extension's tokens appended."""
-    source_rows = base.source.info(base.source_tensors.embedding).shape[0]
+    source_rows = base.source_rows
     if source_rows < extension.source_size:
         raise SurgeryError(base.source_path, f"its embedding has {source_rows} rows and its tokenizer {extension.source_size} ids: the tokenizer's last ids have no row to keep")
     with tempfile.TemporaryDirectory(prefix="clpsurgery-extend-") as folder:
@@ -67,10 +67,8 @@ def make_extension_plan(base: TransferPlan, extension: TokenizerExtension) -> Tr
         helper=None,
         helper_embedding=None,
         helper_config=base.source_config,  # the output's tokenizer is the source's: so are its token ids
-        replay=True,
         tokenizer_files=tuple(sorted(extension.files.items())),
-        extension=extension_summary(extension, source_rows),
-        mixed_source_rows=0,  # known once the search has run (checked again then: with_recorded_mixing)
+        mixed_source_rows=0,  # the base mixing, turned into rows of this plan once the search has run (with_recorded_mixing)
     )
     plan.check_memory()
     return plan

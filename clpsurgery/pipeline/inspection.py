@@ -177,7 +177,7 @@ EXAMPLES = 5
 def _overlap_section(plan, match: str) -> dict:
     from clpsurgery.vocab.vocabulary import MATCH_KINDS, match_overlap
 
-    source_rows = plan.source.info(plan.source_tensors.embedding).shape[0]
+    source_rows = plan.source_rows
     overlap = plan.overlap if plan.overlap.match == match else match_overlap(plan.source_vocab, plan.target_vocab, source_rows, match)
     source_tokens, target_tokens = plan.source_vocab.id_to_token(), plan.target_vocab.id_to_token()
     def spread(items: list) -> list:

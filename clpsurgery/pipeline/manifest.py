@@ -192,7 +192,7 @@ def build_manifest(plan: TransferPlan, staging: Path, result: TransferResult, co
             "neighbours_per_token": plan.k_for("output"),
             **result.head_weight_stats.as_dict(),
         },
-        "extension": plan.extension,
+        "extension": result.extension,
         "maps": [m.as_dict() for m in plan.maps],
         "kept_source_specials": list(plan.kept_specials),
         # the source's side files that do not depend on its vocabulary, copied byte for byte

@@ -73,14 +73,23 @@ class TransferPlan:
     generation_config_path: Path | None
     helper_config: dict | None
     options: TransferOptions
-    replay: bool = False  # the mixing comes from a transfer record (apply, extend): no helper, no search
     # The output's tokenizer files when they are not the helper's (extend: the extended source tokenizer).
     tokenizer_files: tuple[tuple[str, bytes], ...] | None = None
     maps: tuple[TokenMap, ...] = ()  # --map: rows set by hand (copy maps are in the overlap already)
     kept_specials: tuple[str, ...] = ()  # source special tokens added to the output (a chat template's)
-    extension: dict | None = None  # extend: what was appended (for the manifest)
-    # The distinct source rows a recorded mixing combines (extend), where known before writing.
+    # A mixing given, not searched for (apply's record, extend's base mixing): the distinct source
+    # rows it combines (0 until known: with_recorded_mixing). None: the search finds the mixing.
     mixed_source_rows: int | None = None
+
+    @property
+    def replay(self) -> bool:
+        """Whether the mixing is given (a record, or extend's): no helper, no search on this plan."""
+        return self.mixed_source_rows is not None
+
+    @property
+    def source_rows(self) -> int:
+        """Rows of the source's input embedding (its tokenizer's ids, and any vocab padding)."""
+        return self.source.info(self.source_tensors.embedding).shape[0]
 
     @property
     def head_untied(self) -> bool:

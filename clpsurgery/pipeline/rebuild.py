@@ -77,7 +77,7 @@ class Mixing:
 def search_mixings(plan: TransferPlan, progress: ProgressFactory, result: TransferResult, backend: ComputeBackend) -> dict[str, Mixing]:
     """Each side's mixing, found from the helper (opened here, for the search only) and the
     source tokenizer, on one core fewer while the background copies run."""
-    source_rows = plan.source.info(plan.source_tensors.embedding).shape[0]
+    source_rows = plan.source_rows
 
     def pieces(ids: np.ndarray) -> list[list[int]]:
         return source_pieces(plan.source_vocab, plan.target_vocab, ids, source_rows)

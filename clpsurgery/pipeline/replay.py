@@ -289,7 +289,7 @@ def make_replay_plan(record: RecordedTransfer, inputs: Inputs) -> TransferPlan:
         generation_config_path=generation if generation.is_file() else None,
         helper_config=record.helper_config,
         options=options,
-        replay=True,
+        mixed_source_rows=0,  # a recorded mixing: counted by with_recorded_mixing below
     )
     if set(plan.sides) != set(record.matrices):
         raise SurgeryError(record.path, f"records mixings for {sorted(record.matrices)}, this transfer needs {sorted(plan.sides)}")

@@ -37,6 +37,7 @@ class TransferResult:
     carried_from_source: list[str] = field(default_factory=list)  # vocabulary-free side files (vocab.source_side_files)
     paths: dict = field(default_factory=dict)  # device, and which search and combine paths ran
     notes: list[str] = field(default_factory=list)  # what a user should hear of the run, a line each
+    extension: dict | None = None  # extend: what was appended (extend.extension_summary)
 
 
 class StageClock:
