@@ -270,3 +270,22 @@ def test_a_tokenizer_no_document_is_made_for_is_copied_and_said(gpt2_source, lla
     written = json.loads((out / "clpsurgery.json").read_text())["config_changes"]["tokenizer.json"]
     assert written["generated_from"] == ["tokenizer.model"] and "neither BPE nor Unigram" in written["not_written"]
 
+
+@pytest.mark.parametrize("settings", [{"do_lower_case": False}, {"do_lower_case": True, "strip_accents": False}, {"do_lower_case": False, "strip_accents": True, "tokenize_chinese_chars": False}])
+def test_a_vocab_txt_document_follows_its_config(bert_folder, settings, tmp_path):
+    """Case, accents and Chinese characters as the vocab.txt's tokenizer config says, as BERT's own
+    implementation does them."""
+    from tokenizers import BertWordPieceTokenizer, Tokenizer
+
+    from clpsurgery.vocab.generated_tokenizer import generated_tokenizer_json
+    from clpsurgery.vocab.vocabulary import load_vocabulary
+
+    shutil.copyfile(bert_folder / "vocab.txt", tmp_path / "vocab.txt")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    document, _ = generated_tokenizer_json(load_vocabulary(tmp_path))
+    written = Tokenizer.from_str(document.decode("utf-8"))
+    reference = BertWordPieceTokenizer(
+        str(tmp_path / "vocab.txt"), lowercase=settings["do_lower_case"], strip_accents=settings.get("strip_accents"), handle_chinese_chars=settings.get("tokenize_chinese_chars", True)
+    )
+    for text in (*TEXTS, "Grüße aus 北京 und Köln"):
+        assert written.encode(text).ids == reference.encode(text).ids, text

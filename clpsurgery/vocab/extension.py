@@ -344,14 +344,15 @@ def vocab_json_document(folder: Path) -> dict:
 
 
 def vocab_txt_document(folder: Path, vocab: Vocabulary) -> dict:
-    """A WordPiece tokenizer.json for a vocab.txt folder (BERT's normaliser; lower case unless its
-    tokenizer_config.json says otherwise)."""
+    """A WordPiece tokenizer.json for a vocab.txt folder (BERT's normaliser; lower case, Chinese
+    characters split and accents as the case goes, unless its tokenizer_config.json says otherwise)."""
     config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
     lower = bool(config.get("do_lower_case", True))
+    accents = config.get("strip_accents") if isinstance(config.get("strip_accents"), bool) else None
     unk = next((t for t in ("[UNK]", "<unk>") if t in vocab.token_to_id), "[UNK]")
     return {
         "added_tokens": [],
-        "normalizer": {"type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": True, "strip_accents": None, "lowercase": lower},
+        "normalizer": {"type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": bool(config.get("tokenize_chinese_chars", True)), "strip_accents": accents, "lowercase": lower},
         "pre_tokenizer": {"type": "BertPreTokenizer"},
         "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": True},
         "model": {"type": "WordPiece", "unk_token": unk, "continuing_subword_prefix": "##", "max_input_chars_per_word": 100, "vocab": dict(vocab.token_to_id)},
