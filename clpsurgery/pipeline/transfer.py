@@ -243,6 +243,14 @@ def _write_side_files(plan: TransferPlan, staging: Path, result: TransferResult)
         tokenizer_files = dict(plan.tokenizer_files)
     else:
         tokenizer_files = {name: (plan.helper_path / name).read_bytes() for name in TOKENIZER_FILES if (plan.helper_path / name).is_file()}
+    if TOKENIZER_FILE not in tokenizer_files:
+        from clpsurgery.vocab.generated_tokenizer import generated_tokenizer_json
+
+        document, generated = generated_tokenizer_json(plan.target_vocab)
+        if document is not None:
+            tokenizer_files[TOKENIZER_FILE] = document  # beside the files it was written from
+        if generated:
+            result.config_changes[TOKENIZER_FILE] = generated
     if TOKENIZER_FILE in tokenizer_files:
         config, changes = output_tokenizer_config_file(tokenizer_files.get(TOKENIZER_CONFIG_FILE), plan.target_vocab)
         if config is not None:

@@ -162,7 +162,7 @@ def sentencepiece_document(model: SentencePieceModel, path: Path) -> dict:
     ranked by the piece's score: SentencePiece's BPE merges the neighbours that make the piece of
     highest score."""
     if model.model_type not in (SP_BPE, SP_UNIGRAM):
-        raise SurgeryError(path, f"SentencePiece model type {model.model_type} is neither BPE nor Unigram: cannot extend it")
+        raise SurgeryError(path, f"SentencePiece model type {model.model_type} is neither BPE nor Unigram: no tokenizer.json can be written for it")
     if not model.escape_whitespaces:
         raise SurgeryError(path, "SentencePiece model does not escape whitespace with ▁: cannot write a tokenizer.json for it")
     pieces = model.pieces
@@ -288,9 +288,9 @@ def _read_side(place: Vocabulary | str | os.PathLike[str], role: str) -> Side:
         model = read_sentencepiece(path)
         side = Side(vocab, folder, sentencepiece_document(model, path), model, path.name, has_tokenizer_json=False)
     elif role == "target" and vocab.format == "vocab.json+merges.txt":
-        side = Side(vocab, folder, _vocab_json_document(folder), has_tokenizer_json=False)
+        side = Side(vocab, folder, vocab_json_document(folder), has_tokenizer_json=False)
     elif role == "target" and vocab.format == "vocab.txt":
-        side = Side(vocab, folder, _vocab_txt_document(folder, vocab), has_tokenizer_json=False)
+        side = Side(vocab, folder, vocab_txt_document(folder, vocab), has_tokenizer_json=False)
     elif role == "source":
         raise SurgeryError(
             path,
@@ -330,8 +330,8 @@ def _add_config_tokens(side: Side) -> None:
     side._tokenizer = None
 
 
-def _vocab_json_document(folder: Path) -> dict:
-    """A byte-level BPE tokenizer.json for a vocab.json + merges.txt target (read, never written)."""
+def vocab_json_document(folder: Path) -> dict:
+    """A byte-level BPE tokenizer.json for a vocab.json + merges.txt folder (GPT-2's recipe)."""
     vocab = _read_json(folder / "vocab.json")
     lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
     merges = [line.split(" ") for line in lines if line and not line.startswith("#version")]
@@ -343,15 +343,16 @@ def _vocab_json_document(folder: Path) -> dict:
     }
 
 
-def _vocab_txt_document(folder: Path, vocab: Vocabulary) -> dict:
-    """A WordPiece tokenizer.json for a vocab.txt target (BERT's normaliser; lower case unless its
-    tokenizer_config.json says otherwise)."""
+def vocab_txt_document(folder: Path, vocab: Vocabulary) -> dict:
+    """A WordPiece tokenizer.json for a vocab.txt folder (BERT's normaliser; lower case, Chinese
+    characters split and accents as the case goes, unless its tokenizer_config.json says otherwise)."""
     config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
     lower = bool(config.get("do_lower_case", True))
+    accents = config.get("strip_accents") if isinstance(config.get("strip_accents"), bool) else None
     unk = next((t for t in ("[UNK]", "<unk>") if t in vocab.token_to_id), "[UNK]")
     return {
         "added_tokens": [],
-        "normalizer": {"type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": True, "strip_accents": None, "lowercase": lower},
+        "normalizer": {"type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": bool(config.get("tokenize_chinese_chars", True)), "strip_accents": accents, "lowercase": lower},
         "pre_tokenizer": {"type": "BertPreTokenizer"},
         "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": True},
         "model": {"type": "WordPiece", "unk_token": unk, "continuing_subword_prefix": "##", "max_input_chars_per_word": 100, "vocab": dict(vocab.token_to_id)},
