@@ -47,6 +47,7 @@ from clpsurgery.pipeline.result import (
     no_progress,
 )
 from clpsurgery.vocab.architecture import read_config
+from clpsurgery.vocab.generated_tokenizer import generated_tokenizer_json
 from clpsurgery.vocab.model_config import target_config, target_generation_config
 from clpsurgery.vocab.output_tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from clpsurgery.vocab.output_tokenizer import output_tokenizer_config_file
@@ -244,8 +245,6 @@ def _write_side_files(plan: TransferPlan, staging: Path, result: TransferResult)
     else:
         tokenizer_files = {name: (plan.helper_path / name).read_bytes() for name in TOKENIZER_FILES if (plan.helper_path / name).is_file()}
     if TOKENIZER_FILE not in tokenizer_files:
-        from clpsurgery.vocab.generated_tokenizer import generated_tokenizer_json
-
         document, generated = generated_tokenizer_json(plan.target_vocab)
         if document is not None:
             tokenizer_files[TOKENIZER_FILE] = document  # beside the files it was written from
