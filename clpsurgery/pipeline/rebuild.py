@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -287,10 +288,7 @@ def leave_a_core_for_copies() -> Iterator[None]:
     """
     cores = os.cpu_count() or 1
     torch_threads = torch.get_num_threads()
-    try:
-        import faiss
-    except ImportError:
-        faiss = None
+    faiss = sys.modules.get("faiss")  # loaded only by a GPU search now: not imported for the CPU's
     faiss_threads = faiss.omp_get_max_threads() if faiss is not None else None
     compute = max(1, min(torch_threads, cores - 1))
     torch.set_num_threads(compute)
