@@ -32,7 +32,8 @@ sizes), and the BLAS libraries each package runs are recorded (threadpoolctl).
 
 The results go to benchmarks/results/search_speed/current.json with their provenance (commit,
 machine, date, command) and the load average before and after (the machine may be shared);
---json-out PATH writes them to PATH instead. Quiet, the run takes about 3-4 minutes on 2 cores.
+--json-out PATH writes them to PATH instead. It takes about 4 minutes on a quiet 2-core machine
+(7 with other jobs beside it).
 """
 
 from __future__ import annotations
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, from " + ", ".join(SHAPES))
     parser.add_argument("--json-out", type=Path, default=None)
-    parser.add_argument("--coretypes", default="Haswell,Prescott",
+    parser.add_argument("--coretypes", default="Prescott",
                         help="OPENBLAS_CORETYPE values to rerun the first shape under, one thread, in a child each ('' for none)")
     parser.add_argument("--shapes-only", action="store_true", help="the shapes alone: no FAISS settings, ties or coretype runs")
     args = parser.parse_args(argv)
