@@ -2,9 +2,11 @@
 
 A `ComputeBackend` does the two compute stages for `transfer.py` and records which path ran:
 
-  search   faiss-cpu (the CPU default), faiss-gpu (when the installed faiss has GPU support),
-           torch-topk-cuda (exact top-k by chunked matrix product on the GPU, when it has not),
-           torch-topk-cpu (the same on the CPU, where faiss is not installed at all)
+  search   faiss-cpu (the CPU default: FAISS's flat index), torch-topk-cpu (exact top-k by blocked
+           matrix products, torch's BLAS, where faiss is not installed or OPENBLAS_CORETYPE holds
+           faiss's bundled OpenBLAS to another kernel, which measured 2.6x slower: docs/search.md),
+           faiss-gpu (when the installed faiss has GPU support), torch-topk-cuda (the blocked
+           top-k on the GPU, when it has not)
   combine  torch-cpu (embedding_bag over fp32 rows, combine.py), triton (kernels/clpsurgery_kernels/combine.py),
            torch-cuda (the CPU code on CUDA tensors, when triton is missing or fails),
            torch-cpu-matmul / torch-cuda-matmul (the dense form, chunked matrix products)
@@ -12,10 +14,12 @@ A `ComputeBackend` does the two compute stages for `transfer.py` and records whi
 Whatever the path, the arithmetic is the same: fp32 products, fp32 accumulation, one cast to
 the source dtype; every search path's candidates are rescored by neighbours.rescore (fp32
 products summed in fp64) and ties go to the lower position, so every path returns the same
-neighbours and similarities, ties aside.
+neighbours and similarities.
 """
 
 from __future__ import annotations
+
+import os
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -27,6 +31,7 @@ from clpsurgery.errors import SurgeryError
 from clpsurgery.mixing.choices import DEVICES
 from clpsurgery.mixing.combine import ColumnBlocks, combine_dense, combine_top_k
 from clpsurgery.mixing.neighbours import (
+    RESCORE_BYTES,
     RESCORE_MARGIN,
     Neighbours,
     rescore,
@@ -35,6 +40,12 @@ from clpsurgery.mixing.neighbours import (
 
 # FAISS's GPU flat index returns at most this many neighbours per query.
 FAISS_GPU_MAX_K = 2048
+# The CPU's exact search: a query chunk's [queries, overlap] fp32 scores take at most this, and
+# a chunk has at least this many queries (fewer, and each product packs the overlap again for
+# too little work); the overlap is chunked where both cannot hold. Measured in
+# benchmarks/search_speed.py (docs/search.md).
+CPU_SCORE_BYTES = 32 << 20
+CPU_MIN_QUERY_ROWS = 256
 # What the Triton kernel reads and writes (clpsurgery_kernels.combine.SUPPORTED_DTYPES; not imported: triton may be missing).
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -104,51 +115,97 @@ def exact_top_k(
     on_chunk: Callable[[int], None] | None = None,
     query_rows: int | None = None,
     overlap_rows: int | None = None,
+    threads: Callable[[], int | None] | None = None,
 ) -> Neighbours:
     """Exact top-k by inner product, by chunked matrix product and torch.topk, on any device.
 
     Query rows come in chunks and the overlap in chunks, each chunk's [queries, overlap] fp32
-    score matrix within `budget_bytes` (with room for topk's workspace); each overlap chunk's best
-    k + RESCORE_MARGIN are merged into the running best, and the survivors are rescored exactly
-    as the FAISS path rescores its candidates: the same neighbours, ties aside. `query_rows` and
-    `overlap_rows` fix the chunk sizes instead (tests).
+    score matrix within `budget_bytes` (on the CPU, within CPU_SCORE_BYTES too: a block that
+    stays near the cache), each overlap chunk's best k + RESCORE_MARGIN are merged into the
+    running best, and the survivors are rescored exactly as the FAISS path rescores its
+    candidates: the same neighbours and similarities. Where scores tie across the last
+    candidate, the lower positions are the candidates (`_lowest_positions_on_ties`).
+    `query_rows` and `overlap_rows` fix the chunk sizes instead (tests); `threads()`, asked
+    before each query chunk, sets torch's thread count for it (None: leave it as it is).
     """
     base = overlap_vectors.to(device=device, dtype=torch.float32).contiguous()
     n = base.shape[0]
     k = min(k, n)
     candidates = min(k + RESCORE_MARGIN, n)
+    kept = min(candidates + 1, n)  # one more than the candidates: a tie across the last one shows
     m = query_vectors.shape[0]
     positions = np.empty((m, k), dtype=np.int64)
     similarities = np.empty((m, k), dtype=np.float32)
     if m == 0 or k == 0:
         return Neighbours(positions, similarities)
     score_budget = max(1 << 20, budget_bytes // 2)  # scores, plus as much again for topk and the merge
-    query_rows = query_rows or int(min(m, max(1, score_budget // (4 * n)), 16384))
-    overlap_rows = int(min(n, max(candidates, overlap_rows or score_budget // (4 * query_rows))))
+    if not base.is_cuda:
+        score_budget = min(score_budget, CPU_SCORE_BYTES)
+    fewest = 1 if base.is_cuda else min(m, CPU_MIN_QUERY_ROWS)
+    query_rows = query_rows or int(min(m, max(fewest, score_budget // (4 * n)), 16384))
+    overlap_rows = int(min(n, max(kept, overlap_rows or score_budget // (4 * query_rows))))
+    rescore_bytes = max(1 << 20, budget_bytes // 8) if base.is_cuda else RESCORE_BYTES
     context = exact_fp32() if base.is_cuda else nullcontext()
     with context:
         for start in range(0, m, query_rows):
             stop = min(m, start + query_rows)
+            wanted = threads() if threads else None
+            if wanted:
+                torch.set_num_threads(wanted)
             queries = query_vectors[start:stop].to(device=device, dtype=torch.float32)
             best_scores = best_found = None
             for first in range(0, n, overlap_rows):
                 last = min(n, first + overlap_rows)
                 scores = queries @ base[first:last].T
-                top_scores, top_found = scores.topk(min(candidates, last - first), dim=1)
+                top_scores, top_found = scores.topk(min(kept, last - first), dim=1)
                 top_found += first
                 if best_scores is not None:
                     top_scores = torch.cat([best_scores, top_scores], dim=1)
                     top_found = torch.cat([best_found, top_found], dim=1)
-                    top_scores, picked = top_scores.topk(candidates, dim=1)
+                    top_scores, picked = top_scores.topk(kept, dim=1)
                     top_found = top_found.gather(1, picked)
                 best_scores, best_found = top_scores, top_found
                 del scores
-            sims, found = rescore(base, queries, best_found, k, step_bytes=max(1 << 20, budget_bytes // 8))
+            found = _lowest_positions_on_ties(base, queries, best_scores, best_found, candidates, score_budget)
+            sims, found = rescore(base, queries, found, k, step_bytes=rescore_bytes)
             similarities[start:stop] = sims.cpu().numpy()
             positions[start:stop] = found.cpu().numpy()
             if on_chunk:
                 on_chunk(stop - start)
     return Neighbours(positions, similarities)
+
+
+def _lowest_positions_on_ties(base: torch.Tensor, queries: torch.Tensor, scores: torch.Tensor, found: torch.Tensor, candidates: int, score_budget: int) -> torch.Tensor:
+    """The first `candidates` of `found` (best first, one more kept), except in rows where the
+    last candidate's score equals the next one's: there topk's pick among equal scores is
+    arbitrary, so such a row's candidates are chosen again over the whole overlap, ties to the
+    lower position, as FAISS's scan in position order and the float64 reference choose them
+    (duplicate vectors, zero vectors)."""
+    if found.shape[1] <= candidates:
+        return found
+    chosen = found[:, :candidates].clone()
+    tied = (scores[:, candidates - 1] == scores[:, candidates]).nonzero().flatten()
+    step = max(1, score_budget // (4 * base.shape[0]))
+    for start in range(0, tied.numel(), step):
+        rows = tied[start:start + step]
+        order = torch.sort(queries[rows] @ base.T, dim=1, descending=True, stable=True).indices
+        chosen[rows] = order[:, :candidates]
+    return chosen
+
+
+def faiss_cpu_reason() -> str | None:
+    """Why FAISS's flat index is not the CPU search here (None: it is). Its wheel carries its own
+    OpenBLAS, which OPENBLAS_CORETYPE holds to the kernel it names (set where older OpenBLAS
+    builds crash or compute wrong results): there FAISS measured 2.6x slower than torch's
+    products, which MKL computes whatever the variable says (docs/search.md)."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return "faiss is not installed"
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    if forced:
+        return f"OPENBLAS_CORETYPE={forced} holds faiss's bundled OpenBLAS to that kernel"
+    return None
 
 
 def faiss_gpu_top_k(overlap_vectors: torch.Tensor, query_vectors: torch.Tensor, k: int, chunk_rows: int = 8192, on_chunk: Callable[[int], None] | None = None) -> Neighbours:
@@ -171,6 +228,9 @@ class ComputeBackend:
     def __init__(self, device: str, search_budget: int) -> None:
         self.device = device
         self.search_budget = search_budget  # bytes a search chunk's scores may take
+        # Asked before each query chunk of the CPU search: the threads it may take (one while the
+        # background copies run, every core once they are done); None leaves torch's setting.
+        self.search_threads: Callable[[], int | None] | None = None
         self.paths: dict[str, list[str]] = {}
         self.notes: list[str] = []
         self._kernel_failed = False
@@ -211,14 +271,13 @@ class ComputeBackend:
             self.note(f"search: exact top-k by matrix product on the GPU ({reason or f'k above faiss-gpu limit {FAISS_GPU_MAX_K}'})")
             self.record("search", "torch-topk-cuda")
             return exact_top_k(overlap_vectors, query_vectors, k, "cuda", self.search_budget, on_chunk)
-        try:
-            import faiss  # noqa: F401
-        except ImportError:
-            self.note("search: faiss is not installed; exact top-k by matrix product on the CPU")
-            self.record("search", "torch-topk-cpu")
-            return exact_top_k(overlap_vectors, query_vectors, k, "cpu", self.search_budget, on_chunk)
-        self.record("search", "faiss-cpu")
-        return search_top_k(overlap_vectors, query_vectors, k, on_chunk=on_chunk)
+        reason = faiss_cpu_reason()
+        if reason is None:
+            self.record("search", "faiss-cpu")
+            return search_top_k(overlap_vectors, query_vectors, k, on_chunk=on_chunk)
+        self.note(f"search: exact top-k by blocked matrix products on the CPU ({reason})")
+        self.record("search", "torch-topk-cpu")
+        return exact_top_k(overlap_vectors, query_vectors, k, "cpu", self.search_budget, on_chunk, threads=self.search_threads)
 
     # combine
 
