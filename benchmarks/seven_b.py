@@ -236,6 +236,7 @@ def main() -> int:
     parser.add_argument("--json-out", type=Path,
                         help="write the results here instead of benchmarks/results/seven_b/current.json (a trial run)")
     parser.add_argument("--baseline", type=Path, help="another checkout of the repository (e.g. `git worktree add /tmp/before COMMIT`): its init runs too, after ours, on the same source, as `baseline`")
+    parser.add_argument("--baseline-first", action="store_true", help="run the baseline's inits before ours (to see what the order costs)")
     parser.add_argument("--label", help="a word naming this result in the archive (default: warm with --source-cache as-is)")
     parser.add_argument("--source-cache", choices=("cold", "as-is"), default="cold",
                         help="cold: evict the source from the page cache before each cp and init (default); as-is: leave it")
@@ -270,16 +271,23 @@ def main() -> int:
                 cold()
                 runs["cp"].append(run_cp(source, work / "copy"))
                 print(f"  cp -r    {runs['cp'][-1]['seconds']:7.1f} s  peak {runs['cp'][-1]['peak_rss_kib'] / 1024:7.0f} MiB", flush=True)
-            for _ in range(args.repeats):
-                cold()
-                runs["init"].append(run_init(source, helper, work / "out", args.init_options.split(), args.command))
-                r = runs["init"][-1]
-                print(f"  init     {r['seconds']:7.1f} s  peak {r['peak_rss_kib'] / 1024:7.0f} MiB  {r['stage_seconds']}", flush=True)
-            for _ in range(args.repeats if args.baseline is not None else 0):
-                cold()
-                runs["baseline"].append(run_init(source, helper, work / "out", args.init_options.split(), args.command, args.baseline))
-                r = runs["baseline"][-1]
-                print(f"  baseline {r['seconds']:7.1f} s  peak {r['peak_rss_kib'] / 1024:7.0f} MiB  {r['stage_seconds']}", flush=True)
+
+            def ours() -> None:
+                for _ in range(args.repeats):
+                    cold()
+                    runs["init"].append(run_init(source, helper, work / "out", args.init_options.split(), args.command))
+                    r = runs["init"][-1]
+                    print(f"  init     {r['seconds']:7.1f} s  peak {r['peak_rss_kib'] / 1024:7.0f} MiB  {r['stage_seconds']}", flush=True)
+
+            def baseline() -> None:
+                for _ in range(args.repeats if args.baseline is not None else 0):
+                    cold()
+                    runs["baseline"].append(run_init(source, helper, work / "out", args.init_options.split(), args.command, args.baseline))
+                    r = runs["baseline"][-1]
+                    print(f"  baseline {r['seconds']:7.1f} s  peak {r['peak_rss_kib'] / 1024:7.0f} MiB  {r['stage_seconds']}", flush=True)
+
+            for series in ((baseline, ours) if args.baseline_first else (ours, baseline)):
+                series()
             for _ in range(0 if args.skip_dense else args.repeats):
                 cold()
                 runs["dense"].append(run_init(source, helper, work / "out", ["--top-k", "all"]))
