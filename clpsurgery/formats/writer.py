@@ -242,7 +242,7 @@ def copy_range(
 def in_page_cache(source: Path, offset: int, length: int, probes: int = 5) -> bool:
     """Whether a range of a file looks cached: a 4 KiB read with RWF_NOWAIT (which fails instead
     of going to the disk) at `probes` places across it all succeed. A cached source is copied
-    from memory faster than direct I/O reads it again from the disk (README, 7B section); where
+    from memory faster than direct I/O reads it again from the disk (benchmarks/README.md, the 7B section); where
     the probe is not available, False."""
     flag = getattr(os, "RWF_NOWAIT", None)
     if flag is None or length <= 0:
@@ -293,7 +293,7 @@ class DirectCopier:
     """Copies whole 4 KiB blocks of a destination file with direct I/O (O_DIRECT), past the page cache.
 
     A copy through the page cache can be bound by the CPU rather than the disk (it was on the
-    2-core machine of the 7B benchmark: README, 7B section); a direct copy costs almost no CPU,
+    2-core machine of the 7B benchmark: benchmarks/README.md, the 7B section); a direct copy costs almost no CPU,
     so the copies finish sooner and leave the cores to the search and the combine.
 
     The source is read in aligned blocks around each chunk; where the source and destination

@@ -19,7 +19,7 @@ COLUMN_BLOCK = 64
 class ColumnBlocks:
     """Source rows in fp32, laid out as column blocks: blocks[b] is columns [64 b, 64 b + 64) of
     every row, contiguous (the last block zero-padded). The top-k combine gathers from one block
-    at a time, so its random row reads hit the cache (timings: README, Measurements); the sums,
+    at a time, so its random row reads hit the cache (docs/design.md, the combine); the sums,
     each over k in the same order, are bit-identical to those from the plain [n, h] table."""
 
     blocks: torch.Tensor  # [ceil(width / COLUMN_BLOCK), rows, COLUMN_BLOCK] fp32

@@ -32,7 +32,7 @@ def normalise_rows(vectors: torch.Tensor) -> tuple[torch.Tensor, int]:
 # boundary) and the best k kept, ties to the lower position. So the neighbours and similarities
 # are the same whatever the thread count, the CPU type or the device.
 RESCORE_MARGIN = 4
-# Gathered candidate rows per rescoring step: 2 MiB stays in a core's cache (timings: README, Measurements).
+# Gathered candidate rows per rescoring step: 2 MiB stays in a core's cache (docs/design.md, the combine).
 RESCORE_BYTES = 2 * 1024 * 1024
 NO_CANDIDATE = torch.iinfo(torch.int64).max
 

@@ -68,7 +68,7 @@ def output_files(
     header's and the source file its other tensors were copied from; a file copied whole
     (`copied_whole`: output name -> source file name) its header's and its source file. Copied
     bytes never pass through this process (the kernel copies them), and reading them back only
-    to hash them would cost about as much as the copy itself (README, Measurements); `verify` checks sizes
+    to hash them would cost about as much as the copy itself (docs/design.md, pipelining); `verify` checks sizes
     and header hashes, the rebuilt tensors' hashes, and with `--source` compares every copied
     tensor with the source byte for byte. Every other file (config, tokenizer, index) gets the
     SHA-256 of its bytes.

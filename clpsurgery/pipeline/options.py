@@ -15,8 +15,8 @@ DEFAULT_MATCH = "exact"
 # Chosen by benchmarks/quality (SmolLM2-135M to German and to Italian, bits per byte of held-out
 # text): clp+fvt, 0.3 of clp's row (softmax over 5 neighbours at WECHSEL's temperature) and 0.7 of
 # fvt's (the mean of the token's source pieces), won zero-shot in both languages (0.11 bits/byte
-# better than clp alone) and after continued training. Within clp, softmax over few neighbours won
-# (issue 8); k = 5 tied k = 3 after training. See the README.
+# better than clp alone) and after continued training. Within clp, softmax over few neighbours won;
+# k = 5 tied k = 3 after training. See benchmarks/README.md.
 DEFAULT_METHOD = "clp+fvt"
 DEFAULT_TOP_K = 5
 DEFAULT_WEIGHTING = "softmax"

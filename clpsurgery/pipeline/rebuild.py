@@ -322,7 +322,7 @@ def leave_a_core_for_copies() -> Iterator[None]:
     """Compute on one core fewer while the background copy runs.
 
     The kernel's copy keeps a core busy; OpenMP threads (torch, FAISS) that spin on every core
-    beside it slow both down (README, 7B section).
+    beside it slow both down (docs/design.md, pipelining).
     """
     cores = os.cpu_count() or 1
     torch_threads = torch.get_num_threads()
