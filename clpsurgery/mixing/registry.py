@@ -10,9 +10,10 @@ without loading the compute, which is imported on first use (`Method.mix`).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from clpsurgery.errors import OptionError
@@ -89,18 +90,21 @@ class Method:
     notes: Callable[[WeightStats], str | None] = _no_notes  # after a run: rows worth a word
     differs_by_side: Callable[[Any], bool] = _never  # whether its output rows differ from its input rows
     extra_search_bytes: Callable[[int, int], int] = _no_extra_bytes  # (target rows, helper width) -> bytes
-    _loaded: list = field(default_factory=list, repr=False, compare=False)
 
     def width(self, neighbours: int) -> int:
         """Source rows one new token mixes at most (the memory model's per-row cost)."""
         return (neighbours if self.uses_neighbours else 0) + (PIECES_PER_TOKEN if self.needs_pieces else 0)
 
     def make(self, inputs: MixingInputs) -> MixingMatrix | None:
-        if not callable(self.mix) and not self._loaded:
-            module, _, name = self.mix.partition(":")
-            self._loaded.append(getattr(importlib.import_module(module), name))
-        function = self.mix if callable(self.mix) else self._loaded[0]
+        function = self.mix if callable(self.mix) else _load(self.mix)
         return function(inputs)
+
+
+@functools.cache
+def _load(path: str) -> Callable:
+    """A function named "module:function", imported on first use (the built-ins load torch)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 _METHODS: dict[str, Method] = {}
