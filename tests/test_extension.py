@@ -118,10 +118,8 @@ def assert_source_vocabulary_kept(source: Tokenizer, extended: Tokenizer, extens
 
 
 @pytest.fixture(scope="module")
-def gpt2_folder(tmp_path_factory, gpt2_tokenizer) -> Path:
-    folder = tmp_path_factory.mktemp("gpt2")
-    save_tokenizer_folder(gpt2_tokenizer, folder, bos="<|endoftext|>", eos="<|endoftext|>")
-    return folder
+def gpt2_folder(gpt2_tokenizer_folder) -> Path:
+    return gpt2_tokenizer_folder  # conftest's: the real GPT-2 tokenizer's files alone
 
 
 @pytest.fixture(scope="module")
