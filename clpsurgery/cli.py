@@ -49,6 +49,8 @@ class ByteSize(click.ParamType):
 
     name = "SIZE"
     UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "k": 2**10, "m": 2**20, "g": 2**30}
+    EXAMPLES = "256MiB or 2GiB"
+    FLOOR, BELOW_FLOOR = 1 << 20, "is below 1 MiB"  # a memory budget under 1 MiB is a typo
 
     def convert(self, value, param, ctx):  # type: ignore[override]
         if isinstance(value, int):
@@ -59,10 +61,13 @@ class ByteSize(click.ParamType):
         try:
             size = int(float(number) * self.UNITS[unit])
         except (ValueError, KeyError):
-            self.fail(f"{value!r} is not a size like 256MiB or 2GiB", param, ctx)
-        if size < 1 << 20:
-            self.fail(f"{value!r} is below 1 MiB", param, ctx)
+            self.fail(f"{value!r} is not a size like {self.EXAMPLES}", param, ctx)
+        if size < self.FLOOR:
+            self.fail(f"{value!r} {self.BELOW_FLOOR}", param, ctx)
         return size
+
+
+DEVICE_CHOICE = click.Choice(TransferOptions.specs()["device"].choices)
 
 
 class MethodChoice(click.ParamType):
@@ -228,7 +233,7 @@ def extend_command(source: str, helper: str, out: Path, options: TransferOptions
 @click.argument("sibling", type=click.Path())
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--max-memory", type=ByteSize(), default="1GiB", show_default=True, help=TransferOptions.specs()["max_memory"].help)
-@click.option("--device", type=click.Choice(TransferOptions.specs()["device"].choices), default="auto", show_default=True, help=TransferOptions.specs()["device"].help)
+@click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True, help=TransferOptions.specs()["device"].help)
 @click.option("--source-tokenizer", type=click.Path(), help="The sibling's tokenizer.json (default: beside SIBLING).")
 @click.option("--source-config", type=click.Path(), help="The sibling's config.json (default: beside SIBLING).")
 @click.option("--force", is_flag=True, help="Replace OUT if it is a previous clpsurgery output.")
@@ -395,22 +400,8 @@ class TextBytes(ByteSize):
     """A number of bytes of text such as 200000, 500kB or 2MiB (no floor: a text may be short)."""
 
     name = "BYTES"
-
-    def convert(self, value, param, ctx):  # type: ignore[override]
-        if isinstance(value, int):
-            return value
-        text = str(value).strip().lower().replace(" ", "")
-        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-        try:
-            size = int(float(number) * self.UNITS[text[len(number):]])
-        except (ValueError, KeyError):
-            self.fail(f"{value!r} is not a size like 200000, 500kB or 2MiB", param, ctx)
-        if size < 1:
-            self.fail(f"{value!r} is not a positive size", param, ctx)
-        return size
-
-
-DEVICE_CHOICE = click.Choice(["auto", "cpu", "cuda"])
+    EXAMPLES = "200000, 500kB or 2MiB"
+    FLOOR, BELOW_FLOOR = 1, "is not a positive size"
 
 
 @cli.command("score")
@@ -472,7 +463,7 @@ def refine_command(out: Path, text: Path, destination: Path | None, in_place: bo
         raise OptionError("refine", "give one of --steps, --tokens and --minutes")
     settings = RefineSettings(objective=objective, steps=steps, tokens=tokens, minutes=minutes, batch=batch, seq=seq, learning_rate=learning_rate,
                               seed=seed, device=device, max_memory=max_memory, max_bytes=max_bytes)
-    echo = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    echo = _echo_err(quiet)
     record = refine_output(out, text, destination, settings, in_place=in_place, force=force, command=["clpsurgery", *sys.argv[1:]],
                            progress=progress_factory(quiet), echo=echo)
     held = record["held_out"]

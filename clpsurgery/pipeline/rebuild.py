@@ -238,12 +238,13 @@ class RebuiltRows:
         sums = _RowSums(width, fill_from_copies=not plan.overlap.missing_ids.size and plan.output_rows > plan.target_size)
         rows_per_block = memory.block_rows(budget, plan.target_size, width, mixing.width, plan.overlap.count, mixing.dense)
         for start, stop in row_blocks(plan.target_size, rows_per_block):
-            if held.own_row[start:stop].all():  # a block of rows copied as they are: straight from the file
+            own_block = bool(held.own_row[start:stop].all())  # rows copied as they are: straight from the file
+            if own_block:
                 block = self._own_block(tensor, start, stop, width, sums)
             else:
                 block = self._mixed_block(tensor, mixing, held, held_2d, mixing_rows, position_at, start, stop, width, dtype, sums)
             yield block.reshape(stop - start, *row_shape)
-            if not held.own_row[start:stop].all():
+            if not own_block:
                 reached("combine")  # test hook
         padding = plan.output_rows - plan.target_size
         if padding:

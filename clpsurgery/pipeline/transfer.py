@@ -38,7 +38,7 @@ from clpsurgery.formats.writer import (
 )
 from clpsurgery.pipeline import memory
 from clpsurgery.pipeline.manifest import build_manifest
-from clpsurgery.pipeline.plan import RebuiltTensor, TransferPlan
+from clpsurgery.pipeline.plan import TransferPlan
 from clpsurgery.pipeline.replay import TRANSFER_NAME, write_record
 from clpsurgery.pipeline.result import (
     ProgressFactory,
@@ -124,7 +124,6 @@ class StagedOutput:
         self._copy_started = 0.0
 
     def __enter__(self) -> StagedOutput:
-        self._stack = ExitStack()
         with ExitStack() as stack:
             self.source = stack.enter_context(Checkpoint(self.source_layout))
             self.staging = stack.enter_context(staged_output(self.out, self.force))
