@@ -462,3 +462,18 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, list[str]]:
         code = e.code if isinstance(e.code, int) else 1
     captured = capsys.readouterr()
     return code, captured.out, captured.err.splitlines()
+
+
+# The line stage_hooks.py prints when a run pauses at a point CLPSURGERY_PAUSE_AT names.
+PAUSE_LINE = "clpsurgery: paused at "
+
+
+def read_until_paused(stderr) -> list[str]:
+    """The lines a child run wrote to stderr up to its pause line, that line last (every line it
+    wrote, if it ended without pausing)."""
+    before = []
+    for line in stderr:
+        before.append(line)
+        if line.startswith(PAUSE_LINE):
+            break
+    return before

@@ -29,9 +29,8 @@ import pytest
 from clpsurgery.cli import main
 from clpsurgery.formats.output_folder import PARTIAL_TAG
 from clpsurgery.pipeline.verify import verify_output
-from conftest import tree_hashes
+from conftest import PAUSE_LINE, read_until_paused, tree_hashes
 
-PAUSE_LINE = "clpsurgery: paused at "
 # The copy hook pauses at the third byte copy, so that some tensors are already copied.
 POINTS = {"search": "search", "combine": "combine", "copy": "copy:3"}
 RUNS = [
@@ -83,11 +82,7 @@ def interrupt(args: list, folder: Path, point: str, sig: signal.Signals) -> Inte
     watchdog = threading.Timer(180, proc.kill)  # a run that never pauses must not hang the suite
     watchdog.start()
     try:
-        before = []
-        for line in proc.stderr:
-            before.append(line)
-            if line.startswith(PAUSE_LINE):
-                break
+        before = read_until_paused(proc.stderr)
         assert before and before[-1].startswith(PAUSE_LINE + point), f"the run never paused at {POINTS[point]} (its stderr: {''.join(before)!r})"
         assert not out.exists()
         proc.send_signal(sig)
@@ -187,11 +182,7 @@ def test_a_signal_once_out_is_in_place_is_no_failure(sig, gpt2_source, german_he
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env,
     )
     try:
-        before = []
-        for line in proc.stderr:
-            before.append(line)
-            if line.startswith(PAUSE_LINE):
-                break
+        before = read_until_paused(proc.stderr)
         assert before and before[-1].startswith(PAUSE_LINE + "placed"), "".join(before)
         assert out.is_dir() and partials(tmp_path) == []
         proc.send_signal(sig)

@@ -21,7 +21,7 @@ import pytest
 from clpsurgery.formats.checkpoint import Checkpoint
 from clpsurgery.formats.output_folder import PARTIAL_TAG
 from clpsurgery.pipeline.verify import verify_output
-from conftest import run_cli, sha256_of, tree_hashes
+from conftest import PAUSE_LINE, read_until_paused, run_cli, sha256_of, tree_hashes
 
 pytest.importorskip("transformers")
 
@@ -200,10 +200,8 @@ def test_an_interrupted_refine_leaves_no_output_that_looks_complete(sig, gpt2_ou
     watchdog = threading.Timer(180, proc.kill)
     watchdog.start()
     try:
-        for line in proc.stderr:
-            if line.startswith("clpsurgery: paused at copy"):
-                break
-        else:
+        paused = read_until_paused(proc.stderr)
+        if not paused or not paused[-1].startswith(PAUSE_LINE + "copy"):
             pytest.fail("the run never paused at its first copy")
         assert any(PARTIAL_TAG in p.name for p in tmp_path.iterdir())
         proc.send_signal(sig)
